@@ -1,0 +1,63 @@
+# The two commands a new user needs: `make run` (the demo on CLINC150) and `make test`.
+# Both set up everything themselves: the Python environment, generated gRPC code, the Kafka jars.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROTO_OUT := service/api
+PROTO_SRC := protos/continual/v1/continual.proto
+
+.PHONY: setup protos kafka-jars kafka-up kafka-down run test test-fast lint lock clean
+
+setup: $(STAMP) protos kafka-jars
+
+# uv installs the pinned set in seconds; it is itself installed from PyPI into the venv.
+$(STAMP): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q uv==0.13.8
+	$(BIN)/uv pip install -q --python $(BIN)/python -r requirements.lock
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e .
+	touch $(STAMP)
+
+# Generated code lives in one place (service/api), is never edited by hand and is not committed.
+protos: $(PROTO_OUT)/continual_pb2.py
+
+$(PROTO_OUT)/continual_pb2.py: $(PROTO_SRC) $(STAMP)
+	mkdir -p $(PROTO_OUT)
+	$(BIN)/python -m grpc_tools.protoc -I$(PROTO_OUT)=protos/continual/v1 \
+		--python_out=. --grpc_python_out=. --pyi_out=. $(PROTO_SRC)
+	touch $(PROTO_OUT)/__init__.py
+
+kafka-jars:
+	deploy/kafka/kafka.sh fetch
+
+kafka-up: kafka-jars
+	deploy/kafka/kafka.sh start
+
+kafka-down:
+	deploy/kafka/kafka.sh stop
+
+# The demo: local broker, trainer and server, the CLINC150 stream, per-task accuracy; serves until Ctrl-C.
+run: setup
+	$(BIN)/continual run $(RUN_ARGS)
+
+# Lint, types, then every test (slow ones included). Tests start their own broker on free ports
+# unless CONTINUAL_KAFKA_BOOTSTRAP points at one.
+test: setup lint
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP) protos
+	$(BIN)/ruff check service strategies tests bench
+	$(BIN)/ruff format --check service strategies tests bench
+	$(BIN)/mypy
+
+# Re-resolve the pinned set after changing pyproject.toml dependencies.
+lock:
+	$(BIN)/uv pip compile -q pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+
+clean:
+	rm -rf $(VENV) $(PROTO_OUT) deploy/kafka/target .kafka .continual

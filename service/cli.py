@@ -1,0 +1,211 @@
+"""The `continual` command line: train, serve, run (the demo), produce, predict, adapters."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from service.settings import Settings, SettingsError, load_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+adapters_app = typer.Typer(no_args_is_help=True, help="List adapters, roll back, promote.")
+app.add_typer(adapters_app, name="adapters")
+console = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML settings file (CONTINUAL_* variables win).")
+]
+TargetOption = Annotated[
+    str | None, typer.Option("--target", help="host:port of a server (default: the settings' grpc address).")
+]
+
+
+def _settings(config: Path | None, **overrides: Any) -> Settings:
+    try:
+        return load_settings(config, **overrides)
+    except SettingsError as exc:
+        console.print(f"[red]settings error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handle(signum: int, _frame: object) -> None:
+        logging.getLogger("continual").info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    return stop
+
+
+@app.callback()
+def _main(
+    log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+) -> None:
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+    for noisy in ("kafka", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.command()
+def train(config: ConfigOption = None) -> None:
+    """Consume the training topic, learn every task, publish versions to the registry."""
+    from prometheus_client import CollectorRegistry
+
+    from service.ingest import Ingest, ensure_topics
+    from service.metrics import TrainerMetrics, serve_metrics
+    from service.registry import Registry
+    from service.trainer import Trainer
+
+    settings = _settings(config)
+    if settings.kafka_bootstrap is None:
+        console.print(
+            "[red]settings error:[/red] kafka_bootstrap: CONTINUAL_KAFKA_BOOTSTRAP is required to train"
+        )
+        raise typer.Exit(2)
+    stop = _stop_on_signals()
+    metrics = TrainerMetrics(CollectorRegistry(), settings.strategy)
+    port = serve_metrics(metrics.registry, settings.metrics_host, settings.trainer_metrics_port)
+    trainer = Trainer(settings, Registry(settings.registry_dir), metrics)
+    ensure_topics(settings)
+    ingest = Ingest(settings, metrics, trainer.offsets)
+    logging.getLogger("continual").info(
+        "training from %s topic %s (metrics on :%d)", settings.kafka_bootstrap, settings.kafka_topic, port
+    )
+    trainer.run(ingest, stop)
+
+
+@app.command()
+def serve(config: ConfigOption = None) -> None:
+    """Serve every task's current adapter over gRPC, following the registry."""
+    from service.server import start_server
+
+    settings = _settings(config)
+    stop = _stop_on_signals()
+    server = start_server(settings)
+    stop.wait()
+    server.stop()
+
+
+@app.command()
+def produce(
+    dataset: Annotated[str, typer.Option(help="clinc150 or synthetic.")] = "clinc150",
+    tasks: Annotated[int, typer.Option(help="Only the first N tasks (0: all).")] = 0,
+    train_per_label: Annotated[int, typer.Option(help="Training examples per label (0: all).")] = 0,
+    config: ConfigOption = None,
+) -> None:
+    """Stream a dataset into the training topic, one task after another."""
+    from service.demo import load_dataset, produce_with_progress
+
+    settings = _settings(config)
+    if settings.kafka_bootstrap is None:
+        console.print("[red]settings error:[/red] kafka_bootstrap: CONTINUAL_KAFKA_BOOTSTRAP is required")
+        raise typer.Exit(2)
+    data, _source = load_dataset(settings, dataset, tasks, train_per_label, console)
+    produce_with_progress(settings, data, console)
+
+
+@app.command()
+def predict(
+    task: str,
+    text: str,
+    top_k: Annotated[int, typer.Option("--top-k")] = 3,
+    target: TargetOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Classify TEXT with TASK's served adapter."""
+    from service.client import call
+
+    settings = _settings(config)
+    response = call(settings, target, "Predict", task=task, text=text, top_k=top_k)
+    table = Table(title=f"{response.task} v{response.version}")
+    table.add_column("label")
+    table.add_column("score", justify="right")
+    for scored in response.top_k:
+        table.add_row(scored.label, f"{scored.score:.3f}")
+    Console().print(table)
+
+
+@adapters_app.command("list")
+def adapters_list(target: TargetOption = None, config: ConfigOption = None) -> None:
+    """Every task with its served and latest versions."""
+    from service.client import adapters_table, call
+
+    settings = _settings(config)
+    Console().print(adapters_table(call(settings, target, "ListAdapters").adapters))
+
+
+@adapters_app.command("rollback")
+def adapters_rollback(
+    task: str,
+    version: Annotated[int, typer.Option(help="Version to serve (0: the one before the served one).")] = 0,
+    target: TargetOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Serve an earlier version of TASK and pin it there."""
+    from service.client import adapters_table, call
+
+    settings = _settings(config)
+    Console().print(adapters_table([call(settings, target, "Rollback", task=task, version=version)]))
+
+
+@adapters_app.command("promote")
+def adapters_promote(
+    task: str,
+    version: Annotated[int, typer.Option(help="Version to serve (0: the latest).")] = 0,
+    target: TargetOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Serve a version of TASK (the latest by default) and unpin it."""
+    from service.client import adapters_table, call
+
+    settings = _settings(config)
+    Console().print(adapters_table([call(settings, target, "Promote", task=task, version=version)]))
+
+
+@app.command()
+def run(
+    dataset: Annotated[
+        str, typer.Option(help="clinc150 (falls back to synthetic if absent) or synthetic.")
+    ] = "clinc150",
+    tasks: Annotated[int, typer.Option(help="Only the first N tasks (0: all).")] = 0,
+    train_per_label: Annotated[int, typer.Option(help="Training examples per label (0: all).")] = 0,
+    exit_when_done: Annotated[bool, typer.Option(help="Stop once the stream is learned.")] = False,
+    workdir: Annotated[Path, typer.Option(help="Registry, broker data and results.")] = Path(
+        ".continual/demo"
+    ),
+    config: ConfigOption = None,
+) -> None:
+    """The demo: local broker, trainer and server, the stream, live progress, the accuracy table."""
+    from service.demo import run_demo
+
+    settings = _settings(config)
+    code = run_demo(settings, dataset, tasks, train_per_label, exit_when_done, workdir, console)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    """Entry point of the `continual` script."""
+    # Models come from local folders only; make the libraries fail fast rather than reach for a hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    app(prog_name="continual")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""The shared frozen base encoder with named LoRA adapters (PEFT) and one linear head per adapter.
+
+An adapter name is whatever the caller needs: the trainer uses the task name, a server uses
+``task@vN`` so that a new version is always loaded next to the old one, never over it.
+The class is not thread-safe; callers that share it across threads hold a lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel
+
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+LORA_PREFIX = "lora."
+HEAD_PREFIX = "head."
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The LoRA shape every adapter of one model shares (recorded in each version's manifest)."""
+
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: tuple[str, ...]
+
+    def config(self) -> LoraConfig:
+        """The PEFT config for one adapter."""
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.target_modules),
+            bias="none",
+        )
+
+
+class AdapterModel:
+    """A frozen base encoder, mean pooling, and per-name LoRA adapters with classification heads."""
+
+    def __init__(self, base_path: Path, lora: LoraSpec, max_length: int, seed: int = 0) -> None:
+        self.base_path = base_path
+        self.lora = lora
+        self.max_length = max_length
+        self.seed = seed
+        self.tokenizer = AutoTokenizer.from_pretrained(str(base_path))
+        base: PreTrainedModel = AutoModel.from_pretrained(str(base_path))
+        for parameter in base.parameters():
+            parameter.requires_grad = False
+        base.eval()
+        self._base = base
+        self._peft: PeftModel | None = None
+        self.heads: dict[str, nn.Linear] = {}
+        self.hidden_size = int(base.config.hidden_size)
+
+    # --- adapters -------------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        """Names of the adapters currently loaded."""
+        return list(self.heads)
+
+    def add(self, name: str, num_labels: int) -> None:
+        """A fresh adapter and head, initialised from the seed and the name (so reruns match)."""
+        if name in self.heads:
+            raise ValueError(f"adapter {name!r} already exists")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+            self._add_lora(name)
+            self.heads[name] = nn.Linear(self.hidden_size, num_labels)
+
+    def load(self, name: str, weights: dict[str, torch.Tensor]) -> None:
+        """An adapter and head from weights that ``weights()`` produced."""
+        if name in self.heads:
+            raise ValueError(f"adapter {name!r} already exists; versions are never reloaded in place")
+        lora = {k[len(LORA_PREFIX) :]: v for k, v in weights.items() if k.startswith(LORA_PREFIX)}
+        head_weight = weights[HEAD_PREFIX + "weight"]
+        self._add_lora(name)
+        assert self._peft is not None
+        result = set_peft_model_state_dict(self._peft, lora, adapter_name=name)
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+        if unexpected:
+            self.remove(name)
+            raise ValueError(f"adapter weights do not fit the base model: {unexpected[:3]}")
+        head = nn.Linear(self.hidden_size, head_weight.shape[0])
+        head.load_state_dict({"weight": head_weight, "bias": weights[HEAD_PREFIX + "bias"]})
+        self.heads[name] = head
+
+    def remove(self, name: str) -> None:
+        """Unload an adapter and its head."""
+        self.heads.pop(name, None)
+        if self._peft is not None and name in self._peft.peft_config:
+            self._peft.delete_adapter(name)
+
+    def weights(self, name: str) -> dict[str, torch.Tensor]:
+        """The adapter's LoRA and head tensors, flat, ready for safetensors."""
+        assert self._peft is not None
+        lora = get_peft_model_state_dict(self._peft, adapter_name=name)
+        out = {LORA_PREFIX + k: v.detach().clone().contiguous() for k, v in lora.items()}
+        for k, v in self.heads[name].state_dict().items():
+            out[HEAD_PREFIX + k] = v.detach().clone().contiguous()
+        return out
+
+    def grow_head(self, name: str, num_labels: int) -> None:
+        """Widen a head to ``num_labels`` outputs for labels seen for the first time; old rows are kept."""
+        old = self.heads[name]
+        if num_labels <= old.out_features:
+            return
+        new = nn.Linear(self.hidden_size, num_labels)
+        with torch.no_grad():
+            new.weight[: old.out_features] = old.weight
+            new.bias[: old.out_features] = old.bias
+        self.heads[name] = new
+
+    def parameters(self, name: str) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """The trainable (LoRA, head) parameters of one adapter."""
+        assert self._peft is not None
+        lora = [p for n, p in self._peft.named_parameters() if f".{name}." in n and "lora_" in n]
+        return lora, list(self.heads[name].parameters())
+
+    def _add_lora(self, name: str) -> None:
+        if self._peft is None:
+            self._peft = get_peft_model(self._base, self.lora.config(), adapter_name=name)
+        else:
+            self._peft.add_adapter(name, self.lora.config())
+
+    # --- forward --------------------------------------------------------------------------------
+
+    def logits(self, name: str, texts: Sequence[str]) -> torch.Tensor:
+        """Head outputs for ``texts`` through adapter ``name`` (with gradients when training)."""
+        assert self._peft is not None
+        if self._peft.active_adapter != name:
+            self._peft.set_adapter(name)
+        batch = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        hidden = self._peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.last_hidden_state.dtype)
+        pooled = (hidden.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return self.heads[name](pooled)
+
+    @contextmanager
+    def training(self, name: str) -> Iterator[None]:
+        """Dropout on for ``name``'s adapter and head; the frozen base stays as it is."""
+        assert self._peft is not None
+        self._peft.train()
+        self.heads[name].train()
+        try:
+            yield
+        finally:
+            self._peft.eval()
+            self.heads[name].eval()
+
+    @torch.inference_mode()
+    def predict(self, name: str, texts: Sequence[str], batch_size: int = 128) -> torch.Tensor:
+        """Class probabilities, one row per text."""
+        rows = [
+            torch.softmax(self.logits(name, texts[i : i + batch_size]), dim=-1)
+            for i in range(0, len(texts), batch_size)
+        ]
+        return torch.cat(rows) if rows else torch.empty(0, self.heads[name].out_features)
+
+
+def build_model(settings: Settings) -> AdapterModel:
+    """The base model and LoRA shape the settings describe, with no adapters loaded yet."""
+    return AdapterModel(
+        settings.base_model_path(),
+        LoraSpec(
+            r=settings.lora_r,
+            alpha=settings.lora_alpha,
+            dropout=settings.lora_dropout,
+            target_modules=tuple(settings.lora_target_modules),
+        ),
+        max_length=settings.max_length,
+        seed=settings.seed,
+    )

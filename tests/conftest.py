@@ -1,0 +1,76 @@
+"""Shared fixtures: a real Kafka broker, a tiny real BERT, settings that point at both."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertModel
+
+from service.local_kafka import LocalKafka, free_port
+from service.settings import DEFAULT_BASE_MODEL, Settings, load_settings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+CLINC150 = REPO.parent / "shared" / "data" / "clinc150"
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Apache Kafka broker: CONTINUAL_KAFKA_BOOTSTRAP if set, else one started for the session."""
+    external = os.environ.get("CONTINUAL_KAFKA_BOOTSTRAP")
+    if external:
+        yield external
+        return
+    with LocalKafka(tmp_path_factory.mktemp("kafka")) as broker:
+        yield broker.bootstrap
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised 2-layer BERT saved as a normal model folder, with MiniLM's tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-bert")
+    minilm = load_settings(base_model=DEFAULT_BASE_MODEL).base_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm))
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture
+def settings(tmp_path: Path, tiny_model_dir: Path) -> Settings:
+    """Settings for one test: the tiny model, a fresh registry, unique Kafka names, free ports."""
+    unique = uuid.uuid4().hex[:8]
+    return load_settings(
+        base_model=str(tiny_model_dir),
+        registry_dir=tmp_path / "registry",
+        kafka_topic=f"records-{unique}",
+        kafka_dead_letter_topic=f"records-{unique}.dlq",
+        kafka_group_id=f"trainer-{unique}",
+        learning_rate=1e-2,
+        head_learning_rate=1e-1,
+        lora_dropout=0.0,
+        batch_size=16,
+        epochs=5,
+        round_idle_s=0.5,
+        grpc_port=free_port(),
+        trainer_metrics_port=0,
+        server_metrics_port=0,
+        registry_poll_s=0.1,
+        clinc150_dir=CLINC150,
+    )

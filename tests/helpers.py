@@ -1,0 +1,49 @@
+"""Small helpers the tests share (no fakes: they feed our real code real inputs)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+from prometheus_client import CollectorRegistry
+
+from service.datasets import TaskData, records
+from service.ingest import Incoming
+from service.metrics import TrainerMetrics
+from service.registry import Registry
+from service.settings import Settings
+from service.trainer import Trainer
+
+T = TypeVar("T")
+
+
+def incoming(tasks: Iterable[TaskData]) -> list[Incoming]:
+    """The records of ``tasks`` as if polled from one partition, offsets counting from 0."""
+    return [
+        Incoming(partition=0, offset=i, record=r, raw_key=r.task.encode(), raw_value=r.to_json())
+        for i, r in enumerate(records(list(tasks)))
+    ]
+
+
+def train_in_process(settings: Settings, tasks: list[TaskData]) -> Trainer:
+    """Absorb ``tasks`` and close one round: every task gets a published, promoted version."""
+    trainer = Trainer(
+        settings, Registry(settings.registry_dir), TrainerMetrics(CollectorRegistry(), settings.strategy)
+    )
+    batch = incoming(tasks)
+    trainer.absorb(batch)
+    trainer.close_round({0: len(batch)})
+    return trainer
+
+
+def eventually(check: Callable[[], T | None], timeout_s: float, interval_s: float = 0.2, what: str = "") -> T:
+    """Poll ``check`` until it returns something truthy, or fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what or check}")
+        time.sleep(interval_s)

@@ -1,0 +1,153 @@
+"""The whole path with real processes: broker → `continual train` → registry → `continual serve` → gRPC."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from kafka import KafkaConsumer, KafkaProducer
+
+from service.api import continual_pb2, continual_pb2_grpc
+from service.datasets import records, synthetic
+from service.ingest import REASON_HEADER, ensure_topics
+from service.local_kafka import free_port
+from service.producer import produce
+from service.settings import Settings
+from tests.helpers import eventually
+
+pytestmark = pytest.mark.slow
+
+TASKS = synthetic(num_tasks=3, labels_per_task=4, train_per_label=40, eval_per_label=10)
+MALFORMED = [
+    (b"synthetic-0", b"this is not json", "not_json"),
+    (b"synthetic-0", json.dumps({"id": "x", "task": "synthetic-0", "text": "hi"}).encode(), "missing_field"),
+    (
+        b"synthetic-1",
+        json.dumps({"id": "y", "task": "synthetic-1", "text": "hi", "label": 3, "split": "train"}).encode(),
+        "wrong_type",
+    ),
+]
+
+
+@pytest.fixture
+def cluster(settings: Settings, kafka_bootstrap: str, tmp_path: Path) -> Iterator[Settings]:
+    """Trainer and server as real processes, configured by a YAML file, logs kept for failures."""
+    settings = settings.model_copy(
+        update={"kafka_bootstrap": kafka_bootstrap, "trainer_metrics_port": free_port()}
+    )
+    config = tmp_path / "settings.yaml"
+    config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTINUAL_")}
+    processes = {}
+    for role in ("train", "serve"):
+        log = open(tmp_path / f"{role}.log", "wb")  # noqa: SIM115 (closed with the process)
+        processes[role] = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", role, "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    yield settings
+    for process in processes.values():
+        process.terminate()
+    for role, process in processes.items():
+        process.wait(timeout=60)
+        # A graceful stop exits 0; anything else is a crash worth seeing.
+        assert process.returncode == 0, (tmp_path / f"{role}.log").read_text()
+
+
+def adapters(stub: continual_pb2_grpc.ContinualStub) -> dict[str, continual_pb2.AdapterInfo]:
+    try:
+        return {a.task: a for a in stub.ListAdapters(continual_pb2.ListAdaptersRequest(), timeout=5).adapters}
+    except grpc.RpcError:
+        return {}  # still starting
+
+
+def test_stream_to_served_predictions(cluster: Settings) -> None:
+    settings = cluster
+    assert settings.kafka_bootstrap is not None
+    ensure_topics(settings)
+    produce(settings.kafka_bootstrap, settings.kafka_topic, records(TASKS))
+    raw = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    for key, value, _ in MALFORMED:
+        raw.send(settings.kafka_topic, key=key, value=value)
+    raw.flush()
+
+    with grpc.insecure_channel(f"127.0.0.1:{settings.grpc_port}") as channel:
+        stub = continual_pb2_grpc.ContinualStub(channel)
+
+        def all_learned() -> dict[str, continual_pb2.AdapterInfo] | None:
+            listed = adapters(stub)
+            done = all(
+                t.name in listed and (listed[t.name].train_records, listed[t.name].eval_records) == (160, 40)
+                for t in TASKS
+            )
+            return listed if done else None
+
+        listed = eventually(
+            all_learned, timeout_s=300, interval_s=1, what="every task to be learned and served"
+        )
+
+        # Held-out texts are predicted far above chance (4 labels: 25%).
+        for task in TASKS:
+            answers = [
+                stub.Predict(continual_pb2.PredictRequest(task=task.name, text=t)) for t, _ in task.eval
+            ]
+            accuracy = sum(a.label == label for a, (_, label) in zip(answers, task.eval, strict=True)) / 40
+            assert accuracy >= 0.7, (task.name, accuracy)
+            assert {a.version for a in answers} == {listed[task.name].served_version}
+
+        # More data for one task: a new version is published and served without a restart.
+        task = TASKS[0]
+        before = listed[task.name].served_version
+        more = synthetic(num_tasks=1, train_per_label=10, eval_per_label=0, seed=1)[0]
+        produce(
+            settings.kafka_bootstrap,
+            settings.kafka_topic,
+            records([type(more)(name=task.name, train=more.train, eval=[])]),
+        )
+
+        def advanced() -> int | None:
+            reply = stub.Predict(continual_pb2.PredictRequest(task=task.name, text=task.eval[0][0]))
+            return reply.version if reply.version > before else None
+
+        after = eventually(advanced, timeout_s=120, interval_s=0.5, what="a newer version to be served")
+
+        # Rollback serves the earlier version, and Predict says so.
+        info = stub.Rollback(continual_pb2.RollbackRequest(task=task.name))
+        assert info.served_version < after and info.pinned
+        reply = stub.Predict(continual_pb2.PredictRequest(task=task.name, text=task.eval[0][0]))
+        assert reply.version == info.served_version
+
+    # Malformed records are in the dead-letter topic with their reasons; the trainer counted them.
+    dead = KafkaConsumer(
+        settings.kafka_dead_letter_topic,
+        bootstrap_servers=settings.kafka_bootstrap,
+        auto_offset_reset="earliest",
+    )
+    letters: list = []
+    eventually(
+        lambda: (
+            letters.extend(m for ms in dead.poll(500).values() for m in ms) or len(letters) >= len(MALFORMED)
+        ),
+        timeout_s=30,
+    )
+    dead.close()
+    assert sorted(dict(m.headers)[REASON_HEADER].decode() for m in letters) == sorted(
+        r for _, _, r in MALFORMED
+    )
+    metrics = urllib.request.urlopen(
+        f"http://127.0.0.1:{settings.trainer_metrics_port}/metrics", timeout=5
+    ).read()
+    text = metrics.decode()
+    assert 'continual_records_dead_lettered_total{reason="not_json"} 1.0' in text
+    assert 'continual_records_consumed_total{split="train",task="synthetic-2"} 160.0' in text
+    assert 'continual_task_accuracy{strategy="lora-per-task",task="synthetic-1"' in text

@@ -1,0 +1,74 @@
+"""The trainer in-process on a tiny real BERT: it learns, publishes, checkpoints and restores exactly."""
+
+from __future__ import annotations
+
+import torch
+from prometheus_client import CollectorRegistry
+
+from service.datasets import synthetic
+from service.metrics import TrainerMetrics
+from service.registry import Alias, Registry
+from service.settings import Settings
+from service.trainer import Trainer
+from tests.helpers import incoming, train_in_process
+
+
+def test_each_task_is_learned_far_above_chance_and_published(settings: Settings) -> None:
+    tasks = synthetic(num_tasks=3, labels_per_task=4)
+    trainer = train_in_process(settings, tasks)
+    registry = Registry(settings.registry_dir)
+    for task in tasks:
+        state = trainer.tasks[task.name]
+        assert state.accuracy is not None and state.accuracy >= 0.7, (
+            task.name,
+            state.accuracy,
+        )  # chance: 0.25
+        assert registry.alias(task.name) == Alias(served=1, pinned=False)
+        manifest = registry.manifest(task.name, 1)
+        assert manifest["metrics"] == {
+            "accuracy": state.accuracy,
+            "train_records": len(task.train),
+            "eval_records": len(task.eval),
+        }
+        assert sorted(manifest["labels"]) == sorted({label for _, label in task.train})
+    checkpoint = registry.read_checkpoint()
+    assert checkpoint is not None and checkpoint["offsets"] == {
+        "0": sum(len(t.train) + len(t.eval) for t in tasks)
+    }
+
+
+def test_a_restarted_trainer_resumes_from_its_checkpoint_exactly(settings: Settings) -> None:
+    first = train_in_process(settings, synthetic(num_tasks=2))
+    restored = Trainer(settings, Registry(settings.registry_dir), TrainerMetrics(CollectorRegistry(), "x"))
+    assert restored.offsets == first.offsets
+    for name, state in first.tasks.items():
+        again = restored.tasks[name]
+        assert (again.labels, again.train_seen, again.eval_records, again.version) == (
+            state.labels,
+            state.train_seen,
+            state.eval_records,
+            state.version,
+        )
+        before, after = first.model.weights(name), restored.model.weights(name)
+        assert before.keys() == after.keys()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_untouched_tasks_keep_their_version_and_new_data_makes_a_new_one(settings: Settings) -> None:
+    first, second = synthetic(num_tasks=2)
+    trainer = train_in_process(settings, [first])
+    batch = incoming([second])
+    trainer.absorb(batch)
+    report = trainer.close_round({0: 10_000})
+    assert report.published == {second.name: 1}
+    assert Registry(settings.registry_dir).versions(first.name) == [1]
+    trainer.absorb(incoming([first])[:20])
+    assert trainer.close_round({0: 20_000}).published == {first.name: 2}
+
+
+def test_the_same_seed_gives_the_same_weights(settings: Settings) -> None:
+    tasks = synthetic(num_tasks=1)
+    a = train_in_process(settings, tasks)
+    b = train_in_process(settings.model_copy(update={"registry_dir": settings.registry_dir / "b"}), tasks)
+    wa, wb = a.model.weights(tasks[0].name), b.model.weights(tasks[0].name)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
