@@ -58,8 +58,9 @@ def _main(
         format="%(name)s: %(message)s",
         handlers=[RichHandler(console=console, show_path=False)],
     )
-    for noisy in ("kafka", "httpx", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # kafka-python warns on every metadata retry while a broker starts; its errors still show.
+    logging.getLogger("kafka").setLevel(logging.ERROR)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
 
 
 @app.command()

@@ -239,11 +239,12 @@ def _plot(adapters: list[continual_pb2.AdapterInfo], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(4, len(adapters) * 0.9), 3.5))
-    ax.bar([a.task for a in adapters], [a.accuracy * 100 for a in adapters], color="#4c72b0")
+    bars = ax.bar([a.task for a in adapters], [a.accuracy * 100 for a in adapters], color="#4c72b0")
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title("per-task accuracy of the served adapters")
-    ax.tick_params(axis="x", rotation=45)
+    plt.setp(ax.get_xticklabels(), rotation=40, ha="right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -69,8 +69,9 @@ class _SeekOnAssign(ConsumerRebalanceListener):
         self._ingest = ingest
 
     def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        for tp in revoked:
-            self._ingest.positions.pop(tp.partition, None)
+        # Positions are kept: what was absorbed from a revoked partition is in the model and its
+        # offset must reach the next checkpoint with it.
+        pass
 
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         for tp in assigned:

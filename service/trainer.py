@@ -214,8 +214,11 @@ class Trainer:
         """Whether to close the round now: enough records, or a quiet stream with something to save."""
         if self.round_records >= self.settings.round_max_records:
             return True
-        unsaved = self.round_records > 0 or any(self.offsets.get(p) != o for p, o in positions.items())
-        return unsaved and idle_s >= self.settings.round_idle_s
+        return self._unsaved(positions) and idle_s >= self.settings.round_idle_s
+
+    def _unsaved(self, positions: dict[int, int]) -> bool:
+        """Records absorbed, or offsets moved (dead letters), since the last checkpoint."""
+        return self.round_records > 0 or any(self.offsets.get(p) != o for p, o in positions.items())
 
     def close_round(self, positions: dict[int, int], ingest: Ingest | None = None) -> RoundReport:
         """Finish training, evaluate, publish, checkpoint, then commit offsets (in that order)."""
@@ -364,7 +367,7 @@ class Trainer:
                     report = self.close_round(dict(ingest.positions), ingest)
                     if on_round is not None:
                         on_round(report)
-            if self.round_records or ingest.positions != self.offsets:
+            if self._unsaved(ingest.positions):
                 self.close_round(dict(ingest.positions), ingest)
         finally:
             ingest.close()
