@@ -242,7 +242,7 @@ def _plot(adapters: list[continual_pb2.AdapterInfo], path: Path) -> None:
     bars = ax.bar([a.task for a in adapters], [a.accuracy * 100 for a in adapters], color="#4c72b0")
     ax.bar_label(bars, fmt="%.1f", fontsize=8)
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 105)
     ax.set_title("per-task accuracy of the served adapters")
     plt.setp(ax.get_xticklabels(), rotation=40, ha="right")
     fig.tight_layout()

@@ -31,7 +31,7 @@ java_cmd=(java -Xms256m -Xmx512m -XX:+UseG1GC -Djava.awt.headless=true
 
 fetch() {
   if [ ! -f "$libs/.complete" ]; then
-    mvn -q -B -f "$here/pom.xml" dependency:copy-dependencies
+    mvn -q -B -Dstyle.color=never -f "$here/pom.xml" dependency:copy-dependencies
     touch "$libs/.complete"
   fi
 }
