@@ -17,7 +17,10 @@ from rich.table import Table
 from service.settings import Settings, SettingsError, load_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-adapters_app = typer.Typer(no_args_is_help=True, help="List adapters, roll back, promote.")
+adapters_app = typer.Typer(
+    no_args_is_help=True,
+    help="List and inspect adapters, roll back, promote (admin calls send CONTINUAL_ADMIN_TOKEN).",
+)
 app.add_typer(adapters_app, name="adapters")
 console = Console(stderr=True)
 
@@ -151,10 +154,24 @@ def adapters_list(target: TargetOption = None, config: ConfigOption = None) -> N
     Console().print(adapters_table(call(settings, target, "ListAdapters").adapters))
 
 
+@adapters_app.command("show")
+def adapters_show(task: str, target: TargetOption = None, config: ConfigOption = None) -> None:
+    """One task: served version and why, every kept version, recent history."""
+    from service.client import adapters_table, call, history_table, versions_table
+
+    settings = _settings(config)
+    detail = call(settings, target, "GetAdapter", task=task)
+    out = Console()
+    out.print(adapters_table([detail.adapter]))
+    out.print(versions_table(call(settings, target, "ListVersions", task=task)))
+    out.print(history_table(detail))
+
+
 @adapters_app.command("rollback")
 def adapters_rollback(
     task: str,
     version: Annotated[int, typer.Option(help="Version to serve (0: the one before the served one).")] = 0,
+    reason: Annotated[str, typer.Option(help="Why, for the task's history.")] = "",
     target: TargetOption = None,
     config: ConfigOption = None,
 ) -> None:
@@ -162,13 +179,15 @@ def adapters_rollback(
     from service.client import adapters_table, call
 
     settings = _settings(config)
-    Console().print(adapters_table([call(settings, target, "Rollback", task=task, version=version)]))
+    info = call(settings, target, "Rollback", task=task, version=version, reason=reason)
+    Console().print(adapters_table([info]))
 
 
 @adapters_app.command("promote")
 def adapters_promote(
     task: str,
     version: Annotated[int, typer.Option(help="Version to serve (0: the latest).")] = 0,
+    reason: Annotated[str, typer.Option(help="Why, for the task's history.")] = "",
     target: TargetOption = None,
     config: ConfigOption = None,
 ) -> None:
@@ -176,7 +195,8 @@ def adapters_promote(
     from service.client import adapters_table, call
 
     settings = _settings(config)
-    Console().print(adapters_table([call(settings, target, "Promote", task=task, version=version)]))
+    info = call(settings, target, "Promote", task=task, version=version, reason=reason)
+    Console().print(adapters_table([info]))
 
 
 @app.command()

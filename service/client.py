@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +20,8 @@ _REQUESTS = {
     "ListAdapters": continual_pb2.ListAdaptersRequest,
     "Rollback": continual_pb2.RollbackRequest,
     "Promote": continual_pb2.PromoteRequest,
+    "ListVersions": continual_pb2.ListVersionsRequest,
+    "GetAdapter": continual_pb2.GetAdapterRequest,
 }
 
 
@@ -26,12 +30,29 @@ def address(settings: Settings, target: str | None = None) -> str:
     return target or f"{settings.grpc_host}:{settings.grpc_port}"
 
 
+def open_channel(settings: Settings, target: str | None = None) -> grpc.Channel:
+    """A channel to the server: TLS when the settings name a CA to trust, plaintext otherwise."""
+    if settings.tls_ca_file is not None:
+        credentials = grpc.ssl_channel_credentials(root_certificates=settings.tls_ca_file.read_bytes())
+        return grpc.secure_channel(address(settings, target), credentials)
+    return grpc.insecure_channel(address(settings, target))
+
+
+def admin_metadata(settings: Settings) -> list[tuple[str, str]]:
+    """The call metadata that admin calls need when an admin token is configured."""
+    if settings.admin_token is None:
+        return []
+    return [("authorization", f"Bearer {settings.admin_token.get_secret_value()}")]
+
+
 def call(settings: Settings, target: str | None, method: str, timeout_s: float = 30.0, **fields: Any) -> Any:
     """Make one call; on an error status print it and exit with status 1."""
-    with grpc.insecure_channel(address(settings, target)) as channel:
+    with open_channel(settings, target) as channel:
         stub = continual_pb2_grpc.ContinualStub(channel)
         try:
-            return getattr(stub, method)(_REQUESTS[method](**fields), timeout=timeout_s)
+            return getattr(stub, method)(
+                _REQUESTS[method](**fields), timeout=timeout_s, metadata=admin_metadata(settings)
+            )
         except grpc.RpcError as exc:
             Console(stderr=True).print(f"[red]{exc.code().name}[/red]: {exc.details()}")
             raise typer.Exit(1) from None
@@ -48,9 +69,39 @@ def adapters_table(adapters: Sequence[continual_pb2.AdapterInfo]) -> Table:
             f"v{info.served_version}",
             f"v{info.latest_version}",
             "yes" if info.pinned else "",
-            f"{info.accuracy:.1%}" if info.eval_records else "-",
+            "-" if math.isnan(info.accuracy) or not info.eval_records else f"{info.accuracy:.1%}",
             str(info.train_records),
             str(info.eval_records),
             str(len(info.labels)),
+        )
+    return table
+
+
+def versions_table(response: continual_pb2.ListVersionsResponse) -> Table:
+    """A table of a task's kept versions, newest first."""
+    table = Table(title=f"{response.task}: versions")
+    for column in ("version", "status", "created", "accuracy", "train", "eval", "parent"):
+        table.add_column(column, justify="right")
+    for v in response.versions:
+        table.add_row(
+            f"v{v.version}",
+            v.status,
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created_at)),
+            "-" if math.isnan(v.accuracy) else f"{v.accuracy:.1%}",
+            str(v.train_records),
+            str(v.eval_records),
+            f"v{v.parent_version}" if v.parent_version else "-",
+        )
+    return table
+
+
+def history_table(detail: continual_pb2.AdapterDetail) -> Table:
+    """A table of a task's recent events, oldest first."""
+    table = Table(title=f"{detail.adapter.task}: history (served because: {detail.alias_reason or '-'})")
+    for column in ("at", "event", "version", "reason"):
+        table.add_column(column)
+    for e in detail.history:
+        table.add_row(
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.at)), e.event, f"v{e.version}", e.reason
         )
     return table

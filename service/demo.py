@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from service.api import continual_pb2, continual_pb2_grpc
-from service.client import address
+from service.client import address, open_channel
 from service.datasets import TaskData, clinc150, records, synthetic
 from service.ingest import ensure_topics
 from service.local_kafka import LocalKafka
@@ -156,7 +156,7 @@ def _follow(
     """Show learning progress until each task's served version has seen all its records."""
     expected = {t.name: (produced[(t.name, "train")], produced[(t.name, "eval")]) for t in data}
     total = sum(train for train, _ in expected.values())
-    with grpc.insecure_channel(address(settings)) as channel:
+    with open_channel(settings) as channel:
         stub = continual_pb2_grpc.ContinualStub(channel)
         with Progress(
             TextColumn("{task.description}"),

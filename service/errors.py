@@ -23,6 +23,12 @@ class NotFound(ContinualError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class Unauthenticated(ContinualError):
+    """An admin call without the configured token."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class FailedPrecondition(ContinualError):
     """The request is valid but the system is not in a state to do it (e.g. nothing to roll back to)."""
 

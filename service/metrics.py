@@ -61,6 +61,30 @@ class TrainerMetrics:
             ["task", "strategy"],
             registry=registry,
         )
+        self.versions_promoted = Counter(
+            "continual_versions_promoted",
+            "New versions the gate let through to serving.",
+            ["task"],
+            registry=registry,
+        )
+        self.versions_rejected = Counter(
+            "continual_versions_rejected",
+            "New versions the gate kept as candidates (worse than the served one, or the task pinned).",
+            ["task"],
+            registry=registry,
+        )
+        self.auto_rollbacks = Counter(
+            "continual_auto_rollbacks",
+            "Rollbacks the trainer made because the served version's live accuracy fell below the floor.",
+            ["task"],
+            registry=registry,
+        )
+        self.live_accuracy = Gauge(
+            "continual_live_accuracy",
+            "Accuracy of the served version on the most recent eval records (the live window).",
+            ["task"],
+            registry=registry,
+        )
         self.rounds = Counter(
             "continual_rounds", "Completed train-evaluate-publish rounds.", registry=registry
         )

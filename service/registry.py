@@ -5,7 +5,8 @@ Layout under the root directory::
     tasks/<task>/versions/<000001>/adapter.safetensors   LoRA + head weights
                                   eval.jsonl            the eval records the version was measured on
                                   manifest.json         metrics, labels, base model, offsets, sha256s
-    tasks/<task>/alias.json                             {"served": N, "pinned": bool, ...}
+    tasks/<task>/alias.json                             {"served": N, "pinned": bool, "reason": ...}
+    tasks/<task>/events.jsonl                           promotions, rejections, rollbacks, pruning
     trainer/checkpoint.json                             which versions the trainer holds + offsets
     .tmp/                                               versions being written
 
@@ -43,10 +44,11 @@ MANIFEST_FORMAT = 1
 
 @dataclass(frozen=True)
 class Alias:
-    """Which version of a task is served, and whether an operator pinned it there."""
+    """Which version of a task is served, and whether an operator (or auto-rollback) pinned it there."""
 
     served: int
     pinned: bool
+    reason: str = ""
 
 
 class Registry:
@@ -105,7 +107,17 @@ class Registry:
             data = json.loads((self._task_dir(task) / "alias.json").read_text())
         except FileNotFoundError:
             return None
-        return Alias(served=int(data["served"]), pinned=bool(data["pinned"]))
+        return Alias(
+            served=int(data["served"]), pinned=bool(data["pinned"]), reason=str(data.get("reason", ""))
+        )
+
+    def events(self, task: str) -> list[dict[str, Any]]:
+        """The task's history: every promotion, rejection, rollback and pruning, oldest first."""
+        try:
+            text = (self._task_dir(task) / "events.jsonl").read_text()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in text.splitlines() if line]
 
     # --- writing ----------------------------------------------------------------------------------
 
@@ -147,28 +159,69 @@ class Registry:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def set_alias(self, task: str, version: int, pinned: bool) -> Alias:
-        """Point the task's alias at an existing version."""
+    def set_alias(self, task: str, version: int, pinned: bool, reason: str) -> Alias:
+        """Point the task's alias at an existing version, and record why."""
         with self._task_lock(task):
-            return self._set_alias_locked(task, version, pinned)
+            return self._set_alias_locked(task, version, pinned, reason)
 
-    def promote_unless_pinned(self, task: str, version: int) -> bool:
-        """Serve ``version`` unless an operator pinned the task; True when the alias moved."""
+    def promote_unless_pinned(self, task: str, version: int, reason: str) -> bool:
+        """Serve ``version`` unless the task is pinned; True when the alias moved."""
         with self._task_lock(task):
             current = self.alias(task)
             if current is not None and current.pinned:
                 return False
-            self._set_alias_locked(task, version, pinned=False)
+            self._set_alias_locked(task, version, pinned=False, reason=reason)
             return True
 
-    def _set_alias_locked(self, task: str, version: int, pinned: bool) -> Alias:
+    def _set_alias_locked(self, task: str, version: int, pinned: bool, reason: str) -> Alias:
         if version not in self.versions(task):
             raise NotFound(f"task {task!r} has no version {version}")
+        previous = self.alias(task)
         _write_json(
             self._task_dir(task) / "alias.json",
-            {"served": version, "pinned": pinned, "updated_at": time.time()},
+            {"served": version, "pinned": pinned, "reason": reason, "updated_at": time.time()},
         )
-        return Alias(served=version, pinned=pinned)
+        self._append_event(
+            task,
+            {
+                "event": "alias",
+                "version": version,
+                "from_version": previous.served if previous else None,
+                "pinned": pinned,
+                "reason": reason,
+            },
+        )
+        return Alias(served=version, pinned=pinned, reason=reason)
+
+    def record_event(self, task: str, event: str, version: int, reason: str) -> None:
+        """Append one event (e.g. a rejected candidate) to the task's history."""
+        with self._task_lock(task):
+            self._append_event(task, {"event": event, "version": version, "reason": reason})
+
+    def _append_event(self, task: str, body: dict[str, Any]) -> None:
+        # Called with the task lock held, so lines from several processes never interleave.
+        line = json.dumps({"at": time.time(), **body}, sort_keys=True) + "\n"
+        with open(self._task_dir(task) / "events.jsonl", "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def prune(self, task: str, keep: int, protect: set[int]) -> list[int]:
+        """Delete all but the newest ``keep`` versions, never the served one or any in ``protect``.
+
+        A deleted version first moves out of ``versions/`` in one rename, so readers never see part
+        of it. Returns the versions deleted.
+        """
+        with self._task_lock(task):
+            alias = self.alias(task)
+            keep_set = set(self.versions(task)[-keep:]) | protect | ({alias.served} if alias else set())
+            deleted = [v for v in self.versions(task) if v not in keep_set]
+            for version in deleted:
+                trash = self.root / ".tmp" / f"deleted-{task}-{version}-{uuid.uuid4().hex}"
+                os.rename(self._version_dir(task, version), trash)
+                shutil.rmtree(trash, ignore_errors=True)
+                self._append_event(task, {"event": "pruned", "version": version, "reason": f"keep {keep}"})
+            return deleted
 
     # --- trainer checkpoint -------------------------------------------------------------------------
 

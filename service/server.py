@@ -6,6 +6,7 @@ call is counted and timed by method and code.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from service.api import continual_pb2, continual_pb2_grpc
-from service.errors import status_of
+from service.errors import Unauthenticated, status_of
 from service.metrics import ServerMetrics, serve_metrics
 from service.model import AdapterModel, build_model
 from service.registry import Registry
@@ -32,18 +33,30 @@ SERVICE_NAME = continual_pb2.DESCRIPTOR.services_by_name["Continual"].full_name
 
 Response = TypeVar("Response")
 
+#: How many of a task's most recent events GetAdapter returns.
+HISTORY_LENGTH = 20
+
 
 class ContinualServicer(continual_pb2_grpc.ContinualServicer):
     """Implements continual.v1.Continual on top of an AdapterPool."""
 
-    def __init__(self, pool: AdapterPool, metrics: ServerMetrics) -> None:
+    def __init__(self, pool: AdapterPool, metrics: ServerMetrics, admin_token: str | None) -> None:
         self.pool = pool
         self.metrics = metrics
+        self._admin_token = admin_token
 
-    def _call(self, method: str, context: grpc.ServicerContext, handler: Callable[[], Response]) -> Response:
+    def _call(
+        self,
+        method: str,
+        context: grpc.ServicerContext,
+        handler: Callable[[], Response],
+        admin: bool = False,
+    ) -> Response:
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
+            if admin:
+                self._authorize(context)
             return handler()
         except Exception as exc:
             code, message = status_of(exc)
@@ -55,6 +68,14 @@ class ContinualServicer(continual_pb2_grpc.ContinualServicer):
             label = code.name
             self.metrics.requests.labels(method=method, code=label).inc()
             self.metrics.latency.labels(method=method, code=label).observe(time.perf_counter() - started)
+
+    def _authorize(self, context: grpc.ServicerContext) -> None:
+        if self._admin_token is None:
+            return
+        metadata = dict(context.invocation_metadata())
+        supplied = str(metadata.get("authorization", ""))
+        if not hmac.compare_digest(supplied.encode(), f"Bearer {self._admin_token}".encode()):
+            raise Unauthenticated("admin calls need the metadata 'authorization: Bearer <admin token>'")
 
     def Predict(
         self, request: continual_pb2.PredictRequest, context: grpc.ServicerContext
@@ -92,11 +113,11 @@ class ContinualServicer(continual_pb2_grpc.ContinualServicer):
         """Serve an earlier version and pin it."""
 
         def handle() -> continual_pb2.AdapterInfo:
-            loaded = self.pool.rollback(request.task, request.version)
+            loaded = self.pool.rollback(request.task, request.version, request.reason)
             log.warning("rollback: task %r now pinned to v%d", loaded.task, loaded.version)
             return self._info(loaded.task)
 
-        return self._call("Rollback", context, handle)
+        return self._call("Rollback", context, handle, admin=True)
 
     def Promote(
         self, request: continual_pb2.PromoteRequest, context: grpc.ServicerContext
@@ -104,11 +125,64 @@ class ContinualServicer(continual_pb2_grpc.ContinualServicer):
         """Serve a version (the latest by default) and unpin."""
 
         def handle() -> continual_pb2.AdapterInfo:
-            loaded = self.pool.promote(request.task, request.version)
+            loaded = self.pool.promote(request.task, request.version, request.reason)
             log.info("promote: task %r now served by v%d", loaded.task, loaded.version)
             return self._info(loaded.task)
 
-        return self._call("Promote", context, handle)
+        return self._call("Promote", context, handle, admin=True)
+
+    def ListVersions(
+        self, request: continual_pb2.ListVersionsRequest, context: grpc.ServicerContext
+    ) -> continual_pb2.ListVersionsResponse:
+        """Every kept version of a task, newest first."""
+
+        def handle() -> continual_pb2.ListVersionsResponse:
+            registry = self.pool.registry
+            versions = self.pool.versions(request.task)
+            served = self._info(request.task).served_version
+            rows = []
+            for version in reversed(versions):
+                manifest = registry.manifest(request.task, version)
+                metrics = manifest["metrics"]
+                rows.append(
+                    continual_pb2.VersionInfo(
+                        version=version,
+                        created_at=float(manifest["created_at"]),
+                        accuracy=_accuracy(metrics.get("accuracy")),
+                        train_records=int(metrics["train_records"]),
+                        eval_records=int(metrics["eval_records"]),
+                        parent_version=int(manifest.get("parent_version") or 0),
+                        status="served" if version == served else "candidate",
+                        base_model=str(manifest.get("base_model", "")),
+                        strategy=str(manifest.get("strategy", "")),
+                    )
+                )
+            return continual_pb2.ListVersionsResponse(task=request.task, versions=rows)
+
+        return self._call("ListVersions", context, handle, admin=True)
+
+    def GetAdapter(
+        self, request: continual_pb2.GetAdapterRequest, context: grpc.ServicerContext
+    ) -> continual_pb2.AdapterDetail:
+        """One task's adapter with why it is served and its recent history."""
+
+        def handle() -> continual_pb2.AdapterDetail:
+            self.pool.versions(request.task)  # NOT_FOUND / INVALID_ARGUMENT for bad tasks
+            alias = self.pool.registry.alias(request.task)
+            history = [
+                continual_pb2.Event(
+                    at=float(e["at"]),
+                    event=str(e["event"]),
+                    version=int(e["version"]),
+                    reason=str(e["reason"]),
+                )
+                for e in self.pool.registry.events(request.task)[-HISTORY_LENGTH:]
+            ]
+            return continual_pb2.AdapterDetail(
+                adapter=self._info(request.task), alias_reason=alias.reason if alias else "", history=history
+            )
+
+        return self._call("GetAdapter", context, handle, admin=True)
 
     def _info(self, task: str) -> continual_pb2.AdapterInfo:
         registry = self.pool.registry
@@ -126,12 +200,15 @@ class ContinualServicer(continual_pb2_grpc.ContinualServicer):
         if served_version:
             manifest = registry.manifest(task, served_version)
             metrics: dict[str, Any] = manifest["metrics"]
-            accuracy = metrics.get("accuracy")
-            info.accuracy = float(accuracy) if accuracy is not None else float("nan")
+            info.accuracy = _accuracy(metrics.get("accuracy"))
             info.train_records = int(metrics["train_records"])
             info.eval_records = int(metrics["eval_records"])
             info.labels.extend(manifest["labels"])
         return info
+
+
+def _accuracy(value: object) -> float:
+    return float(value) if isinstance(value, int | float) else float("nan")
 
 
 @dataclass
@@ -168,11 +245,19 @@ def start_server(settings: Settings, model: AdapterModel | None = None) -> Runni
     watcher.start()
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.grpc_workers))
-    continual_pb2_grpc.add_ContinualServicer_to_server(ContinualServicer(pool, metrics), server)
+    token = settings.admin_token.get_secret_value() if settings.admin_token else None
+    continual_pb2_grpc.add_ContinualServicer_to_server(ContinualServicer(pool, metrics, token), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    bind = f"{settings.grpc_host}:{settings.grpc_port}"
+    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+        credentials = grpc.ssl_server_credentials(
+            [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())]
+        )
+        port = server.add_secure_port(bind, credentials)
+    else:
+        port = server.add_insecure_port(bind)
     if port == 0:
         raise OSError(f"cannot bind gRPC to {settings.grpc_host}:{settings.grpc_port}")
     server.start()

@@ -156,9 +156,9 @@ class AdapterPool:
         ]
         return Prediction(task=task, version=loaded.version, ranked=ranked)
 
-    def rollback(self, task: str, version: int) -> LoadedVersion:
+    def rollback(self, task: str, version: int, reason: str) -> LoadedVersion:
         """Serve an earlier version (the one before the served one when 0) and pin it."""
-        versions = self._versions(task)
+        versions = self.versions(task)
         served = self._served.get(task)
         if version == 0:
             current = served.version if served is not None else versions[-1]
@@ -166,14 +166,17 @@ class AdapterPool:
             if not earlier:
                 raise FailedPrecondition(f"task {task!r} has no version before v{current} to roll back to")
             version = earlier[-1]
-        return self._move_alias(task, version, pinned=True)
+        return self._move_alias(task, version, pinned=True, reason=f"rollback: {reason or 'by an operator'}")
 
-    def promote(self, task: str, version: int) -> LoadedVersion:
+    def promote(self, task: str, version: int, reason: str) -> LoadedVersion:
         """Serve ``version`` (the latest when 0) and unpin the task."""
-        versions = self._versions(task)
-        return self._move_alias(task, version or versions[-1], pinned=False)
+        versions = self.versions(task)
+        return self._move_alias(
+            task, version or versions[-1], pinned=False, reason=f"promote: {reason or 'by an operator'}"
+        )
 
-    def _versions(self, task: str) -> list[int]:
+    def versions(self, task: str) -> list[int]:
+        """The task's versions; InvalidArgument for a bad name, NotFound when it has none."""
         if not TASK_NAME.fullmatch(task):
             raise InvalidArgument(f"task {task[:80]!r} is not a valid task name ({TASK_NAME.pattern})")
         versions = self.registry.versions(task)
@@ -181,14 +184,14 @@ class AdapterPool:
             raise NotFound(f"task {task!r} has no published versions")
         return versions
 
-    def _move_alias(self, task: str, version: int, pinned: bool) -> LoadedVersion:
+    def _move_alias(self, task: str, version: int, pinned: bool, reason: str) -> LoadedVersion:
         if version not in self.registry.versions(task):
             raise NotFound(f"task {task!r} has no version {version}")
         with self._sync_lock:
             # Load before moving the alias, so a corrupt version is refused and nothing changes.
             self._failed.discard((task, version))
             self._load(task, version)
-            self.registry.set_alias(task, version, pinned)
+            self.registry.set_alias(task, version, pinned, reason)
             loaded = self.sync_task(task)
         assert loaded is not None
         return loaded

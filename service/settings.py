@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -44,8 +44,24 @@ class Settings(BaseSettings):
     kafka_group_id: str = "continual-trainer"
     kafka_partitions: int = Field(default=3, ge=1, description="Partitions when we create the topic.")
 
-    # Registry
+    # Registry and promotion
     registry_dir: Path = Path(".continual/registry")
+    keep_versions: int = Field(
+        default=10, ge=1, description="Versions kept per task, besides the served one and the trainer's."
+    )
+    promotion_tolerance: float = Field(
+        default=0.02,
+        ge=0.0,
+        le=1.0,
+        description="A new version is served unless its accuracy is this much below the served one's.",
+    )
+    live_accuracy_floor: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="Roll back when the served version's accuracy on new eval records falls below (0: off).",
+    )
+    live_accuracy_window: int = Field(default=100, ge=1, description="New eval records judged at a time.")
 
     # Model
     base_model: str = Field(
@@ -79,6 +95,12 @@ class Settings(BaseSettings):
     grpc_port: int = Field(default=50051, ge=0, le=65535)
     grpc_workers: int = Field(default=8, ge=1)
     registry_poll_s: float = Field(default=0.5, gt=0, description="How often servers look for new versions.")
+    admin_token: SecretStr | None = Field(
+        default=None, description="When set, ListVersions, GetAdapter, Promote and Rollback require it."
+    )
+    tls_cert_file: Path | None = Field(default=None, description="Server certificate (PEM); enables TLS.")
+    tls_key_file: Path | None = Field(default=None, description="Server private key (PEM).")
+    tls_ca_file: Path | None = Field(default=None, description="CA the CLI trusts when calling a TLS server.")
 
     # Metrics (0 disables the endpoint)
     trainer_metrics_port: int = Field(default=9100, ge=0, le=65535)
@@ -115,6 +137,15 @@ class Settings(BaseSettings):
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", value):
             raise ValueError("Kafka names use letters, digits, '.', '_' and '-' only")
         return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        for path in (self.tls_cert_file, self.tls_key_file, self.tls_ca_file):
+            if path is not None and not path.is_file():
+                raise ValueError(f"TLS file {path} does not exist")
+        return self
 
     def base_model_path(self) -> Path:
         """The folder the base model and its tokenizer load from."""

@@ -22,9 +22,11 @@ from typing import Any
 import torch
 from torch.nn import functional
 
+from service.errors import CorruptVersion
 from service.ingest import Incoming, Ingest
 from service.metrics import TrainerMetrics
 from service.model import AdapterModel, build_model
+from service.promotion import Decision, LiveAccuracy, gate
 from service.records import Rejection
 from service.registry import Registry
 from service.settings import Settings
@@ -51,6 +53,8 @@ class TaskState:
     round_examples: list[tuple[str, int]] = field(default_factory=list)
     round_losses: list[float] = field(default_factory=list)
     changed: bool = False
+    #: How many eval records the live-accuracy watch has already judged.
+    eval_judged: int = 0
     optimizer: torch.optim.Optimizer | None = None
 
     def label_index(self, label: str) -> int:
@@ -93,6 +97,9 @@ class Trainer:
         # Dropout draws from torch's global generator; seeding it makes a run repeatable.
         torch.manual_seed(settings.seed)
         self.tasks: dict[str, TaskState] = {}
+        #: Per task, the served version loaded for comparison: (version, adapter name, labels).
+        self._references: dict[str, tuple[int, str, list[str]]] = {}
+        self.live = LiveAccuracy(settings.live_accuracy_window, settings.live_accuracy_floor)
         self.offsets: dict[int, int] = {}
         self.round_number = 0
         self.round_records = 0
@@ -119,6 +126,7 @@ class Trainer:
                 name=name,
                 labels=list(manifest["labels"]),
                 eval_records=self.registry.eval_records(name, version),
+                eval_judged=int(saved["eval_seen"]),
                 train_seen=int(saved["train_seen"]),
                 version=version,
                 accuracy=manifest["metrics"]["accuracy"],
@@ -243,13 +251,17 @@ class Trainer:
         to_evaluate = changed if self.strategy.isolates_tasks else list(self.tasks.values())
         for state in to_evaluate:
             state.accuracy = self._accuracy(state)
+        for state in changed:
+            self._watch_live_accuracy(state)
 
         # Dead letters must be acknowledged before the checkpoint moves past their offsets.
         if ingest is not None:
             ingest.flush_dead_letters()
         offsets = {**self.offsets, **positions}
         published: dict[str, int] = {}
-        for state in changed if self.strategy.isolates_tasks else self.tasks.values():
+        decisions: dict[str, Decision] = {}
+        for state in to_evaluate if not self.strategy.isolates_tasks else changed:
+            decisions[state.name] = self._gate(state)
             previous = state.version
             state.version = self.registry.publish(
                 state.name, self.model.weights(state.name), state.eval_records, self._manifest(state, offsets)
@@ -269,13 +281,13 @@ class Trainer:
         self.registry.write_checkpoint(self._checkpoint(offsets))
         self.offsets = offsets
         for name, version in published.items():
-            if not self.registry.promote_unless_pinned(name, version):
-                log.info("task %r is pinned by an operator; v%d stays a candidate", name, version)
+            self._apply(name, version, decisions[name])
         if ingest is not None:
             ingest.commit(offsets)
 
         for state in self.tasks.values():
             state.round_examples, state.round_losses, state.changed = [], [], False
+            state.eval_judged = len(state.eval_records)
         self.round_records = 0
         seconds = time.monotonic() - started
         self.metrics.rounds.inc()
@@ -298,15 +310,97 @@ class Trainer:
         return report
 
     def _accuracy(self, state: TaskState) -> float | None:
-        if not state.eval_records:
-            return None
-        texts = [text for text, _ in state.eval_records]
-        probabilities = self.model.predict(state.name, texts, self.settings.eval_batch_size)
-        predicted = probabilities[:, : len(state.labels)].argmax(dim=-1).tolist()
-        correct = sum(
-            state.labels[p] == label for p, (_, label) in zip(predicted, state.eval_records, strict=True)
+        outcomes = self._outcomes(state.name, state.labels, state.eval_records)
+        return sum(outcomes) / len(outcomes) if outcomes else None
+
+    def _outcomes(self, adapter: str, labels: Sequence[str], rows: Sequence[tuple[str, str]]) -> list[bool]:
+        """For each (text, label), whether ``adapter`` predicts the label."""
+        if not rows:
+            return []
+        probabilities = self.model.predict(adapter, [text for text, _ in rows], self.settings.eval_batch_size)
+        predicted = probabilities[:, : len(labels)].argmax(dim=-1).tolist()
+        return [labels[p] == label for p, (_, label) in zip(predicted, rows, strict=True)]
+
+    def _served_reference(self, task: str, version: int) -> tuple[str, list[str]]:
+        """The served version loaded beside the trainer's own adapter, to measure it on the same records."""
+        cached = self._references.get(task)
+        if cached is not None and cached[0] == version:
+            return cached[1], cached[2]
+        if cached is not None:
+            self.model.remove(cached[1])
+        name = f"{task}@served-v{version}"
+        self.model.load(name, self.registry.load_weights(task, version))
+        labels = list(self.registry.manifest(task, version)["labels"])
+        self._references[task] = (version, name, labels)
+        return name, labels
+
+    def _gate(self, state: TaskState) -> Decision:
+        """Whether the version about to be published may be served (see service.promotion)."""
+        alias = self.registry.alias(state.name)
+        if alias is None:
+            return gate(state.accuracy, None, None, self.settings.promotion_tolerance)
+        if alias.pinned:
+            return Decision(False, f"task is pinned to v{alias.served} ({alias.reason})")
+        try:
+            adapter, labels = self._served_reference(state.name, alias.served)
+        except CorruptVersion as exc:
+            return Decision(True, f"served v{alias.served} cannot be read ({exc}); replacing it")
+        outcomes = self._outcomes(adapter, labels, state.eval_records)
+        served = sum(outcomes) / len(outcomes) if outcomes else None
+        return gate(state.accuracy, served, alias.served, self.settings.promotion_tolerance)
+
+    def _apply(self, task: str, version: int, decision: Decision) -> None:
+        if decision.promote and self.registry.promote_unless_pinned(task, version, decision.reason):
+            self.metrics.versions_promoted.labels(task=task).inc()
+        else:
+            reason = decision.reason if not decision.promote else "the task was pinned meanwhile"
+            self.registry.record_event(task, "candidate", version, reason)
+            self.metrics.versions_rejected.labels(task=task).inc()
+            log.warning("task %r: v%d stays a candidate: %s", task, version, reason)
+        protect = {version}
+        if task in self._references:
+            protect.add(self._references[task][0])
+        for deleted in self.registry.prune(task, self.settings.keep_versions, protect):
+            log.info("task %r: pruned v%d", task, deleted)
+
+    def _watch_live_accuracy(self, state: TaskState) -> None:
+        """Judge the served version on the eval records that arrived this round; roll back if it fails."""
+        alias = self.registry.alias(state.name)
+        fresh = state.eval_records[state.eval_judged :]
+        if alias is None or not fresh:
+            return
+        try:
+            adapter, labels = self._served_reference(state.name, alias.served)
+        except CorruptVersion as exc:
+            log.error("task %r: cannot judge the served version: %s", state.name, exc)
+            return
+        self.live.observe(state.name, alias.served, self._outcomes(adapter, labels, fresh))
+        live = self.live.accuracy(state.name)
+        if live is not None:
+            self.metrics.live_accuracy.labels(task=state.name).set(live)
+        failing = self.live.below_floor(state.name)
+        if failing is None:
+            return
+        floor = self.settings.live_accuracy_floor
+        good = [
+            v
+            for v in reversed(self.registry.versions(state.name))
+            if v < alias.served
+            and (self.registry.manifest(state.name, v)["metrics"]["accuracy"] or 0.0) >= floor
+        ]
+        reason = (
+            f"auto-rollback: live accuracy {failing:.3f} of v{alias.served} on the last "
+            f"{self.live.window} eval records is below the floor {floor}"
         )
-        return correct / len(state.eval_records)
+        if not good:
+            log.error(
+                "task %r: %s, but no earlier version reached the floor; still serving it", state.name, reason
+            )
+            return
+        self.registry.set_alias(state.name, good[0], pinned=True, reason=reason)
+        self.live.reset(state.name)
+        self.metrics.auto_rollbacks.labels(task=state.name).inc()
+        log.error("task %r: rolled back to v%d: %s", state.name, good[0], reason)
 
     def _manifest(self, state: TaskState, offsets: dict[int, int]) -> dict[str, Any]:
         lora = self.model.lora

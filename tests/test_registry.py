@@ -65,16 +65,44 @@ def test_the_alias_moves_and_a_pin_stops_promotion(tmp_path: Path) -> None:
     assert registry.alias("banking") is None
     publish(registry)
     publish(registry)
-    assert registry.promote_unless_pinned("banking", 2)
-    assert registry.alias("banking") == Alias(served=2, pinned=False)
-    registry.set_alias("banking", 1, pinned=True)
-    assert not registry.promote_unless_pinned("banking", 2)
-    assert registry.alias("banking") == Alias(served=1, pinned=True)
+    assert registry.promote_unless_pinned("banking", 2, "test")
+    assert registry.alias("banking") == Alias(served=2, pinned=False, reason="test")
+    registry.set_alias("banking", 1, pinned=True, reason="test")
+    assert not registry.promote_unless_pinned("banking", 2, "test")
+    assert registry.alias("banking") == Alias(served=1, pinned=True, reason="test")
     with pytest.raises(NotFound):
-        registry.set_alias("banking", 9, pinned=False)
+        registry.set_alias("banking", 9, pinned=False, reason="test")
 
 
 def test_bad_task_names_never_reach_the_file_system(tmp_path: Path) -> None:
     registry = Registry(tmp_path)
     with pytest.raises(NotFound):
         registry.versions("../../etc")
+
+
+def test_events_record_why_the_alias_moved(tmp_path: Path) -> None:
+    registry = Registry(tmp_path)
+    publish(registry)
+    publish(registry)
+    registry.set_alias("banking", 2, pinned=False, reason="gate passed")
+    registry.record_event("banking", "candidate", 3, "worse than served")
+    registry.set_alias("banking", 1, pinned=True, reason="rollback: bad answers")
+    events = registry.events("banking")
+    assert [(e["event"], e["version"], e["reason"]) for e in events] == [
+        ("alias", 2, "gate passed"),
+        ("candidate", 3, "worse than served"),
+        ("alias", 1, "rollback: bad answers"),
+    ]
+    assert events[2]["from_version"] == 2 and events[2]["pinned"] is True
+
+
+def test_retention_keeps_the_newest_the_served_and_the_protected(tmp_path: Path) -> None:
+    registry = Registry(tmp_path)
+    for _ in range(8):
+        publish(registry)
+    registry.set_alias("banking", 2, pinned=True, reason="rollback")
+    deleted = registry.prune("banking", keep=3, protect={4})
+    assert deleted == [1, 3, 5]
+    assert registry.versions("banking") == [2, 4, 6, 7, 8]
+    assert not any(p.name.startswith("deleted-") for p in (tmp_path / ".tmp").iterdir())
+    assert publish(registry) == 9  # numbers are never reused

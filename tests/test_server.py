@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from pydantic import SecretStr
 
 from service.api import continual_pb2, continual_pb2_grpc
+from service.client import open_channel
 from service.datasets import TaskData, synthetic
 from service.local_kafka import free_port
 from service.registry import Registry
@@ -20,6 +25,12 @@ from service.trainer import Trainer
 from tests.helpers import eventually, incoming, train_in_process
 
 TASKS = synthetic(num_tasks=2)
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """These tests are about serving: every new version passes the gate (the gate has its own tests)."""
+    return settings.model_copy(update={"promotion_tolerance": 1.0})
 
 
 @pytest.fixture
@@ -127,7 +138,7 @@ def test_a_corrupt_version_is_refused_and_the_old_one_keeps_serving(
         task.eval,
         {**registry.manifest(task.name, 1), "files": {}},
     )
-    registry.set_alias(task.name, 2, pinned=False)
+    registry.set_alias(task.name, 2, pinned=False, reason="test")
     with pytest.raises(grpc.RpcError) as error:
         stub.Promote(continual_pb2.PromoteRequest(task=task.name, version=2))
     assert error.value.code() == grpc.StatusCode.DATA_LOSS
@@ -156,3 +167,119 @@ def test_health_reflection_and_metrics(server: RunningServer, stub: continual_pb
     assert 'continual_requests_total{code="NOT_FOUND",method="Predict"} 1.0' in body
     assert f'continual_served_version{{task="{TASKS[0].name}"}} 1.0' in body
     assert "continual_request_latency_seconds_bucket" in body
+
+
+def test_versions_and_history_are_listed(stub: continual_pb2_grpc.ContinualStub, trained: Trainer) -> None:
+    task = TASKS[0]
+    trained.absorb(incoming([task])[:40])
+    trained.close_round({0: 100_000})
+    eventually(lambda: stub.Predict(continual_pb2.PredictRequest(task=task.name, text="hi")).version == 2, 10)
+    stub.Rollback(continual_pb2.RollbackRequest(task=task.name, reason="answers look wrong"))
+
+    listed = stub.ListVersions(continual_pb2.ListVersionsRequest(task=task.name))
+    assert [(v.version, v.status, v.parent_version) for v in listed.versions] == [
+        (2, "candidate", 1),
+        (1, "served", 0),
+    ]
+    assert listed.versions[1].train_records == len(task.train)
+    detail = stub.GetAdapter(continual_pb2.GetAdapterRequest(task=task.name))
+    assert detail.adapter.served_version == 1 and detail.adapter.pinned
+    assert detail.alias_reason == "rollback: answers look wrong"
+    assert [(e.event, e.version) for e in detail.history] == [("alias", 1), ("alias", 2), ("alias", 1)]
+    with pytest.raises(grpc.RpcError) as error:
+        stub.ListVersions(continual_pb2.ListVersionsRequest(task="nope"))
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_admin_calls_need_the_token_when_one_is_set(settings: Settings, trained: Trainer) -> None:
+    running = start_server(settings.model_copy(update={"admin_token": SecretStr("s3cret")}))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = continual_pb2_grpc.ContinualStub(channel)
+            task = TASKS[0].name
+            admin_calls = [
+                (stub.Rollback, continual_pb2.RollbackRequest(task=task)),
+                (stub.Promote, continual_pb2.PromoteRequest(task=task)),
+                (stub.ListVersions, continual_pb2.ListVersionsRequest(task=task)),
+                (stub.GetAdapter, continual_pb2.GetAdapterRequest(task=task)),
+            ]
+            for method, request in admin_calls:
+                for metadata in ([], [("authorization", "Bearer wrong")]):
+                    with pytest.raises(grpc.RpcError) as error:
+                        method(request, metadata=metadata)
+                    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            good = [("authorization", "Bearer s3cret")]
+            assert stub.Promote(continual_pb2.PromoteRequest(task=task), metadata=good).served_version == 1
+            # Predictions and the plain listing stay open.
+            assert stub.Predict(continual_pb2.PredictRequest(task=task, text="hi")).version == 1
+            assert stub.ListAdapters(continual_pb2.ListAdaptersRequest()).adapters
+    finally:
+        running.stop()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_tls(settings: Settings, trained: Trainer, tmp_path: Path) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    running = start_server(settings.model_copy(update={"tls_cert_file": cert, "tls_key_file": key}))
+    try:
+        client_settings = settings.model_copy(update={"tls_ca_file": cert, "grpc_port": running.port})
+        with open_channel(client_settings) as channel:
+            reply = continual_pb2_grpc.ContinualStub(channel).Predict(
+                continual_pb2.PredictRequest(task=TASKS[0].name, text="hi"), timeout=10
+            )
+            assert reply.version == 1
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as plain, pytest.raises(grpc.RpcError):
+            continual_pb2_grpc.ContinualStub(plain).Predict(
+                continual_pb2.PredictRequest(task=TASKS[0].name, text="hi"), timeout=5
+            )
+    finally:
+        running.stop()
+
+
+def test_two_servers_on_one_registry_converge(settings: Settings, trained: Trainer) -> None:
+    servers = [start_server(settings.model_copy(update={"grpc_port": free_port()})) for _ in range(2)]
+    try:
+        channels = [grpc.insecure_channel(f"127.0.0.1:{s.port}") for s in servers]
+        stubs = [continual_pb2_grpc.ContinualStub(c) for c in channels]
+        task = TASKS[0]
+
+        def served_everywhere() -> set[int]:
+            versions = {
+                s.Predict(continual_pb2.PredictRequest(task=task.name, text="hi")).version for s in stubs
+            }
+            return versions if len(versions) == 1 else set()
+
+        assert served_everywhere() == {1}
+        trained.absorb(incoming([task])[:40])
+        trained.close_round({0: 100_000})
+        assert eventually(lambda: served_everywhere() == {2} or None, 10)
+        # A rollback made through one server is followed by the other.
+        stubs[0].Rollback(continual_pb2.RollbackRequest(task=task.name))
+        assert eventually(lambda: served_everywhere() == {1} or None, 10)
+        for channel in channels:
+            channel.close()
+    finally:
+        for server in servers:
+            server.stop()

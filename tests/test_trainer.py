@@ -23,7 +23,7 @@ def test_each_task_is_learned_far_above_chance_and_published(settings: Settings)
             task.name,
             state.accuracy,
         )  # chance: 0.25
-        assert registry.alias(task.name) == Alias(served=1, pinned=False)
+        assert registry.alias(task.name) == Alias(served=1, pinned=False, reason="first version of the task")
         manifest = registry.manifest(task.name, 1)
         assert manifest["metrics"] == {
             "accuracy": state.accuracy,
