@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -283,3 +285,43 @@ def test_two_servers_on_one_registry_converge(settings: Settings, trained: Train
     finally:
         for server in servers:
             server.stop()
+
+
+@pytest.mark.slow
+def test_the_adapters_cli_drives_a_running_server(settings: Settings, trained: Trainer) -> None:
+    running = start_server(settings.model_copy(update={"admin_token": SecretStr("s3cret")}))
+    target = f"127.0.0.1:{running.port}"
+    task = TASKS[0].name
+
+    def cli(*args: str, token: str = "s3cret") -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONTINUAL_")}
+        env.update({"CONTINUAL_ADMIN_TOKEN": token, "COLUMNS": "200"})
+        return subprocess.run(
+            [sys.executable, "-m", "service.cli", *args, "--target", target],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    try:
+        trained.absorb(incoming([TASKS[0]])[:40])
+        trained.close_round({0: 100_000})
+        eventually(lambda: running.pool.served()[task].version == 2, 10)
+
+        rollback = cli("adapters", "rollback", task, "--reason", "bad answers")
+        assert rollback.returncode == 0, rollback.stderr
+        assert running.pool.served()[task].version == 1
+        shown = cli("adapters", "show", task)
+        assert shown.returncode == 0, shown.stderr
+        assert "rollback: bad answers" in shown.stdout and "candidate" in shown.stdout
+        predicted = cli("predict", task, TASKS[0].eval[0][0])
+        assert predicted.returncode == 0 and f"{task} v1" in predicted.stdout
+        denied = cli("adapters", "promote", task, token="wrong")
+        assert denied.returncode == 1 and "UNAUTHENTICATED" in denied.stderr
+        assert running.pool.served()[task].version == 1
+        promoted = cli("adapters", "promote", task)
+        assert promoted.returncode == 0, promoted.stderr
+        assert running.pool.served()[task].version == 2
+    finally:
+        running.stop()
