@@ -86,7 +86,10 @@ class Registry:
         """The weights of one version after checking every file against the manifest's sha256."""
         manifest = self.manifest(task, version)
         directory = self._version_dir(task, version)
-        for name, expected in manifest["files"].items():
+        files: dict[str, str] = manifest.get("files", {})
+        if WEIGHTS_FILE not in files:
+            raise CorruptVersion(f"{task} v{version}: the manifest lists no sha256 for {WEIGHTS_FILE}")
+        for name, expected in files.items():
             try:
                 actual = _sha256(directory / name)
             except FileNotFoundError:

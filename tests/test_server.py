@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,20 +131,31 @@ def test_a_new_version_is_served_without_a_restart_and_rollback_pins(
 
 
 def test_a_corrupt_version_is_refused_and_the_old_one_keeps_serving(
-    stub: continual_pb2_grpc.ContinualStub, trained: Trainer, settings: Settings
+    stub: continual_pb2_grpc.ContinualStub, trained: Trainer, settings: Settings, server: RunningServer
 ) -> None:
     task = TASKS[0]
     registry = Registry(settings.registry_dir)
-    registry.publish(
-        task.name,
-        {"head.weight": trained.model.weights(task.name)["head.weight"]},  # no bias, no LoRA: cannot load
-        task.eval,
-        {**registry.manifest(task.name, 1), "files": {}},
-    )
+    # A second version whose weights file is damaged on disk after it was written.
+    manifest = registry.manifest(task.name, 1)
+    registry.publish(task.name, trained.model.weights(task.name), task.eval, manifest)
+    weights = settings.registry_dir / "tasks" / task.name / "versions" / "000002" / "adapter.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+
+    # The watcher finds the alias on v2, refuses it, and keeps answering with v1.
     registry.set_alias(task.name, 2, pinned=False, reason="test")
+    time.sleep(5 * settings.registry_poll_s)
+    assert stub.Predict(continual_pb2.PredictRequest(task=task.name, text="hello")).version == 1
+    failures = server.pool.metrics.registry.get_sample_value(
+        "continual_version_load_failures_total", {"task": task.name}
+    )
+    assert failures == 1
+    # An operator asking for it explicitly gets DATA_LOSS and a reason.
     with pytest.raises(grpc.RpcError) as error:
         stub.Promote(continual_pb2.PromoteRequest(task=task.name, version=2))
     assert error.value.code() == grpc.StatusCode.DATA_LOSS
+    assert "sha256" in error.value.details()
     assert stub.Predict(continual_pb2.PredictRequest(task=task.name, text="hello")).version == 1
 
 
