@@ -247,9 +247,9 @@ class DriftMonitor:
             if task not in self._inputs and not self._prepare(task):
                 continue
             results = self._inputs[task].add(self._embed([text for text, _ in items]))
-            predicted = [label for _, label in items if label is not None]
-            if task in self._predictions and predicted:
-                results += self._predictions[task].add(predicted)
+            labels = [label for _, label in items if label is not None]
+            if task in self._predictions and labels:
+                results += self._predictions[task].add(labels)
             for result in results:
                 self._report(task, result)
 
