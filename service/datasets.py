@@ -28,8 +28,8 @@ def clinc150(
 ) -> list[TaskData]:
     """CLINC150 as one task per domain, in the order of ``domains.json``; val and test become eval.
 
-    The file lists examples grouped by intent; within a task they are shuffled (seeded), as a real
-    stream of one domain's requests would arrive. ``train_per_label`` keeps only the first N training
+    The file lists examples grouped by intent; within a task both splits are shuffled (seeded), as a
+    real stream of one domain's requests would arrive. ``train_per_label`` keeps only the first N training
     examples of each intent (for quick runs).
     """
     rng = random.Random(seed)
@@ -55,6 +55,7 @@ def clinc150(
         held_out = [
             (text, label) for split in ("val", "test") for text, label in data[split] if label in intents
         ]
+        rng.shuffle(held_out)
         tasks.append(TaskData(name=domain, train=train, eval=held_out))
     return tasks
 

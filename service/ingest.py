@@ -128,6 +128,17 @@ class Ingest:
                 self.positions[tp.partition] = message.offset + 1
         return accepted
 
+    def lag(self) -> dict[int, int]:
+        """Per assigned partition, how many records lie beyond what has been handed over."""
+        assigned = list(self.consumer.assignment())
+        if not assigned:
+            return {}
+        ends = self.consumer.end_offsets(assigned)
+        return {
+            tp.partition: max(0, ends[tp] - self.positions.get(tp.partition, self.consumer.position(tp)))
+            for tp in assigned
+        }
+
     def dead_letter(
         self,
         partition: int,

@@ -7,7 +7,17 @@ from __future__ import annotations
 
 import contextlib
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+
+from service.drift import DriftResult
 
 #: Latency buckets for one gRPC call, from a cached single-text forward to a slow batch.
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -19,6 +29,14 @@ class TrainerMetrics:
     def __init__(self, registry: CollectorRegistry, strategy: str) -> None:
         self.registry = registry
         self.strategy = strategy
+        _process_collectors(registry)
+        self.drift = DriftMetrics(registry)
+        self.consumer_lag = Gauge(
+            "continual_consumer_lag",
+            "Records in the partition not yet read by the trainer.",
+            ["partition"],
+            registry=registry,
+        )
         self.records_consumed = Counter(
             "continual_records_consumed",
             "Valid records read from the training topic.",
@@ -104,11 +122,67 @@ class TrainerMetrics:
         self.latest_version.labels(task=task).set(version)
 
 
+class DriftMetrics:
+    """Drift gauges per task and detector (input, prediction, accuracy); trainer and server export them."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.statistic = Gauge(
+            "continual_drift_statistic",
+            "Latest drift statistic (MMD² for input, chi-square for prediction, Page-Hinkley for accuracy).",
+            ["task", "detector"],
+            registry=registry,
+        )
+        self.p_value = Gauge(
+            "continual_drift_p_value",
+            "p-value of the latest judged window (NaN for the accuracy detector).",
+            ["task", "detector"],
+            registry=registry,
+        )
+        self.detected = Gauge(
+            "continual_drift_detected",
+            "1 while the latest judged window drifted, else 0.",
+            ["task", "detector"],
+            registry=registry,
+        )
+        self.windows = Counter(
+            "continual_drift_windows",
+            "Windows judged, by whether they drifted.",
+            ["task", "detector", "drifted"],
+            registry=registry,
+        )
+        self.dropped = Counter(
+            "continual_drift_dropped",
+            "Inputs not judged because the drift queue was full.",
+            registry=registry,
+        )
+
+    def record(self, task: str, result: DriftResult) -> None:
+        """Export one judged window."""
+        labels = {"task": task, "detector": result.detector}
+        self.statistic.labels(**labels).set(result.statistic)
+        self.p_value.labels(**labels).set(result.p_value)
+        self.detected.labels(**labels).set(1.0 if result.drifted else 0.0)
+        self.windows.labels(**labels, drifted=str(result.drifted).lower()).inc()
+
+
+def _process_collectors(registry: CollectorRegistry) -> None:
+    # Memory, CPU and open files of this process (process_*), and the Python version (python_info).
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+
+
 class ServerMetrics:
     """What a server exports: requests, latency and what it serves."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        _process_collectors(registry)
+        self.drift = DriftMetrics(registry)
+        self.adapters_loaded = Gauge(
+            "continual_adapters_loaded",
+            "Adapter versions in this server's memory (served ones and the previous ones kept for rollback).",
+            registry=registry,
+        )
         self.requests = Counter(
             "continual_requests",
             "gRPC calls by method and status code.",

@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
@@ -146,9 +147,7 @@ class AdapterModel:
             list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         hidden = self._peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.last_hidden_state.dtype)
-        pooled = (hidden.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return self.heads[name](pooled)
+        return self.heads[name](_mean_pool(hidden.last_hidden_state, batch["attention_mask"]))
 
     @contextmanager
     def training(self, name: str) -> Iterator[None]:
@@ -163,6 +162,24 @@ class AdapterModel:
             self.heads[name].eval()
 
     @torch.inference_mode()
+    def base_embeddings(self, texts: Sequence[str], batch_size: int = 128) -> np.ndarray:
+        """Mean-pooled embeddings of the frozen base model, every adapter switched off."""
+        rows = []
+        context = self._peft.disable_adapter() if self._peft is not None else nullcontext()
+        with context:
+            for i in range(0, len(texts), batch_size):
+                batch = self.tokenizer(
+                    list(texts[i : i + batch_size]),
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                )
+                hidden = self._base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                rows.append(_mean_pool(hidden.last_hidden_state, batch["attention_mask"]))
+        return torch.cat(rows).numpy() if rows else np.empty((0, self.hidden_size), dtype=np.float32)
+
+    @torch.inference_mode()
     def predict(self, name: str, texts: Sequence[str], batch_size: int = 128) -> torch.Tensor:
         """Class probabilities, one row per text."""
         rows = [
@@ -170,6 +187,11 @@ class AdapterModel:
             for i in range(0, len(texts), batch_size)
         ]
         return torch.cat(rows) if rows else torch.empty(0, self.heads[name].out_features)
+
+
+def _mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
 def build_model(settings: Settings) -> AdapterModel:

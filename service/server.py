@@ -227,6 +227,8 @@ class RunningServer:
         self.health.enter_graceful_shutdown()
         self.watcher.stop_event.set()
         self.grpc_server.stop(grace_s).wait()
+        if self.pool.drift is not None:
+            self.pool.drift.stop()
 
     def wait(self) -> None:
         """Block until the server stops."""
@@ -243,6 +245,8 @@ def start_server(settings: Settings, model: AdapterModel | None = None) -> Runni
     pool.sync()
     watcher = RegistryWatcher(pool, settings.registry_poll_s)
     watcher.start()
+    if pool.drift is not None:
+        pool.drift.start()
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.grpc_workers))
     token = settings.admin_token.get_secret_value() if settings.admin_token else None

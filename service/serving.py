@@ -8,11 +8,15 @@ with. The previous version stays loaded, which makes a rollback to it instant.
 from __future__ import annotations
 
 import logging
+import random
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from service.drift import DriftMonitor
 from service.errors import CorruptVersion, FailedPrecondition, InvalidArgument, NotFound
 from service.metrics import ServerMetrics
 from service.model import AdapterModel
@@ -55,6 +59,16 @@ class AdapterPool:
         self.registry = registry
         self.model = model
         self.metrics = metrics
+        self._sampler = random.Random(settings.seed)
+        self.drift: DriftMonitor | None = None
+        if settings.drift_enabled:
+            self.drift = DriftMonitor(
+                settings.drift(),
+                embed=self._base_embeddings,
+                reference=self._drift_reference,
+                on_result=metrics.drift.record,
+                on_dropped=metrics.drift.dropped.inc,
+            )
         # Guards the model: PEFT's active adapter is global state, so forwards and loads take turns.
         self._lock = threading.Lock()
         # Serialises alias syncs (watcher thread and admin calls), so a version is loaded once.
@@ -103,6 +117,7 @@ class AdapterPool:
                 if key[0] == task and loaded not in keep:
                     self.model.remove(loaded.adapter)
                     del self._loaded[key]
+        self.metrics.adapters_loaded.set(len(self._loaded))
 
     def _load(self, task: str, version: int) -> LoadedVersion:
         """The version in memory, loading it (after checking it) if it is not there yet."""
@@ -127,6 +142,7 @@ class AdapterPool:
             self.metrics.load_failures.labels(task=task).inc()
             raise
         self._loaded[(task, version)] = loaded
+        self.metrics.adapters_loaded.set(len(self._loaded))
         return loaded
 
     def predict(self, task: str, text: str, top_k: int) -> Prediction:
@@ -154,7 +170,22 @@ class AdapterPool:
         ranked = [
             (loaded.labels[i], float(s)) for s, i in zip(scores.tolist(), indices.tolist(), strict=True)
         ]
+        if self.drift is not None and self._sampler.random() < self.settings.drift_sample_rate:
+            self.drift.observe(task, text, ranked[0][0])
         return Prediction(task=task, version=loaded.version, ranked=ranked)
+
+    def _base_embeddings(self, texts: Sequence[str]) -> np.ndarray:
+        with self._lock:
+            return self.model.base_embeddings(texts)
+
+    def _drift_reference(self, task: str) -> tuple[list[str], dict[str, int]]:
+        """The served version's eval texts, and the label mix it was trained on."""
+        loaded = self._served.get(task)
+        if loaded is None:
+            return [], {}
+        manifest = self.registry.manifest(task, loaded.version)
+        texts = [text for text, _ in self.registry.eval_records(task, loaded.version)]
+        return texts, dict(manifest.get("label_counts", {}))
 
     def rollback(self, task: str, version: int, reason: str) -> LoadedVersion:
         """Serve an earlier version (the one before the served one when 0) and pin it."""

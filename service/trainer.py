@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch.nn import functional
 
+from service.drift import MMDDrift, PageHinkley
 from service.errors import CorruptVersion
 from service.ingest import Incoming, Ingest
 from service.metrics import TrainerMetrics
@@ -35,6 +36,8 @@ from strategies import Strategy, create
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
+#: How often the consumer lag is measured (it asks the broker for the partitions' end offsets).
+LAG_EVERY_S = 5.0
 
 
 @dataclass
@@ -52,6 +55,8 @@ class TaskState:
     #: This round's training examples, for the round's extra epochs.
     round_examples: list[tuple[str, int]] = field(default_factory=list)
     round_losses: list[float] = field(default_factory=list)
+    #: Training records per label, for prediction drift (the mix the task was trained on).
+    label_counts: dict[str, int] = field(default_factory=dict)
     changed: bool = False
     #: How many eval records the live-accuracy watch has already judged.
     eval_judged: int = 0
@@ -100,6 +105,13 @@ class Trainer:
         #: Per task, the served version loaded for comparison: (version, adapter name, labels).
         self._references: dict[str, tuple[int, str, list[str]]] = {}
         self.live = LiveAccuracy(settings.live_accuracy_window, settings.live_accuracy_floor)
+        #: Per task: the input-drift test of new training records against the task's eval texts.
+        self._input_drift: dict[str, MMDDrift] = {}
+        self._drift_pending: dict[str, list[str]] = {}
+        self._accuracy_drift: dict[str, tuple[int, PageHinkley]] = {}
+        self._drift_sampler = random.Random(settings.seed)
+        #: Set when drift in new training records asks for a round now (drift_reaction "adapt").
+        self._adapt_now = False
         self.offsets: dict[int, int] = {}
         self.round_number = 0
         self.round_records = 0
@@ -127,6 +139,7 @@ class Trainer:
                 labels=list(manifest["labels"]),
                 eval_records=self.registry.eval_records(name, version),
                 eval_judged=int(saved["eval_seen"]),
+                label_counts=dict(manifest.get("label_counts", {})),
                 train_seen=int(saved["train_seen"]),
                 version=version,
                 accuracy=manifest["metrics"]["accuracy"],
@@ -164,9 +177,14 @@ class Trainer:
                 state.eval_records.append((record.text, record.label))
             else:
                 state.train_seen += 1
+                state.label_counts[record.label] = state.label_counts.get(record.label, 0) + 1
+                self._drift_pending.setdefault(state.name, []).append(record.text)
                 state.pending.append((record.text, index))
                 state.round_examples.append((record.text, index))
                 touched.add(state.name)
+        if self.settings.drift_enabled:
+            for name in touched:
+                self._judge_training_drift(self.tasks[name])
         for name in touched:
             state = self.tasks[name]
             while len(state.pending) >= self.settings.batch_size:
@@ -175,6 +193,39 @@ class Trainer:
                     state.pending[self.settings.batch_size :],
                 )
                 self._step(state, step)
+
+    def _judge_training_drift(self, state: TaskState) -> None:
+        """Test the task's newest training texts against its eval texts, a window at a time."""
+        pending = self._drift_pending.get(state.name, [])
+        if len(pending) < self.settings.drift_window:
+            return
+        self._drift_pending[state.name] = []
+        detector = self._input_drift.get(state.name)
+        if detector is None:
+            reference = [text for text, _ in state.eval_records[: self.settings.drift_reference_size]]
+            if len(reference) < 10:
+                return  # no reference yet: the task's eval records have not arrived
+            detector = MMDDrift(
+                self.model.base_embeddings(reference),
+                self.settings.drift_window,
+                self.settings.drift_permutations,
+                self.settings.drift_alpha,
+                seed=self.settings.seed,
+            )
+            self._input_drift[state.name] = detector
+        rate = self.settings.drift_sample_rate
+        sampled = [text for text in pending if self._drift_sampler.random() < rate]
+        for result in detector.add(self.model.base_embeddings(sampled)):
+            self.metrics.drift.record(state.name, result)
+            if result.drifted:
+                log.warning(
+                    "task %r: new training records drifted from its reference (MMD² %.4f, p %.4g)",
+                    state.name,
+                    result.statistic,
+                    result.p_value,
+                )
+                if self.settings.drift_reaction == "adapt":
+                    self._adapt_now = True
 
     def _new_task(self, name: str) -> TaskState:
         state = TaskState(name=name)
@@ -220,7 +271,7 @@ class Trainer:
 
     def round_due(self, idle_s: float, positions: dict[int, int]) -> bool:
         """Whether to close the round now: enough records, or a quiet stream with something to save."""
-        if self.round_records >= self.settings.round_max_records:
+        if self.round_records >= self.settings.round_max_records or self._adapt_now:
             return True
         return self._unsaved(positions) and idle_s >= self.settings.round_idle_s
 
@@ -289,6 +340,7 @@ class Trainer:
             state.round_examples, state.round_losses, state.changed = [], [], False
             state.eval_judged = len(state.eval_records)
         self.round_records = 0
+        self._adapt_now = False
         seconds = time.monotonic() - started
         self.metrics.rounds.inc()
         self.metrics.round_seconds.observe(seconds)
@@ -374,7 +426,13 @@ class Trainer:
         except CorruptVersion as exc:
             log.error("task %r: cannot judge the served version: %s", state.name, exc)
             return
-        self.live.observe(state.name, alias.served, self._outcomes(adapter, labels, fresh))
+        outcomes = self._outcomes(adapter, labels, fresh)
+        self.live.observe(state.name, alias.served, outcomes)
+        version, page_hinkley = self._accuracy_drift.get(state.name, (alias.served, PageHinkley()))
+        if version != alias.served:
+            page_hinkley = PageHinkley()  # a new served version is judged from scratch
+        self._accuracy_drift[state.name] = (alias.served, page_hinkley)
+        self.metrics.drift.record(state.name, page_hinkley.add([float(o) for o in outcomes]))
         live = self.live.accuracy(state.name)
         if live is not None:
             self.metrics.live_accuracy.labels(task=state.name).set(live)
@@ -408,6 +466,7 @@ class Trainer:
             "base_model": self.settings.base_model,
             "strategy": self.strategy.name,
             "labels": state.labels,
+            "label_counts": state.label_counts,
             "parent_version": state.version,
             "lora": {
                 "r": lora.r,
@@ -451,8 +510,13 @@ class Trainer:
         """Poll, absorb and close rounds until ``stop`` is set; a graceful stop closes the open round."""
         ingest.start_offsets.update(self.offsets)
         last_arrival = time.monotonic()
+        next_lag = 0.0
         try:
             while not stop.is_set():
+                if time.monotonic() >= next_lag:
+                    for partition, lag in ingest.lag().items():
+                        self.metrics.consumer_lag.labels(partition=str(partition)).set(lag)
+                    next_lag = time.monotonic() + LAG_EVERY_S
                 batch = ingest.poll(timeout_s=0.5)
                 if batch:
                     self.absorb(batch, ingest)

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-import numpy as np
+from collections import Counter
 
-from service.drift import MMDDrift, PageHinkley, PredictionDrift
+import numpy as np
+import pytest
+
+from service.datasets import clinc150
+from service.drift import DriftMonitor, DriftResult, DriftSettings, MMDDrift, PageHinkley, PredictionDrift
+from service.model import build_model
+from service.settings import DEFAULT_BASE_MODEL, load_settings
+from tests.conftest import CLINC150
 
 ALPHA = 0.01
 WINDOWS = 200
@@ -44,3 +51,37 @@ def test_page_hinkley_fires_on_falling_accuracy_not_on_steady() -> None:
     falling = PageHinkley()
     falling.add(list(rng.random(300) < 0.9))
     assert falling.add(list(rng.random(100) < 0.5)).drifted
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (CLINC150 / "data_full.json").is_file(), reason="CLINC150 is not at ../shared/data")
+def test_another_domains_texts_are_flagged_on_real_minilm_embeddings() -> None:
+    """Banking traffic stays quiet against a banking reference; travel traffic is flagged at once."""
+    model = build_model(load_settings(base_model=DEFAULT_BASE_MODEL))
+    banking, travel = clinc150(CLINC150, domains=["banking", "travel"])
+    judged: list[tuple[str, DriftResult]] = []
+    settings = DriftSettings(window=50, reference_size=300, permutations=200, alpha=ALPHA, queue_size=10_000)
+    labels = Counter(label for _, label in banking.train)
+    monitor = DriftMonitor(
+        settings,
+        embed=model.base_embeddings,
+        reference=lambda task: ([t for t, _ in banking.eval[:300]], dict(labels)),
+        on_result=lambda task, result: judged.append((task, result)),
+        on_dropped=lambda: None,
+    )
+    monitor.start()
+    try:
+        for text, label in banking.eval[300:]:  # 450 held-out banking texts: 9 windows
+            monitor.observe("banking", text, label)
+        monitor.drain()
+        quiet = [r for _, r in judged if r.detector == "input"]
+        assert len(quiet) == 9
+        assert sum(r.drifted for r in quiet) <= 1, [r.p_value for r in quiet]
+        judged.clear()
+        for text, _ in travel.eval[:50]:  # one window of another domain's texts
+            monitor.observe("banking", text, "balance")
+        monitor.drain()
+        [shifted] = [r for _, r in judged if r.detector == "input"]
+        assert shifted.drifted and shifted.p_value < ALPHA
+    finally:
+        monitor.stop()
