@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PROTO_OUT := service/api
 PROTO_SRC := protos/continual/v1/continual.proto
 
-.PHONY: setup protos kafka-jars kafka-up kafka-down run test test-fast lint lock clean
+.PHONY: setup protos kafka-jars kafka-up kafka-down prometheus run test test-fast lint lock clean
 
 setup: $(STAMP) protos kafka-jars
 
@@ -38,13 +38,19 @@ kafka-up: kafka-jars
 kafka-down:
 	deploy/kafka/kafka.sh stop
 
+# Real Prometheus and promtool from Debian's package, for the monitoring tests (needs root for apt).
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+		apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
 # The demo: local broker, trainer and server, the CLINC150 stream, per-task accuracy; serves until Ctrl-C.
 run: setup
 	$(BIN)/continual run $(RUN_ARGS)
 
-# Lint, types, then every test (slow ones included). Tests start their own broker on free ports
-# unless CONTINUAL_KAFKA_BOOTSTRAP points at one.
-test: setup lint
+# Lint, types, then every test (slow ones included). Tests start their own broker and Prometheus on
+# free ports (the broker: unless CONTINUAL_KAFKA_BOOTSTRAP points at one).
+test: setup prometheus lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: setup

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import grpc
 import torch
-import yaml
 from rich.console import Console
 from rich.progress import Progress
 
@@ -140,7 +139,7 @@ def main() -> None:
         registry.promote_unless_pinned(task.name, version, "bench: initial version")
 
     config = workdir / "settings.yaml"
-    config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+    config.write_text(settings.to_yaml())
     server = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--config", str(config)],
         stdout=open(workdir / "server.log", "wb"),  # noqa: SIM115 (lives as long as the server)

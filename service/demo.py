@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -114,7 +113,8 @@ def run_demo(
         bootstrap = broker.bootstrap if broker else settings.kafka_bootstrap
         settings = settings.model_copy(update={"kafka_bootstrap": bootstrap, "registry_dir": registry_dir})
         config = workdir / "settings.yaml"
-        config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+        config.touch(mode=0o600)
+        config.write_text(settings.to_yaml())
         processes = [
             _spawn("train", config, workdir / "trainer.log"),
             _spawn("serve", config, workdir / "server.log"),

@@ -1,11 +1,13 @@
 """Drift detectors: has what a task sees moved away from what it learned from?
 
-Three kinds, each judged per task:
-- input drift: MMD² between the base-model embeddings of a window of recent texts and of the task's
-  reference texts, with a permutation p-value (a two-sample test that assumes nothing about shape);
-- prediction drift: the labels predicted over a window against the label mix of the training data,
-  with a chi-square p-value;
-- accuracy drift: a Page-Hinkley test on the stream of right/wrong answers on new eval records.
+Four detectors (the ``detector`` label of the drift metrics), each judged per task:
+- ``input`` (servers) and ``training_input`` (trainer): MMD² between the base-model embeddings of a
+  window of recent Predict texts, or of new training texts, and of the task's reference texts, with a
+  permutation p-value (a two-sample test that assumes nothing about shape);
+- ``prediction`` (servers): the labels predicted over a window against the label mix of the training
+  data, with a chi-square p-value;
+- ``accuracy`` (trainer): a Page-Hinkley test on the served version's right/wrong answers on new eval
+  records.
 
 The detectors are pure (numpy in, results out); DriftMonitor wires them to embeddings and metrics.
 """
@@ -23,6 +25,9 @@ import numpy as np
 from scipy import stats
 
 log = logging.getLogger(__name__)
+
+#: Fewer reference texts than this make no test worth reporting.
+MIN_REFERENCE = 10
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,13 @@ class MMDDrift:
     """
 
     def __init__(
-        self, reference: np.ndarray, window: int, permutations: int, alpha: float, seed: int = 0
+        self,
+        reference: np.ndarray,
+        window: int,
+        permutations: int,
+        alpha: float,
+        seed: int = 0,
+        detector: str = "input",
     ) -> None:
         if len(reference) < 2 or window < 2:
             raise ValueError("MMD needs at least two reference samples and a window of two or more")
@@ -70,11 +81,16 @@ class MMDDrift:
         self.window = window
         self.permutations = permutations
         self.alpha = alpha
+        self.detector = detector
         self._rng = np.random.default_rng(seed)
         distances = _sq_distances(self.reference)
         median = float(np.median(distances[np.triu_indices(len(self.reference), k=1)]))
         self._gamma = 1.0 / max(median, 1e-12)
         self._pending: list[np.ndarray] = []
+
+    def pending(self) -> list[np.ndarray]:
+        """Samples waiting for their window to fill."""
+        return list(self._pending)
 
     def add(self, samples: np.ndarray) -> list[DriftResult]:
         """Add new samples; returns a result for every window they complete."""
@@ -98,7 +114,7 @@ class MMDDrift:
             if _mmd2_from_kernel(kernel, shuffled[:n], shuffled[n:]) >= observed:
                 at_least += 1
         p_value = (at_least + 1) / (self.permutations + 1)
-        return DriftResult("input", observed, p_value, p_value < self.alpha, len(window))
+        return DriftResult(self.detector, observed, p_value, p_value < self.alpha, len(window))
 
 
 class PredictionDrift:
@@ -175,15 +191,16 @@ class DriftMonitor:
     """Per-task input and prediction drift, computed off the request path on a background thread.
 
     ``observe`` only enqueues (and drops, counted, when the queue is full); the thread embeds texts in
-    batches with ``embed`` and feeds the detectors. ``reference`` gives a task's reference texts and
-    training label counts the first time the task is seen.
+    batches with ``embed`` and feeds the detectors. ``reference`` gives a task's reference: a key (the
+    served version), its texts and its training label counts. When the key changes the detectors are
+    rebuilt on the new reference, keeping the inputs not judged yet.
     """
 
     def __init__(
         self,
         settings: DriftSettings,
         embed: Callable[[Sequence[str]], np.ndarray],
-        reference: Callable[[str], tuple[list[str], dict[str, int]]],
+        reference: Callable[[str], tuple[object, list[str], dict[str, int]]],
         on_result: Callable[[str, DriftResult], None],
         on_dropped: Callable[[], None],
     ) -> None:
@@ -195,6 +212,7 @@ class DriftMonitor:
         self._queue: queue.Queue[tuple[str, str, str | None]] = queue.Queue(maxsize=settings.queue_size)
         self._inputs: dict[str, MMDDrift] = {}
         self._predictions: dict[str, PredictionDrift] = {}
+        self._keys: dict[str, object] = {}
         self._drifted: dict[tuple[str, str], bool] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="drift", daemon=True)
@@ -244,7 +262,7 @@ class DriftMonitor:
         for task, text, predicted in batch:
             by_task.setdefault(task, []).append((text, predicted))
         for task, items in by_task.items():
-            if task not in self._inputs and not self._prepare(task):
+            if not self._prepare(task):
                 continue
             results = self._inputs[task].add(self._embed([text for text, _ in items]))
             labels = [label for _, label in items if label is not None]
@@ -254,15 +272,24 @@ class DriftMonitor:
                 self._report(task, result)
 
     def _prepare(self, task: str) -> bool:
-        texts, label_counts = self._reference(task)
+        """Make sure the task's detectors use its current reference; False while it has none."""
+        key, texts, label_counts = self._reference(task)
+        if task in self._inputs and self._keys.get(task) == key:
+            return True
         texts = texts[: self.settings.reference_size]
-        if len(texts) < 2:
+        if len(texts) < MIN_REFERENCE:
             return False
-        self._inputs[task] = MMDDrift(
+        carried = self._inputs[task].pending() if task in self._inputs else []
+        detector = MMDDrift(
             self._embed(texts), self.settings.window, self.settings.permutations, self.settings.alpha
         )
+        self._inputs[task] = detector
+        if carried:
+            for result in detector.add(np.stack(carried)):
+                self._report(task, result)
         if label_counts:
             self._predictions[task] = PredictionDrift(label_counts, self.settings.window, self.settings.alpha)
+        self._keys[task] = key
         return True
 
     def _report(self, task: str, result: DriftResult) -> None:

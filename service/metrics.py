@@ -97,6 +97,17 @@ class TrainerMetrics:
             ["task"],
             registry=registry,
         )
+        self.forgetting = Gauge(
+            "continual_task_forgetting",
+            "Best accuracy the task ever had minus its accuracy now (Chaudhry et al. 2018, per task).",
+            ["task"],
+            registry=registry,
+        )
+        self.mean_accuracy = Gauge(
+            "continual_mean_accuracy",
+            "Mean of every task's latest accuracy (ACC over the tasks seen so far).",
+            registry=registry,
+        )
         self.live_accuracy = Gauge(
             "continual_live_accuracy",
             "Accuracy of the served version on the most recent eval records (the live window).",
@@ -113,6 +124,13 @@ class TrainerMetrics:
             registry=registry,
         )
 
+    def start_task(self, task: str) -> None:
+        """Create the task's series at zero, so dashboards and alerts see them before the first event."""
+        for counter in (self.versions_promoted, self.versions_rejected, self.auto_rollbacks):
+            counter.labels(task=task)
+        self.versions_published.labels(task=task, strategy=self.strategy)
+        self.training_examples.labels(task=task, strategy=self.strategy)
+
     def record_accuracy(self, task: str, version: int, previous: int | None, accuracy: float) -> None:
         """Set the task's accuracy for its new version, dropping the superseded version's series."""
         if previous is not None:
@@ -128,7 +146,8 @@ class DriftMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.statistic = Gauge(
             "continual_drift_statistic",
-            "Latest drift statistic (MMD² for input, chi-square for prediction, Page-Hinkley for accuracy).",
+            "Latest drift statistic: MMD² (input, training_input), chi-square (prediction), "
+            "Page-Hinkley (accuracy).",
             ["task", "detector"],
             registry=registry,
         )

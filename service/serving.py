@@ -60,6 +60,7 @@ class AdapterPool:
         self.model = model
         self.metrics = metrics
         self._sampler = random.Random(settings.seed)
+        self._drift_references: dict[str, tuple[int, list[str], dict[str, int]]] = {}
         self.drift: DriftMonitor | None = None
         if settings.drift_enabled:
             self.drift = DriftMonitor(
@@ -178,14 +179,18 @@ class AdapterPool:
         with self._lock:
             return self.model.base_embeddings(texts)
 
-    def _drift_reference(self, task: str) -> tuple[list[str], dict[str, int]]:
-        """The served version's eval texts, and the label mix it was trained on."""
+    def _drift_reference(self, task: str) -> tuple[object, list[str], dict[str, int]]:
+        """The served version, its eval texts, and the label mix it was trained on."""
         loaded = self._served.get(task)
         if loaded is None:
-            return [], {}
-        manifest = self.registry.manifest(task, loaded.version)
-        texts = [text for text, _ in self.registry.eval_records(task, loaded.version)]
-        return texts, dict(manifest.get("label_counts", {}))
+            return None, [], {}
+        cached = self._drift_references.get(task)
+        if cached is None or cached[0] != loaded.version:
+            manifest = self.registry.manifest(task, loaded.version)
+            texts = [text for text, _ in self.registry.eval_records(task, loaded.version)]
+            cached = (loaded.version, texts, dict(manifest.get("label_counts", {})))
+            self._drift_references[task] = cached
+        return cached
 
     def rollback(self, task: str, version: int, reason: str) -> LoadedVersion:
         """Serve an earlier version (the one before the served one when 0) and pin it."""

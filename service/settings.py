@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -167,6 +168,13 @@ class Settings(BaseSettings):
             if path is not None and not path.is_file():
                 raise ValueError(f"TLS file {path} does not exist")
         return self
+
+    def to_yaml(self) -> str:
+        """These settings as a YAML file that load_settings reads back (secrets included: keep it private)."""
+        body = self.model_dump(mode="json")
+        if self.admin_token is not None:
+            body["admin_token"] = self.admin_token.get_secret_value()
+        return yaml.safe_dump(body)
 
     def drift(self) -> DriftSettings:
         """The drift detectors' settings."""

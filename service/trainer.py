@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch.nn import functional
 
-from service.drift import MMDDrift, PageHinkley
+from service.drift import MIN_REFERENCE, MMDDrift, PageHinkley
 from service.errors import CorruptVersion
 from service.ingest import Incoming, Ingest
 from service.metrics import TrainerMetrics
@@ -58,6 +58,8 @@ class TaskState:
     #: Training records per label, for prediction drift (the mix the task was trained on).
     label_counts: dict[str, int] = field(default_factory=dict)
     changed: bool = False
+    #: Best accuracy any version of the task reached (for forgetting).
+    best_accuracy: float | None = None
     #: How many eval records the live-accuracy watch has already judged.
     eval_judged: int = 0
     optimizer: torch.optim.Optimizer | None = None
@@ -140,10 +142,13 @@ class Trainer:
                 eval_records=self.registry.eval_records(name, version),
                 eval_judged=int(saved["eval_seen"]),
                 label_counts=dict(manifest.get("label_counts", {})),
+                best_accuracy=manifest["metrics"].get("best_accuracy"),
                 train_seen=int(saved["train_seen"]),
                 version=version,
                 accuracy=manifest["metrics"]["accuracy"],
             )
+        for name in self.tasks:
+            self.metrics.start_task(name)
         self.strategy.load_state_dict(checkpoint.get("strategy_state", {}))
         log.info(
             "restored round %d: %d task(s), offsets %s", self.round_number, len(self.tasks), self.offsets
@@ -203,7 +208,7 @@ class Trainer:
         detector = self._input_drift.get(state.name)
         if detector is None:
             reference = [text for text, _ in state.eval_records[: self.settings.drift_reference_size]]
-            if len(reference) < 10:
+            if len(reference) < MIN_REFERENCE:
                 return  # no reference yet: the task's eval records have not arrived
             detector = MMDDrift(
                 self.model.base_embeddings(reference),
@@ -211,6 +216,7 @@ class Trainer:
                 self.settings.drift_permutations,
                 self.settings.drift_alpha,
                 seed=self.settings.seed,
+                detector="training_input",
             )
             self._input_drift[state.name] = detector
         rate = self.settings.drift_sample_rate
@@ -230,6 +236,7 @@ class Trainer:
     def _new_task(self, name: str) -> TaskState:
         state = TaskState(name=name)
         self.tasks[name] = state
+        self.metrics.start_task(name)
         # Two outputs to start; the head grows as labels arrive.
         self.model.add(name, num_labels=2)
         self.strategy.before_task(name)
@@ -302,6 +309,7 @@ class Trainer:
         to_evaluate = changed if self.strategy.isolates_tasks else list(self.tasks.values())
         for state in to_evaluate:
             state.accuracy = self._accuracy(state)
+        self._export_accuracy_summary()
         for state in changed:
             self._watch_live_accuracy(state)
 
@@ -360,6 +368,15 @@ class Trainer:
             {k: None if v is None else round(v, 4) for k, v in report.accuracy.items()},
         )
         return report
+
+    def _export_accuracy_summary(self) -> None:
+        measured = [s for s in self.tasks.values() if s.accuracy is not None]
+        for state in measured:
+            assert state.accuracy is not None
+            state.best_accuracy = max(state.best_accuracy or 0.0, state.accuracy)
+            self.metrics.forgetting.labels(task=state.name).set(state.best_accuracy - state.accuracy)
+        if measured:
+            self.metrics.mean_accuracy.set(sum(s.accuracy or 0.0 for s in measured) / len(measured))
 
     def _accuracy(self, state: TaskState) -> float | None:
         outcomes = self._outcomes(state.name, state.labels, state.eval_records)
@@ -477,6 +494,7 @@ class Trainer:
             "max_length": self.model.max_length,
             "metrics": {
                 "accuracy": state.accuracy,
+                "best_accuracy": state.best_accuracy,
                 "eval_records": len(state.eval_records),
                 "train_records": state.train_seen,
             },

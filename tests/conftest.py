@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,3 +76,36 @@ def settings(tmp_path: Path, tiny_model_dir: Path) -> Settings:
         registry_poll_s=0.1,
         clinc150_dir=CLINC150,
     )
+
+
+@pytest.fixture
+def cluster(settings: Settings, kafka_bootstrap: str, tmp_path: Path) -> Iterator[Settings]:
+    """Trainer and server as real processes, configured by a YAML file, logs kept for failures."""
+    # Every new version passes the gate here: these tests follow the path, the gate has its own tests.
+    settings = settings.model_copy(
+        update={
+            "kafka_bootstrap": kafka_bootstrap,
+            "trainer_metrics_port": free_port(),
+            "server_metrics_port": free_port(),
+            "promotion_tolerance": 1.0,
+        }
+    )
+    config = tmp_path / "settings.yaml"
+    config.write_text(settings.to_yaml())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTINUAL_")}
+    processes = {}
+    for role in ("train", "serve"):
+        log = open(tmp_path / f"{role}.log", "wb")  # noqa: SIM115 (closed with the process)
+        processes[role] = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", role, "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    yield settings
+    for process in processes.values():
+        process.terminate()
+    for role, process in processes.items():
+        process.wait(timeout=60)
+        # A graceful stop exits 0; anything else is a crash worth seeing.
+        assert process.returncode == 0, (tmp_path / f"{role}.log").read_text()

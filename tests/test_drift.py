@@ -65,7 +65,7 @@ def test_another_domains_texts_are_flagged_on_real_minilm_embeddings() -> None:
     monitor = DriftMonitor(
         settings,
         embed=model.base_embeddings,
-        reference=lambda task: ([t for t, _ in banking.eval[:300]], dict(labels)),
+        reference=lambda task: (1, [t for t, _ in banking.eval[:300]], dict(labels)),
         on_result=lambda task, result: judged.append((task, result)),
         on_dropped=lambda: None,
     )

@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
-import yaml
 from kafka import KafkaConsumer, KafkaProducer
 
 from service.api import continual_pb2, continual_pb2_grpc
 from service.datasets import TaskData, records, synthetic
 from service.ingest import REASON_HEADER, ensure_topics
-from service.local_kafka import free_port
 from service.producer import produce
 from service.settings import Settings
 from tests.helpers import eventually
@@ -38,38 +31,6 @@ MALFORMED = [
         "wrong_type",
     ),
 ]
-
-
-@pytest.fixture
-def cluster(settings: Settings, kafka_bootstrap: str, tmp_path: Path) -> Iterator[Settings]:
-    """Trainer and server as real processes, configured by a YAML file, logs kept for failures."""
-    # Every new version passes the gate here: this test follows the path, the gate has its own tests.
-    settings = settings.model_copy(
-        update={
-            "kafka_bootstrap": kafka_bootstrap,
-            "trainer_metrics_port": free_port(),
-            "promotion_tolerance": 1.0,
-        }
-    )
-    config = tmp_path / "settings.yaml"
-    config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTINUAL_")}
-    processes = {}
-    for role in ("train", "serve"):
-        log = open(tmp_path / f"{role}.log", "wb")  # noqa: SIM115 (closed with the process)
-        processes[role] = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", role, "--config", str(config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    yield settings
-    for process in processes.values():
-        process.terminate()
-    for role, process in processes.items():
-        process.wait(timeout=60)
-        # A graceful stop exits 0; anything else is a crash worth seeing.
-        assert process.returncode == 0, (tmp_path / f"{role}.log").read_text()
 
 
 def adapters(stub: continual_pb2_grpc.ContinualStub) -> dict[str, continual_pb2.AdapterInfo]:

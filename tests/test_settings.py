@@ -52,3 +52,12 @@ def test_the_cli_refuses_bad_settings_at_start_up_with_the_field_named() -> None
     )
     assert result.returncode == 2
     assert "batch_size" in result.stderr
+
+
+def test_settings_round_trip_through_yaml_secrets_included(tmp_path: Path) -> None:
+    settings = load_settings(admin_token="s3cret", batch_size=5, lora_target_modules=["query"])
+    config = tmp_path / "settings.yaml"
+    config.write_text(settings.to_yaml())
+    again = load_settings(config)
+    assert again == settings
+    assert again.admin_token is not None and again.admin_token.get_secret_value() == "s3cret"

@@ -27,6 +27,7 @@ def test_each_task_is_learned_far_above_chance_and_published(settings: Settings)
         manifest = registry.manifest(task.name, 1)
         assert manifest["metrics"] == {
             "accuracy": state.accuracy,
+            "best_accuracy": state.accuracy,
             "train_records": len(task.train),
             "eval_records": len(task.eval),
         }
