@@ -22,6 +22,7 @@ from service.datasets import TaskData, clinc150, records, synthetic
 from service.ingest import ensure_topics
 from service.local_kafka import LocalKafka
 from service.producer import produce
+from service.registry import Registry
 from service.settings import Settings
 
 
@@ -227,9 +228,18 @@ def _report(
             for a in adapters
         },
     }
+    checkpoint = Registry(workdir / "registry").read_checkpoint() or {}
+    matrix: dict[str, dict[str, float]] = checkpoint.get("accuracy_matrix", {})
+    summary["accuracy_matrix"] = matrix
     (workdir / "results.json").write_text(json.dumps(summary, indent=2))
     _plot(adapters, workdir / "accuracy.png")
-    console.print(f"results in {workdir / 'results.json'} and {workdir / 'accuracy.png'}")
+    plots = ["accuracy.png"]
+    if matrix:
+        plot_matrix(matrix, workdir / "accuracy_matrix.png")
+        plots.append("accuracy_matrix.png")
+    console.print(
+        f"results in {workdir / 'results.json'}, plots: {', '.join(str(workdir / p) for p in plots)}"
+    )
 
 
 def _plot(adapters: list[continual_pb2.AdapterInfo], path: Path) -> None:
@@ -245,6 +255,32 @@ def _plot(adapters: list[continual_pb2.AdapterInfo], path: Path) -> None:
     ax.set_ylim(0, 105)
     ax.set_title("per-task accuracy of the served adapters")
     plt.setp(ax.get_xticklabels(), rotation=40, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_matrix(matrix: dict[str, dict[str, float]], path: Path) -> None:
+    """A heatmap of the accuracy matrix: rows in the order tasks were last learned, columns likewise."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    tasks = list(matrix)
+    grid = np.array([[matrix[i].get(j, np.nan) * 100 for j in tasks] for i in tasks])
+    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(tasks), 0.8 + 0.6 * len(tasks)))
+    image = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis")
+    for (row, column), accuracy in np.ndenumerate(grid):
+        if not np.isnan(accuracy):
+            ax.text(column, row, f"{accuracy:.0f}", ha="center", va="center", fontsize=7, color="white")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=40, ha="right")
+    ax.set_yticks(range(len(tasks)), tasks)
+    ax.set_xlabel("accuracy on task")
+    ax.set_ylabel("after learning task")
+    ax.set_title("accuracy matrix R[i][j] (%)")
+    fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -108,6 +108,18 @@ class TrainerMetrics:
             "Mean of every task's latest accuracy (ACC over the tasks seen so far).",
             registry=registry,
         )
+        self.accuracy_matrix = Gauge(
+            "continual_accuracy_matrix",
+            "R[i][j]: accuracy on task j right after the trainer last learned task i.",
+            ["after_task", "task"],
+            registry=registry,
+        )
+        self.bwt = Gauge(
+            "continual_bwt",
+            "Backward transfer: mean change of earlier tasks' accuracy since each was last learned "
+            "(Lopez-Paz & Ranzato 2017); negative means forgetting.",
+            registry=registry,
+        )
         self.live_accuracy = Gauge(
             "continual_live_accuracy",
             "Accuracy of the served version on the most recent eval records (the live window).",

@@ -104,6 +104,8 @@ class Trainer:
         # Dropout draws from torch's global generator; seeding it makes a run repeatable.
         torch.manual_seed(settings.seed)
         self.tasks: dict[str, TaskState] = {}
+        #: The accuracy matrix: row i holds every task's accuracy right after task i was last learned.
+        self.accuracy_matrix: dict[str, dict[str, float]] = {}
         #: Per task, the served version loaded for comparison: (version, adapter name, labels).
         self._references: dict[str, tuple[int, str, list[str]]] = {}
         self.live = LiveAccuracy(settings.live_accuracy_window, settings.live_accuracy_floor)
@@ -149,6 +151,7 @@ class Trainer:
             )
         for name in self.tasks:
             self.metrics.start_task(name)
+        self.accuracy_matrix = {k: dict(v) for k, v in checkpoint.get("accuracy_matrix", {}).items()}
         self.strategy.load_state_dict(checkpoint.get("strategy_state", {}))
         log.info(
             "restored round %d: %d task(s), offsets %s", self.round_number, len(self.tasks), self.offsets
@@ -309,6 +312,7 @@ class Trainer:
         to_evaluate = changed if self.strategy.isolates_tasks else list(self.tasks.values())
         for state in to_evaluate:
             state.accuracy = self._accuracy(state)
+        self._update_accuracy_matrix(trained)
         self._export_accuracy_summary()
         for state in changed:
             self._watch_live_accuracy(state)
@@ -369,7 +373,34 @@ class Trainer:
         )
         return report
 
+    def _update_accuracy_matrix(self, trained: dict[str, int]) -> None:
+        now = {s.name: s.accuracy for s in self.tasks.values() if s.accuracy is not None}
+        for name in trained:
+            self.accuracy_matrix.pop(name, None)  # re-inserted last: the newest row is the latest learned
+            self.accuracy_matrix[name] = dict(now)
+        for after, row in self.accuracy_matrix.items():
+            for task, accuracy in row.items():
+                self.metrics.accuracy_matrix.labels(after_task=after, task=task).set(accuracy)
+
+    def backward_transfer(self) -> float | None:
+        """Mean of (accuracy now − accuracy right after it was last learned) over all but the latest task."""
+        if not self.accuracy_matrix:
+            return None
+        latest = next(reversed(self.accuracy_matrix))
+        deltas = [
+            state.accuracy - self.accuracy_matrix[name][name]
+            for name, state in self.tasks.items()
+            if name != latest
+            and state.accuracy is not None
+            and name in self.accuracy_matrix
+            and name in self.accuracy_matrix[name]
+        ]
+        return sum(deltas) / len(deltas) if deltas else None
+
     def _export_accuracy_summary(self) -> None:
+        bwt = self.backward_transfer()
+        if bwt is not None:
+            self.metrics.bwt.set(bwt)
         measured = [s for s in self.tasks.values() if s.accuracy is not None]
         for state in measured:
             assert state.accuracy is not None
@@ -515,6 +546,7 @@ class Trainer:
             },
             "strategy": self.strategy.name,
             "strategy_state": self.strategy.state_dict(),
+            "accuracy_matrix": self.accuracy_matrix,
         }
 
     # --- the loop -----------------------------------------------------------------------------------

@@ -73,3 +73,24 @@ def test_the_same_seed_gives_the_same_weights(settings: Settings) -> None:
     b = train_in_process(settings.model_copy(update={"registry_dir": settings.registry_dir / "b"}), tasks)
     wa, wb = a.model.weights(tasks[0].name), b.model.weights(tasks[0].name)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_the_accuracy_matrix_and_backward_transfer(settings: Settings) -> None:
+    first, second, third = synthetic(num_tasks=3)
+    trainer = train_in_process(settings, [first])
+    for offset, task in ((2, second), (3, third)):
+        trainer.absorb(incoming([task]))
+        trainer.close_round({0: offset * 10_000})
+    matrix = trainer.accuracy_matrix
+    assert list(matrix) == [first.name, second.name, third.name]
+    assert set(matrix[first.name]) == {first.name}
+    assert set(matrix[third.name]) == {first.name, second.name, third.name}
+    # One adapter per task: learning later tasks leaves earlier ones exactly where they were.
+    assert matrix[third.name][first.name] == matrix[first.name][first.name]
+    assert trainer.backward_transfer() == 0.0
+    gauge = trainer.metrics.registry.get_sample_value(
+        "continual_accuracy_matrix", {"after_task": second.name, "task": first.name}
+    )
+    assert gauge == matrix[second.name][first.name]
+    restored = Trainer(settings, Registry(settings.registry_dir), TrainerMetrics(CollectorRegistry(), "x"))
+    assert restored.accuracy_matrix == matrix
