@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import TopicAlreadyExistsError
+from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
 from service.metrics import TrainerMetrics
@@ -163,16 +163,26 @@ class Ingest:
         """Block until every dead-lettered record is acknowledged, before its offset may be committed."""
         self.dead_letters.flush()
 
-    def commit(self, offsets: Mapping[int, int]) -> None:
-        """Commit offsets that a durable checkpoint already records."""
+    def commit(self, offsets: Mapping[int, int]) -> bool:
+        """Commit offsets that a durable checkpoint already records; False if Kafka refused.
+
+        A failed commit loses nothing: the checkpoint holds the same offsets and a restarted trainer
+        seeks to them, and the next round commits again. So it is logged and counted, not raised.
+        """
         if not offsets:
-            return
-        self.consumer.commit(
-            {
-                TopicPartition(self.settings.kafka_topic, partition): OffsetAndMetadata(offset, "", -1)
-                for partition, offset in offsets.items()
-            }
-        )
+            return True
+        try:
+            self.consumer.commit(
+                {
+                    TopicPartition(self.settings.kafka_topic, partition): OffsetAndMetadata(offset, "", -1)
+                    for partition, offset in offsets.items()
+                }
+            )
+        except KafkaError as exc:
+            self.metrics.commit_failures.inc()
+            log.warning("offset commit failed (the checkpoint has them; retrying next round): %s", exc)
+            return False
+        return True
 
     def close(self) -> None:
         """Flush the dead letters and leave the group."""

@@ -126,6 +126,11 @@ class TrainerMetrics:
             ["task"],
             registry=registry,
         )
+        self.commit_failures = Counter(
+            "continual_offset_commit_failures",
+            "Offset commits Kafka refused; the checkpoint still holds the offsets, the next round retries.",
+            registry=registry,
+        )
         self.rounds = Counter(
             "continual_rounds", "Completed train-evaluate-publish rounds.", registry=registry
         )
