@@ -126,18 +126,19 @@ def produce(
 
 @app.command()
 def predict(
-    task: str,
     text: str,
+    task: Annotated[str, typer.Option(help="The task; without it the server infers the task.")] = "",
     top_k: Annotated[int, typer.Option("--top-k")] = 3,
     target: TargetOption = None,
     config: ConfigOption = None,
 ) -> None:
-    """Classify TEXT with TASK's served adapter."""
+    """Classify TEXT with a task's served adapter."""
     from service.client import call
 
     settings = _settings(config)
     response = call(settings, target, "Predict", task=task, text=text, top_k=top_k)
-    table = Table(title=f"{response.task} v{response.version}")
+    inferred = f" (inferred, {response.task_confidence:.0%} sure)" if response.task_inferred else ""
+    table = Table(title=f"{response.task} v{response.version}{inferred}")
     table.add_column("label")
     table.add_column("score", justify="right")
     for scored in response.top_k:

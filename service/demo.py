@@ -132,8 +132,8 @@ def run_demo(
         if exit_when_done:
             return 0
         console.print(
-            f"serving on {address(settings)} — try: continual predict {data[0].name} "
-            f"{json.dumps(data[0].eval[0][0])} --target {address(settings)}   (Ctrl-C stops)"
+            f"serving on {address(settings)} — try: continual predict {json.dumps(data[0].eval[0][0])} "
+            f"--target {address(settings)}   (Ctrl-C stops)"
         )
         while all(p.poll() is None for p in processes):
             time.sleep(1)

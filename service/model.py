@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 LORA_PREFIX = "lora."
 HEAD_PREFIX = "head."
+#: Label prototypes stored beside an adapter's weights (base-model embedding sums and counts per label).
+PROTOTYPE_SUMS = "prototype.sums"
+PROTOTYPE_COUNTS = "prototype.counts"
 
 
 @dataclass(frozen=True)

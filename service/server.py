@@ -91,6 +91,8 @@ class ContinualServicer(continual_pb2_grpc.ContinualServicer):
                 score=best_score,
                 top_k=[continual_pb2.ScoredLabel(label=lbl, score=s) for lbl, s in prediction.ranked],
                 version=prediction.version,
+                task_inferred=prediction.task_inferred,
+                task_confidence=prediction.task_confidence,
             )
 
         return self._call("Predict", context, handle)

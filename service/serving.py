@@ -19,20 +19,25 @@ import torch
 from service.drift import DriftMonitor
 from service.errors import CorruptVersion, FailedPrecondition, InvalidArgument, NotFound
 from service.metrics import ServerMetrics
-from service.model import AdapterModel
+from service.model import PROTOTYPE_COUNTS, PROTOTYPE_SUMS, AdapterModel
 from service.registry import Registry
 from service.settings import TASK_NAME, Settings
 
 log = logging.getLogger(__name__)
 
+#: Sharpens the softmax over tasks' cosine similarities into a task confidence.
+ROUTING_TEMPERATURE = 0.05
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, eq=False)
 class LoadedVersion:
     """One version in memory."""
 
     task: str
     version: int
     labels: tuple[str, ...]
+    #: Unit-length mean base-model embedding per trained label (rows), for task inference; may be empty.
+    prototypes: torch.Tensor
 
     @property
     def adapter(self) -> str:
@@ -47,6 +52,8 @@ class Prediction:
     task: str
     version: int
     ranked: list[tuple[str, float]]
+    task_inferred: bool = False
+    task_confidence: float = 1.0
 
 
 class AdapterPool:
@@ -132,7 +139,12 @@ class AdapterPool:
                     f"this server runs {self.settings.base_model!r}"
                 )
             weights = self.registry.load_weights(task, version)
-            loaded = LoadedVersion(task=task, version=version, labels=tuple(manifest["labels"]))
+            loaded = LoadedVersion(
+                task=task,
+                version=version,
+                labels=tuple(manifest["labels"]),
+                prototypes=_unit_prototypes(weights),
+            )
             with self._lock:
                 try:
                     self.model.load(loaded.adapter, weights)
@@ -147,10 +159,8 @@ class AdapterPool:
         return loaded
 
     def predict(self, task: str, text: str, top_k: int) -> Prediction:
-        """Classify one text with the task's served version."""
-        if not task:
-            raise InvalidArgument("task is required")
-        if not TASK_NAME.fullmatch(task):
+        """Classify one text with the task's served version, inferring the task when none is named."""
+        if task and not TASK_NAME.fullmatch(task):
             raise InvalidArgument(f"task {task[:80]!r} is not a valid task name ({TASK_NAME.pattern})")
         if not text.strip():
             raise InvalidArgument("text is empty")
@@ -160,7 +170,11 @@ class AdapterPool:
             )
         if top_k < 0:
             raise InvalidArgument(f"top_k must not be negative, got {top_k}")
+        inferred, confidence = False, 1.0
         with self._lock:
+            if not task:
+                task, confidence = self._infer_task(text)
+                inferred = True
             loaded = self._served.get(task)
             if loaded is None:
                 known = ", ".join(sorted(self._served)) or "none yet"
@@ -173,7 +187,29 @@ class AdapterPool:
         ]
         if self.drift is not None and self._sampler.random() < self.settings.drift_sample_rate:
             self.drift.observe(task, text, ranked[0][0])
-        return Prediction(task=task, version=loaded.version, ranked=ranked)
+        return Prediction(
+            task=task,
+            version=loaded.version,
+            ranked=ranked,
+            task_inferred=inferred,
+            task_confidence=confidence,
+        )
+
+    def _infer_task(self, text: str) -> tuple[str, float]:
+        """The served task whose nearest label prototype is closest to the text (call with the lock held).
+
+        Confidence is a softmax over the tasks' best cosine similarities, sharpened by a temperature.
+        """
+        candidates = [loaded for loaded in self._served.values() if len(loaded.prototypes)]
+        if not candidates:
+            raise NotFound("no served version has label prototypes yet, so a request must name its task")
+        embedding = torch.nn.functional.normalize(
+            torch.from_numpy(self.model.base_embeddings([text])), dim=-1
+        )[0]
+        best = torch.stack([(loaded.prototypes @ embedding).max() for loaded in candidates])
+        weights = torch.softmax(best / ROUTING_TEMPERATURE, dim=0)
+        choice = int(weights.argmax())
+        return candidates[choice].task, float(weights[choice])
 
     def _base_embeddings(self, texts: Sequence[str]) -> np.ndarray:
         with self._lock:
@@ -250,3 +286,12 @@ class RegistryWatcher(threading.Thread):
             except Exception:
                 log.exception("registry sync failed; retrying")
             self.stop_event.wait(self.interval_s)
+
+
+def _unit_prototypes(weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Unit-length mean embeddings of the labels that have training examples (no rows if none stored)."""
+    sums, counts = weights.get(PROTOTYPE_SUMS), weights.get(PROTOTYPE_COUNTS)
+    if sums is None or counts is None or not bool((counts > 0).any()):
+        return torch.empty(0, 0)
+    means = sums[counts > 0] / counts[counts > 0].unsqueeze(-1)
+    return torch.nn.functional.normalize(means, dim=-1)

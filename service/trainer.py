@@ -26,7 +26,7 @@ from service.drift import MIN_REFERENCE, MMDDrift, PageHinkley
 from service.errors import CorruptVersion
 from service.ingest import Incoming, Ingest
 from service.metrics import TrainerMetrics
-from service.model import AdapterModel, build_model
+from service.model import PROTOTYPE_COUNTS, PROTOTYPE_SUMS, AdapterModel, build_model
 from service.promotion import Decision, LiveAccuracy, gate
 from service.records import Rejection
 from service.registry import Registry
@@ -58,6 +58,10 @@ class TaskState:
     #: Training records per label, for prediction drift (the mix the task was trained on).
     label_counts: dict[str, int] = field(default_factory=dict)
     changed: bool = False
+    #: Per label index: sum of base-model embeddings of its training texts, and how many (prototypes
+    #: that let a server infer the task of a text that names none).
+    prototype_sums: dict[int, torch.Tensor] = field(default_factory=dict)
+    prototype_counts: dict[int, int] = field(default_factory=dict)
     #: Best accuracy any version of the task reached (for forgetting).
     best_accuracy: float | None = None
     #: How many eval records the live-accuracy watch has already judged.
@@ -137,7 +141,9 @@ class Trainer:
         for name, saved in checkpoint["tasks"].items():
             version = int(saved["version"])
             manifest = self.registry.manifest(name, version)
-            self.model.load(name, self.registry.load_weights(name, version))
+            weights = self.registry.load_weights(name, version)
+            self.model.load(name, weights)
+            prototype_sums, prototype_counts = _prototypes(weights)
             self.tasks[name] = TaskState(
                 name=name,
                 labels=list(manifest["labels"]),
@@ -145,6 +151,8 @@ class Trainer:
                 eval_judged=int(saved["eval_seen"]),
                 label_counts=dict(manifest.get("label_counts", {})),
                 best_accuracy=manifest["metrics"].get("best_accuracy"),
+                prototype_sums=prototype_sums,
+                prototype_counts=prototype_counts,
                 train_seen=int(saved["train_seen"]),
                 version=version,
                 accuracy=manifest["metrics"]["accuracy"],
@@ -162,6 +170,7 @@ class Trainer:
     def absorb(self, batch: Sequence[Incoming], ingest: Ingest | None = None) -> None:
         """Take a polled batch in: train records are stepped on in micro-batches, eval records kept."""
         touched: set[str] = set()
+        new_train: dict[str, list[tuple[str, int]]] = {}
         for incoming in batch:
             record = incoming.record
             state = self.tasks.get(record.task)
@@ -189,7 +198,10 @@ class Trainer:
                 self._drift_pending.setdefault(state.name, []).append(record.text)
                 state.pending.append((record.text, index))
                 state.round_examples.append((record.text, index))
+                new_train.setdefault(state.name, []).append((record.text, index))
                 touched.add(state.name)
+        for name, examples in new_train.items():
+            self._add_to_prototypes(self.tasks[name], examples)
         if self.settings.drift_enabled:
             for name in touched:
                 self._judge_training_drift(self.tasks[name])
@@ -201,6 +213,26 @@ class Trainer:
                     state.pending[self.settings.batch_size :],
                 )
                 self._step(state, step)
+
+    def _add_to_prototypes(self, state: TaskState, examples: list[tuple[str, int]]) -> None:
+        embeddings = torch.from_numpy(self.model.base_embeddings([text for text, _ in examples]))
+        for (_, index), embedding in zip(examples, embeddings, strict=True):
+            state.prototype_sums[index] = state.prototype_sums.get(index, 0) + embedding
+            state.prototype_counts[index] = state.prototype_counts.get(index, 0) + 1
+
+    def _version_weights(self, state: TaskState) -> dict[str, torch.Tensor]:
+        """The adapter and head, plus the label prototypes a server routes task-less requests with."""
+        weights = self.model.weights(state.name)
+        if state.prototype_counts:
+            size = len(state.labels)
+            sums = torch.zeros(size, self.model.hidden_size)
+            counts = torch.zeros(size)
+            for index, total in state.prototype_sums.items():
+                sums[index] = total
+                counts[index] = state.prototype_counts[index]
+            weights[PROTOTYPE_SUMS] = sums
+            weights[PROTOTYPE_COUNTS] = counts
+        return weights
 
     def _judge_training_drift(self, state: TaskState) -> None:
         """Test the task's newest training texts against its eval texts, a window at a time."""
@@ -327,7 +359,7 @@ class Trainer:
             decisions[state.name] = self._gate(state)
             previous = state.version
             state.version = self.registry.publish(
-                state.name, self.model.weights(state.name), state.eval_records, self._manifest(state, offsets)
+                state.name, self._version_weights(state), state.eval_records, self._manifest(state, offsets)
             )
             published[state.name] = state.version
             self.metrics.versions_published.labels(task=state.name, strategy=self.strategy.name).inc()
@@ -579,3 +611,12 @@ class Trainer:
                 self.close_round(dict(ingest.positions), ingest)
         finally:
             ingest.close()
+
+
+def _prototypes(weights: dict[str, torch.Tensor]) -> tuple[dict[int, torch.Tensor], dict[int, int]]:
+    """The per-label prototype sums and counts stored with a version (empty for versions without)."""
+    sums, counts = weights.get(PROTOTYPE_SUMS), weights.get(PROTOTYPE_COUNTS)
+    if sums is None or counts is None:
+        return {}, {}
+    seen = [i for i, count in enumerate(counts.tolist()) if count > 0]
+    return {i: sums[i] for i in seen}, {i: int(counts[i]) for i in seen}
