@@ -7,8 +7,11 @@ seconds, an operator rolls a task back over gRPC and promotes it again a second 
 
     .venv/bin/python bench/hotswap.py [--seconds 60] [--baseline-seconds 20] [--clients 4]
 
-Writes bench/results/hotswap.json. Latency with swapping is reported as a ratio against the baseline
-measured in the same run, since this machine is noisy.
+Part 1 runs with drift judging off, so swapping is the only difference between its two phases. Part 2
+restarts the server with drift judging on and measures the same traffic again, for its cost.
+
+Writes bench/results/hotswap.json. Latencies are reported as ratios against the baseline measured in
+the same run, since this machine is noisy.
 """
 
 from __future__ import annotations
@@ -135,26 +138,39 @@ def main() -> None:
             "strategy": settings.strategy,
             "metrics": {"accuracy": None, "eval_records": 0, "train_records": 0},
         }
-        version = registry.publish(task.name, weights[task.name], [], manifest)
+        # Eval records give the server a drift reference, so drift judging runs as it would in production.
+        version = registry.publish(task.name, weights[task.name], task.eval, manifest)
         registry.promote_unless_pinned(task.name, version, "bench: initial version")
 
-    config = workdir / "settings.yaml"
-    config.write_text(settings.to_yaml())
-    server = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--config", str(config)],
-        stdout=open(workdir / "server.log", "wb"),  # noqa: SIM115 (lives as long as the server)
-        stderr=subprocess.STDOUT,
-    )
-    try:
+    def serve(drift: bool) -> subprocess.Popen[bytes]:
+        config = workdir / f"settings-drift-{drift}.yaml"
+        config.write_text(settings.model_copy(update={"drift_enabled": drift}).to_yaml())
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--config", str(config)],
+            stdout=open(workdir / f"server-drift-{drift}.log", "wb"),  # noqa: SIM115 (lives with the server)
+            stderr=subprocess.STDOUT,
+        )
         with grpc.insecure_channel(f"127.0.0.1:{settings.grpc_port}") as channel:
             grpc.channel_ready_future(channel).result(timeout=120)
-            admin = continual_pb2_grpc.ContinualStub(channel)
+            stub = continual_pb2_grpc.ContinualStub(channel)
             deadline = time.monotonic() + 120
-            while len(admin.ListAdapters(continual_pb2.ListAdaptersRequest()).adapters) < len(tasks):
+            while len(stub.ListAdapters(continual_pb2.ListAdaptersRequest()).adapters) < len(tasks):
                 if time.monotonic() > deadline:
                     raise RuntimeError("server did not load the initial versions")
                 time.sleep(0.2)
+        console.print("warm-up: 10s of traffic, not measured")
+        run_phase(settings.grpc_port, tasks, texts, args.clients, 10.0, None)
+        return process
 
+    def stop(process: subprocess.Popen[bytes]) -> None:
+        process.terminate()
+        process.wait(timeout=60)
+
+    # Part 1, drift judging off: swapping is the only difference between the two phases.
+    server = serve(drift=False)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{settings.grpc_port}") as channel:
+            admin = continual_pb2_grpc.ContinualStub(channel)
             console.print(f"baseline: {args.baseline_seconds:.0f}s of traffic, no version changes")
             baseline = run_phase(settings.grpc_port, tasks, texts, args.clients, args.baseline_seconds, None)
 
@@ -172,9 +188,12 @@ def main() -> None:
                         task = tasks[i % len(tasks)]
                         i += 1
                         noisy = {k: v + 0.01 * torch.randn_like(v) for k, v in weights[task].items()}
-                        manifest = registry.manifest(task, registry.versions(task)[-1])
+                        latest = registry.versions(task)[-1]
                         version = registry.publish(
-                            task, noisy, [], {**manifest, "parent_version": version_of(task)}
+                            task,
+                            noisy,
+                            registry.eval_records(task, latest),
+                            {**registry.manifest(task, latest), "parent_version": latest},
                         )
                         if registry.promote_unless_pinned(task, version, "bench: new version"):
                             published.append((task, version, time.perf_counter()))
@@ -189,14 +208,17 @@ def main() -> None:
                         progress.update(bar, completed=min(seconds, time.monotonic() - start))
                         time.sleep(max(0.0, 1.0 - (time.monotonic() - now)))
 
-            def version_of(task: str) -> int:
-                alias = registry.alias(task)
-                return alias.served if alias else 0
-
             swapping = run_phase(settings.grpc_port, tasks, texts, args.clients, args.seconds, churn)
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        stop(server)
+
+    # Part 2, drift judging on (every input embedded again on the drift thread), no swapping.
+    server = serve(drift=True)
+    try:
+        console.print(f"drift on: {args.baseline_seconds:.0f}s of traffic, no version changes")
+        with_drift = run_phase(settings.grpc_port, tasks, texts, args.clients, args.baseline_seconds, None)
+    finally:
+        stop(server)
 
     to_serve = [
         swapping.first_seen[(task, version)] - at
@@ -206,8 +228,8 @@ def main() -> None:
     never_served = len(published) - len(to_serve)
     result = {
         "requests": len(swapping.latencies_s) + len(swapping.failures),
-        "failed": len(swapping.failures) + len(baseline.failures),
-        "failures": sorted(set(swapping.failures + baseline.failures))[:10],
+        "failed": len(swapping.failures) + len(baseline.failures) + len(with_drift.failures),
+        "failures": sorted(set(swapping.failures + baseline.failures + with_drift.failures))[:10],
         "p50_ms": round(percentile(swapping.latencies_s, 0.50) * 1000, 2),
         "p99_ms": round(percentile(swapping.latencies_s, 0.99) * 1000, 2),
         "p50_ms_no_swap": round(percentile(baseline.latencies_s, 0.50) * 1000, 2),
@@ -216,6 +238,11 @@ def main() -> None:
             percentile(swapping.latencies_s, 0.99) / percentile(baseline.latencies_s, 0.99), 3
         ),
         "baseline_requests": len(baseline.latencies_s),
+        "p50_ms_drift_on": round(percentile(with_drift.latencies_s, 0.50) * 1000, 2),
+        "p99_ms_drift_on": round(percentile(with_drift.latencies_s, 0.99) * 1000, 2),
+        "p50_ratio_drift_on_vs_off": round(
+            percentile(with_drift.latencies_s, 0.50) / percentile(baseline.latencies_s, 0.50), 3
+        ),
         "versions_published": len(published),
         "versions_never_answered_before_the_next": never_served,
         "publish_to_serve_s": round(statistics.median(to_serve), 3) if to_serve else None,
@@ -230,6 +257,7 @@ def main() -> None:
             "baseline_seconds": args.baseline_seconds,
             "rollback_every_s": args.rollback_every,
             "registry_poll_s": settings.registry_poll_s,
+            "drift_sample_rate_in_part_2": settings.drift_sample_rate,
             "base_model": settings.base_model,
             "machine": f"{os.cpu_count()} CPU cores, no GPU",
         },

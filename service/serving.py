@@ -216,7 +216,11 @@ class AdapterPool:
             return self.model.base_embeddings(texts)
 
     def _drift_reference(self, task: str) -> tuple[object, list[str], dict[str, int]]:
-        """The served version, its eval texts, and the label mix it was trained on."""
+        """A key that changes when the reference does, the served version's eval texts, its label mix.
+
+        New versions mostly keep their eval set, so the key is the texts' hash, not the version: the
+        drift thread re-embeds a reference only when it really changed.
+        """
         loaded = self._served.get(task)
         if loaded is None:
             return None, [], {}
@@ -226,7 +230,7 @@ class AdapterPool:
             texts = [text for text, _ in self.registry.eval_records(task, loaded.version)]
             cached = (loaded.version, texts, dict(manifest.get("label_counts", {})))
             self._drift_references[task] = cached
-        return cached
+        return hash(tuple(cached[1])), cached[1], cached[2]
 
     def rollback(self, task: str, version: int, reason: str) -> LoadedVersion:
         """Serve an earlier version (the one before the served one when 0) and pin it."""
