@@ -229,8 +229,8 @@ def _report(
         },
     }
     checkpoint = Registry(workdir / "registry").read_checkpoint() or {}
-    matrix: dict[str, dict[str, float]] = checkpoint.get("accuracy_matrix", {})
-    summary["accuracy_matrix"] = matrix
+    matrix = {name: row for name, row in checkpoint.get("accuracy_matrix", [])}
+    summary["accuracy_matrix"] = [[name, row] for name, row in matrix.items()]
     (workdir / "results.json").write_text(json.dumps(summary, indent=2))
     _plot(adapters, workdir / "accuracy.png")
     plots = ["accuracy.png"]
@@ -261,7 +261,7 @@ def _plot(adapters: list[continual_pb2.AdapterInfo], path: Path) -> None:
 
 
 def plot_matrix(matrix: dict[str, dict[str, float]], path: Path) -> None:
-    """A heatmap of the accuracy matrix: rows in the order tasks were last learned, columns likewise."""
+    """A heatmap of the accuracy matrix: rows and columns in the order the tasks were last learned."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -159,7 +159,7 @@ class Trainer:
             )
         for name in self.tasks:
             self.metrics.start_task(name)
-        self.accuracy_matrix = {k: dict(v) for k, v in checkpoint.get("accuracy_matrix", {}).items()}
+        self.accuracy_matrix = {name: dict(row) for name, row in checkpoint.get("accuracy_matrix", [])}
         self.strategy.load_state_dict(checkpoint.get("strategy_state", {}))
         log.info(
             "restored round %d: %d task(s), offsets %s", self.round_number, len(self.tasks), self.offsets
@@ -578,7 +578,8 @@ class Trainer:
             },
             "strategy": self.strategy.name,
             "strategy_state": self.strategy.state_dict(),
-            "accuracy_matrix": self.accuracy_matrix,
+            # A list, not a mapping: row order is learning order, and JSON objects get their keys sorted.
+            "accuracy_matrix": [[name, row] for name, row in self.accuracy_matrix.items()],
         }
 
     # --- the loop -----------------------------------------------------------------------------------
