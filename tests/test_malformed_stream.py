@@ -1,0 +1,207 @@
+"""Property-based: whatever arrives, decoding never raises, and a stream of generated good and bad records
+through the real broker and a real trainer loses nothing: every bad record is dead-lettered with the
+right reason, every good one is learned, the trainer keeps going."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from collections import Counter
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+from kafka import KafkaConsumer, KafkaProducer
+from prometheus_client import CollectorRegistry
+
+from service.ingest import REASON_HEADER, Ingest, ensure_topics
+from service.metrics import TrainerMetrics
+from service.records import REASONS, Record, Rejection, decode
+from service.registry import Registry
+from service.settings import Settings
+from service.trainer import Trainer
+from tests.helpers import eventually
+
+MAX_TEXT = 200
+MAX_LABELS = 5
+TASKS = ("alpha", "beta")
+WORDS = "apple lion red car piano doctor please tell me about the".split()  # noqa: SIM905
+
+
+@given(key=st.one_of(st.none(), st.binary(max_size=40)), value=st.one_of(st.none(), st.binary(max_size=400)))
+def test_decoding_arbitrary_bytes_never_raises(key: bytes | None, value: bytes | None) -> None:
+    result = decode(key, value, MAX_TEXT)
+    assert isinstance(result, Record) or result.reason in REASONS
+
+
+@dataclass(frozen=True)
+class Sent:
+    """One record as produced, and what the service must make of it."""
+
+    key: bytes
+    value: bytes
+    #: None for a good record; else the dead-letter reason it must get.
+    reason: str | None
+    task: str = ""
+    label: str = ""
+    split: str = ""
+
+
+def _good(task: str, label: str, split: str, words: list[str], n: int) -> dict[str, object]:
+    return {"id": f"r{n}", "task": task, "text": " ".join(words), "label": label, "split": split}
+
+
+KINDS = ["good"] * 6 + [
+    "not_utf8",
+    "not_json",
+    "not_object",
+    "missing_field",
+    "wrong_type",
+    "bad_value",
+    "text_too_long",
+    "unknown_schema_version",
+    "key_mismatch",
+    "too_many_labels",
+]
+
+
+def stream_record(rng: random.Random, n: int) -> Sent:
+    """One generated record: good (most), or one of every kind of bad."""
+    task = rng.choice(TASKS)
+    label = rng.choice(["l0", "l1", "l2"])
+    split = rng.choice(["train", "train", "eval"])
+    body = _good(task, label, split, rng.choices(WORDS, k=rng.randint(1, 8)), n)
+    kind = rng.choice(KINDS)
+    key = task.encode()
+    if kind == "good":
+        return Sent(key, json.dumps(body).encode(), None, task, label, split)
+    if kind == "too_many_labels":
+        # Task "wide" keeps receiving new labels; beyond MAX_LABELS of them each new one is refused.
+        wide_label = f"w{rng.randint(0, 12)}"
+        wide = {**body, "task": "wide", "label": wide_label}
+        return Sent(b"wide", json.dumps(wide).encode(), "too_many_labels?", "wide", wide_label, split)
+    junk: object = rng.choice([rng.randint(-5, 5), None, [1, 2], {"a": 1}])
+    value: bytes
+    if kind == "not_utf8":
+        value = b"\xff\xfe" + rng.randbytes(rng.randint(0, 30))
+    elif kind == "not_json":
+        value = ("not json " + "".join(rng.choices('{}[]:,"abc 123', k=rng.randint(0, 30)))).encode()
+    elif kind == "not_object":
+        value = json.dumps(rng.choice([rng.randint(0, 9), [1, 2], "text", True])).encode()
+    elif kind == "missing_field":
+        dropped = rng.choice(["id", "task", "text", "label", "split"])
+        value = json.dumps({k: v for k, v in body.items() if k != dropped}).encode()
+    elif kind == "wrong_type":
+        value = json.dumps({**body, rng.choice(["id", "text", "label", "split"]): junk}).encode()
+    elif kind == "bad_value":
+        value = json.dumps({**body, "split": rng.choice(["test", "TRAIN", "", "validation"])}).encode()
+    elif kind == "text_too_long":
+        value = json.dumps({**body, "text": "x" * (MAX_TEXT + rng.randint(1, 500))}).encode()
+    elif kind == "unknown_schema_version":
+        value = json.dumps({**body, "schema_version": rng.randint(2, 99)}).encode()
+    else:  # key_mismatch
+        key = b"someone-else"
+        value = json.dumps(body).encode()
+    return Sent(key, value, kind)
+
+
+def expected_outcomes(sent: list[Sent]) -> tuple[Counter[str], Counter[tuple[str, str]]]:
+    """Dead-letter reasons and learned (task, split) counts, following the label limit in stream order."""
+    reasons: Counter[str] = Counter()
+    learned: Counter[tuple[str, str]] = Counter()
+    labels: dict[str, list[str]] = {}
+    for record in sent:
+        if record.reason is not None and record.reason != "too_many_labels?":
+            reasons[record.reason] += 1
+            continue
+        seen = labels.setdefault(record.task, [])
+        if record.label not in seen and len(seen) >= MAX_LABELS:
+            reasons["too_many_labels"] += 1
+            continue
+        if record.label not in seen:
+            seen.append(record.label)
+        learned[(record.task, record.split)] += 1
+    return reasons, learned
+
+
+@pytest.mark.slow
+@hypothesis_settings(max_examples=2, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(seed=st.integers(min_value=0, max_value=2**32 - 1), size=st.integers(min_value=1000, max_value=2500))
+def test_a_generated_stream_of_good_and_bad_records_loses_nothing(
+    seed: int,
+    size: int,
+    settings: Settings,
+    kafka_bootstrap: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # Each example gets its own topic, group and registry.
+    unique = tmp_path_factory.mktemp("stream")
+    settings = settings.model_copy(
+        update={
+            "kafka_bootstrap": kafka_bootstrap,
+            "kafka_topic": f"{settings.kafka_topic}-{unique.name}",
+            "kafka_dead_letter_topic": f"{settings.kafka_dead_letter_topic}-{unique.name}",
+            "kafka_group_id": f"{settings.kafka_group_id}-{unique.name}",
+            "registry_dir": unique / "registry",
+            "max_text_chars": MAX_TEXT,
+            "max_labels_per_task": MAX_LABELS,
+            "epochs": 1,
+        }
+    )
+    # Thousands of records are too many for hypothesis to draw one by one; it draws the seed and size
+    # (and reports them on failure), a seeded generator draws the records.
+    rng = random.Random(seed)
+    sent = [stream_record(rng, i) for i in range(size)]
+    reasons, learned = expected_outcomes(sent)
+    ensure_topics(settings)
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", linger_ms=20)
+    for record in sent:
+        producer.send(settings.kafka_topic, key=record.key, value=record.value)
+    producer.flush()
+    producer.close()
+
+    trainer = Trainer(
+        settings, Registry(settings.registry_dir), TrainerMetrics(CollectorRegistry(), settings.strategy)
+    )
+    ingest = Ingest(settings, trainer.metrics, trainer.offsets)
+    stop = threading.Event()
+    thread = threading.Thread(target=trainer.run, args=(ingest, stop))
+    thread.start()
+    try:
+
+        def checkpointed() -> Counter[tuple[str, str]] | None:
+            checkpoint = Registry(settings.registry_dir).read_checkpoint()
+            if checkpoint is None or sum(int(o) for o in checkpoint["offsets"].values()) < len(sent):
+                return None
+            counts: Counter[tuple[str, str]] = Counter()
+            for name, task in checkpoint["tasks"].items():
+                counts[(name, "train")] += task["train_seen"]
+                counts[(name, "eval")] += task["eval_seen"]
+            return +counts
+
+        absorbed = eventually(
+            checkpointed, timeout_s=180, interval_s=0.5, what="the whole stream checkpointed"
+        )
+        assert thread.is_alive()  # the trainer never died
+    finally:
+        stop.set()
+        thread.join(timeout=120)
+    assert absorbed == +learned
+
+    dead = KafkaConsumer(
+        settings.kafka_dead_letter_topic, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest"
+    )
+    letters: list = []
+    eventually(
+        lambda: (
+            letters.extend(m for ms in dead.poll(500).values() for m in ms)
+            or len(letters) >= sum(reasons.values())
+        ),
+        timeout_s=60,
+    )
+    dead.close()
+    assert Counter(dict(m.headers)[REASON_HEADER].decode() for m in letters) == reasons
+    assert isinstance(decode(b"x", b"{}", MAX_TEXT), Rejection)
