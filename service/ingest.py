@@ -74,11 +74,13 @@ class _SeekOnAssign(ConsumerRebalanceListener):
         pass
 
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        # After a rebalance (a broker restart, say) the group may hand back partitions whose records
+        # this trainer already absorbed but has not committed: continue after them, not at the commit.
         for tp in assigned:
-            start = self._ingest.start_offsets.get(tp.partition)
+            start = self._ingest.positions.get(tp.partition, self._ingest.start_offsets.get(tp.partition))
             if start is not None:
                 self._ingest.consumer.seek(tp, start)
-                log.info("partition %d: resuming at checkpoint offset %d", tp.partition, start)
+                log.info("partition %d: resuming at offset %d", tp.partition, start)
 
 
 class Ingest:
@@ -129,15 +131,22 @@ class Ingest:
         return accepted
 
     def lag(self) -> dict[int, int]:
-        """Per assigned partition, how many records lie beyond what has been handed over."""
+        """Per assigned partition, how many records lie beyond what has been handed over.
+
+        Empty while the broker cannot answer: a metric must never stop the trainer.
+        """
         assigned = list(self.consumer.assignment())
         if not assigned:
             return {}
-        ends = self.consumer.end_offsets(assigned)
-        return {
-            tp.partition: max(0, ends[tp] - self.positions.get(tp.partition, self.consumer.position(tp)))
-            for tp in assigned
-        }
+        try:
+            ends = self.consumer.end_offsets(assigned)
+            return {
+                tp.partition: max(0, ends[tp] - self.positions.get(tp.partition, self.consumer.position(tp)))
+                for tp in assigned
+            }
+        except KafkaError as exc:
+            log.warning("consumer lag unknown: %s", exc)
+            return {}
 
     def dead_letter(
         self,

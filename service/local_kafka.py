@@ -24,7 +24,11 @@ def free_port() -> int:
 
 
 class LocalKafka:
-    """A single-node KRaft broker in ``data_dir``; use as a context manager or start()/stop()."""
+    """A single-node KRaft broker in ``data_dir``; use as a context manager or start()/stop().
+
+    ``fresh`` empties ``data_dir`` before the first start; a later start() (a restart) keeps the data
+    and the ports, as a real broker coming back would.
+    """
 
     def __init__(self, data_dir: Path, fresh: bool = True) -> None:
         self.data_dir = data_dir
@@ -54,6 +58,7 @@ class LocalKafka:
         """Start the broker and wait until it takes clients."""
         if self.fresh and self.data_dir.exists():
             shutil.rmtree(self.data_dir)
+        self.fresh = False
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._run("start")
         return self

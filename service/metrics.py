@@ -126,6 +126,11 @@ class TrainerMetrics:
             ["task"],
             registry=registry,
         )
+        self.broker_errors = Counter(
+            "continual_broker_errors",
+            "Polls that failed because Kafka was unavailable; the trainer backs off and retries.",
+            registry=registry,
+        )
         self.commit_failures = Counter(
             "continual_offset_commit_failures",
             "Offset commits Kafka refused; the checkpoint still holds the offsets, the next round retries.",

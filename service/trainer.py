@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from kafka.errors import KafkaError
 from torch.nn import functional
 
 from service.drift import MIN_REFERENCE, MMDDrift, PageHinkley
@@ -36,6 +37,8 @@ from strategies import Strategy, create
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
+#: How long the trainer waits before polling again after Kafka failed it.
+BROKER_BACKOFF_S = 1.0
 #: How often the consumer lag is measured (it asks the broker for the partitions' end offsets).
 LAG_EVERY_S = 5.0
 
@@ -600,7 +603,14 @@ class Trainer:
                     for partition, lag in ingest.lag().items():
                         self.metrics.consumer_lag.labels(partition=str(partition)).set(lag)
                     next_lag = time.monotonic() + LAG_EVERY_S
-                batch = ingest.poll(timeout_s=0.5)
+                try:
+                    batch = ingest.poll(timeout_s=0.5)
+                except KafkaError as exc:
+                    # The broker is away (restarting, partitioned): keep the state, back off, retry.
+                    self.metrics.broker_errors.inc()
+                    log.warning("Kafka unavailable, retrying in %.0fs: %s", BROKER_BACKOFF_S, exc)
+                    stop.wait(BROKER_BACKOFF_S)
+                    continue
                 if batch:
                     self.absorb(batch, ingest)
                     last_arrival = time.monotonic()
