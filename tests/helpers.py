@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TypeVar
 
 from prometheus_client import CollectorRegistry
 
 from service.datasets import TaskData, records
-from service.ingest import Incoming
+from service.ingest import Incoming, Ingest
 from service.metrics import TrainerMetrics
 from service.registry import Registry
 from service.settings import Settings
@@ -47,3 +50,28 @@ def eventually(check: Callable[[], T | None], timeout_s: float, interval_s: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what or check}")
         time.sleep(interval_s)
+
+
+@dataclass
+class RunningTrainer:
+    """A real trainer consuming from Kafka on a background thread."""
+
+    trainer: Trainer
+    thread: threading.Thread
+
+
+@contextmanager
+def running_trainer(settings: Settings) -> Iterator[RunningTrainer]:
+    """Run ``Trainer.run`` against the settings' broker until the block ends, then stop it gracefully."""
+    trainer = Trainer(
+        settings, Registry(settings.registry_dir), TrainerMetrics(CollectorRegistry(), settings.strategy)
+    )
+    ingest = Ingest(settings, trainer.metrics, trainer.offsets)
+    stop = threading.Event()
+    thread = threading.Thread(target=trainer.run, args=(ingest, stop), name="trainer")
+    thread.start()
+    try:
+        yield RunningTrainer(trainer, thread)
+    finally:
+        stop.set()
+        thread.join(timeout=120)

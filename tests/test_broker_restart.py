@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from service.datasets import records, synthetic
-from service.ingest import Ingest, ensure_topics
+from service.ingest import ensure_topics
 from service.local_kafka import LocalKafka
-from service.metrics import TrainerMetrics
 from service.producer import produce
 from service.registry import Registry
 from service.settings import Settings
-from service.trainer import Trainer
-from tests.helpers import eventually
+from tests.helpers import eventually, running_trainer
 
 pytestmark = pytest.mark.slow
 
@@ -35,21 +31,14 @@ def test_a_broker_restart_mid_stream_loses_and_repeats_nothing(settings: Setting
         first, second = synthetic(num_tasks=2, train_per_label=30, eval_per_label=5)
         produce(broker.bootstrap, settings.kafka_topic, records([first]))
 
-        trainer = Trainer(
-            settings, Registry(settings.registry_dir), TrainerMetrics(CollectorRegistry(), settings.strategy)
-        )
-        ingest = Ingest(settings, trainer.metrics, trainer.offsets)
-        stop = threading.Event()
-        thread = threading.Thread(target=trainer.run, args=(ingest, stop))
-        thread.start()
-        try:
+        with running_trainer(settings) as running:
             eventually(
                 lambda: checkpointed_counts(settings) == {first.name: (120, 20)}, 120, 0.3, "first task"
             )
 
             broker.stop()
             time.sleep(3)  # the trainer keeps polling a dead broker
-            assert thread.is_alive()
+            assert running.thread.is_alive()
             broker.start()
 
             produce(broker.bootstrap, settings.kafka_topic, records([second]))
@@ -59,9 +48,6 @@ def test_a_broker_restart_mid_stream_loses_and_repeats_nothing(settings: Setting
             )
             time.sleep(3)  # nothing more arrives: no record was read twice
             assert checkpointed_counts(settings) == expected
-            assert thread.is_alive()
-        finally:
-            stop.set()
-            thread.join(timeout=120)
+            assert running.thread.is_alive()
     finally:
         broker.stop()

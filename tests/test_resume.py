@@ -2,46 +2,32 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
-from prometheus_client import CollectorRegistry
 
 from service.datasets import TaskData, records, synthetic
-from service.ingest import Ingest, ensure_topics
-from service.metrics import TrainerMetrics
+from service.ingest import ensure_topics
 from service.producer import produce
 from service.registry import Registry
 from service.settings import Settings
 from service.trainer import Trainer
-from tests.helpers import eventually
+from tests.helpers import eventually, running_trainer
 
 pytestmark = pytest.mark.slow
 
 
 def run_until_absorbed(settings: Settings, expected: dict[str, int]) -> Trainer:
     """Start a trainer, let it run until its checkpoint holds ``expected`` train counts, stop it."""
-    trainer = Trainer(
-        settings, Registry(settings.registry_dir), TrainerMetrics(CollectorRegistry(), settings.strategy)
-    )
-    ingest = Ingest(settings, trainer.metrics, trainer.offsets)
-    stop = threading.Event()
-    thread = threading.Thread(target=trainer.run, args=(ingest, stop))
-    thread.start()
-    try:
 
-        def checkpointed() -> bool:
-            checkpoint = Registry(settings.registry_dir).read_checkpoint() or {"tasks": {}}
-            counts = {name: t["train_seen"] for name, t in checkpoint["tasks"].items()}
-            return counts == expected
+    def checkpointed() -> bool:
+        checkpoint = Registry(settings.registry_dir).read_checkpoint() or {"tasks": {}}
+        counts = {name: t["train_seen"] for name, t in checkpoint["tasks"].items()}
+        return counts == expected
 
+    with running_trainer(settings) as running:
         eventually(checkpointed, timeout_s=120, interval_s=0.3, what=f"checkpoint with {expected}")
-    finally:
-        stop.set()
-        thread.join(timeout=120)
-    return trainer
+    return running.trainer
 
 
 def test_restart_resumes_at_the_checkpoint_even_when_the_commit_was_lost(
