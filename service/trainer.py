@@ -358,7 +358,7 @@ class Trainer:
         offsets = {**self.offsets, **positions}
         published: dict[str, int] = {}
         decisions: dict[str, Decision] = {}
-        for state in to_evaluate if not self.strategy.isolates_tasks else changed:
+        for state in to_evaluate:
             decisions[state.name] = self._gate(state)
             previous = state.version
             state.version = self.registry.publish(

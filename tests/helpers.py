@@ -21,6 +21,13 @@ from service.trainer import Trainer
 T = TypeVar("T")
 
 
+def new_trainer(settings: Settings) -> Trainer:
+    """A trainer on the settings' registry, restored from its checkpoint if it has one."""
+    return Trainer(
+        settings, Registry(settings.registry_dir), TrainerMetrics(CollectorRegistry(), settings.strategy)
+    )
+
+
 def incoming(tasks: Iterable[TaskData]) -> list[Incoming]:
     """The records of ``tasks`` as if polled from one partition, offsets counting from 0."""
     return [
@@ -31,9 +38,7 @@ def incoming(tasks: Iterable[TaskData]) -> list[Incoming]:
 
 def train_in_process(settings: Settings, tasks: list[TaskData]) -> Trainer:
     """Absorb ``tasks`` and close one round: every task gets a published, promoted version."""
-    trainer = Trainer(
-        settings, Registry(settings.registry_dir), TrainerMetrics(CollectorRegistry(), settings.strategy)
-    )
+    trainer = new_trainer(settings)
     batch = incoming(tasks)
     trainer.absorb(batch)
     trainer.close_round({0: len(batch)})
@@ -63,9 +68,7 @@ class RunningTrainer:
 @contextmanager
 def running_trainer(settings: Settings) -> Iterator[RunningTrainer]:
     """Run ``Trainer.run`` against the settings' broker until the block ends, then stop it gracefully."""
-    trainer = Trainer(
-        settings, Registry(settings.registry_dir), TrainerMetrics(CollectorRegistry(), settings.strategy)
-    )
+    trainer = new_trainer(settings)
     ingest = Ingest(settings, trainer.metrics, trainer.offsets)
     stop = threading.Event()
     thread = threading.Thread(target=trainer.run, args=(ingest, stop), name="trainer")

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry
-
 from service.datasets import TaskData, synthetic
-from service.metrics import TrainerMetrics
 from service.registry import Registry
 from service.settings import Settings
 from service.trainer import Trainer
-from tests.helpers import incoming
+from tests.helpers import incoming, new_trainer
 
 _ALL = synthetic(num_tasks=1, labels_per_task=4, train_per_label=80, eval_per_label=20)[0]
 TASK = TaskData(name=_ALL.name, train=_ALL.train, eval=_ALL.eval[:40])
@@ -19,12 +16,6 @@ FRESH_EVAL = TaskData(name=_ALL.name, train=[], eval=_ALL.eval[40:])
 LABELS = sorted({label for _, label in TASK.train})
 SHIFTED = {label: LABELS[(i + 1) % len(LABELS)] for i, label in enumerate(LABELS)}
 MISLABELLED = TaskData(name=TASK.name, train=[(t, SHIFTED[lbl]) for t, lbl in TASK.train], eval=[])
-
-
-def new_trainer(settings: Settings) -> Trainer:
-    return Trainer(
-        settings, Registry(settings.registry_dir), TrainerMetrics(CollectorRegistry(), settings.strategy)
-    )
 
 
 def run_round(trainer: Trainer, data: TaskData, offset: int) -> None:

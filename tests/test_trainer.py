@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import torch
-from prometheus_client import CollectorRegistry
 
 from service.datasets import synthetic
-from service.metrics import TrainerMetrics
 from service.registry import Alias, Registry
 from service.settings import Settings
-from service.trainer import Trainer
-from tests.helpers import incoming, train_in_process
+from tests.helpers import incoming, new_trainer, train_in_process
 
 
 def test_each_task_is_learned_far_above_chance_and_published(settings: Settings) -> None:
@@ -40,7 +37,7 @@ def test_each_task_is_learned_far_above_chance_and_published(settings: Settings)
 
 def test_a_restarted_trainer_resumes_from_its_checkpoint_exactly(settings: Settings) -> None:
     first = train_in_process(settings, synthetic(num_tasks=2))
-    restored = Trainer(settings, Registry(settings.registry_dir), TrainerMetrics(CollectorRegistry(), "x"))
+    restored = new_trainer(settings)
     assert restored.offsets == first.offsets
     for name, state in first.tasks.items():
         again = restored.tasks[name]
@@ -92,5 +89,5 @@ def test_the_accuracy_matrix_and_backward_transfer(settings: Settings) -> None:
         "continual_accuracy_matrix", {"after_task": second.name, "task": first.name}
     )
     assert gauge == matrix[second.name][first.name]
-    restored = Trainer(settings, Registry(settings.registry_dir), TrainerMetrics(CollectorRegistry(), "x"))
+    restored = new_trainer(settings)
     assert restored.accuracy_matrix == matrix
