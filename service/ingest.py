@@ -3,22 +3,28 @@
 The ingest never commits on its own. It reports, per partition, the offset after the last record it
 handed over (or dead-lettered); the trainer stores those offsets in its checkpoint and asks the ingest
 to commit them only once that checkpoint is durable.
+
+The trainer pulls: it polls again only after it has absorbed the previous batch, so nothing queues up
+in memory beyond kafka-python's bounded fetch buffer. During long work (closing a round, waiting for a
+full disk) it calls ``keepalive``, a poll with every partition paused, so the group never drops it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
 from service.metrics import TrainerMetrics
+from service.producer import ReliableProducer
 from service.records import Record, Rejection, decode
 from service.settings import Settings
 
@@ -50,7 +56,7 @@ def ensure_topics(settings: Settings) -> None:
     try:
         existing = set(admin.list_topics())
         wanted = [
-            NewTopic(name, settings.kafka_partitions, 1)
+            NewTopic(name, settings.kafka_partitions, settings.kafka_replication_factor)
             for name in (settings.kafka_topic, settings.kafka_dead_letter_topic)
             if name not in existing
         ]
@@ -69,9 +75,24 @@ class _SeekOnAssign(ConsumerRebalanceListener):
         self._ingest = ingest
 
     def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        # Positions are kept: what was absorbed from a revoked partition is in the model and its
-        # offset must reach the next checkpoint with it.
-        pass
+        # Before another consumer may take these partitions, what was absorbed from them must be
+        # durable and committed, or it would read them again.
+        if not revoked:
+            return  # the first join of the group: nothing was owned
+        self._ingest.metrics.rebalances.inc()
+        if self._ingest.before_revoke is None:
+            return
+        # This runs on kafka-python's network thread: the ingest must not poll or block on the
+        # consumer meanwhile (see keepalive and commit).
+        self._ingest.in_rebalance = True
+        try:
+            flushed = self._ingest.before_revoke()
+        finally:
+            self._ingest.in_rebalance = False
+        if not flushed:
+            return  # keep the positions: what was absorbed must reach the next checkpoint
+        for tp in revoked:
+            self._ingest.positions.pop(tp.partition, None)
 
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         # After a rebalance (a broker restart, say) the group may hand back partitions whose records
@@ -95,6 +116,13 @@ class Ingest:
         self.start_offsets = dict(start_offsets)
         #: Per partition: the offset after the last record handed over or dead-lettered.
         self.positions: dict[int, int] = {}
+        #: Called (inside a poll) before partitions are revoked; True once what was absorbed is durable
+        #: and committed. The trainer sets it.
+        self.before_revoke: Callable[[], bool] | None = None
+        #: True while before_revoke runs inside the rebalance callback.
+        self.in_rebalance = False
+        self._last_poll = time.monotonic()
+        self._keepalive_s = settings.kafka_max_poll_interval_s / 4
         self.consumer = KafkaConsumer(
             bootstrap_servers=settings.kafka_bootstrap,
             group_id=settings.kafka_group_id,
@@ -102,20 +130,17 @@ class Ingest:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=500,
-            # A round (training + evaluation of every task) runs between polls.
-            max_poll_interval_ms=900_000,
+            max_poll_interval_ms=int(settings.kafka_max_poll_interval_s * 1000),
         )
         self.consumer.subscribe([settings.kafka_topic], listener=_SeekOnAssign(self))
-        self.dead_letters = KafkaProducer(
-            bootstrap_servers=settings.kafka_bootstrap,
-            client_id="continual-dead-letter",
-            acks="all",
-            retries=5,
+        self.dead_letters = ReliableProducer(
+            settings.kafka_bootstrap, "continual-dead-letter", on_retry=metrics.dead_letter_failures.inc
         )
 
     def poll(self, timeout_s: float) -> list[Incoming]:
         """Valid records that arrived within ``timeout_s``; invalid ones go to the dead-letter topic."""
         batches = self.consumer.poll(timeout_ms=int(timeout_s * 1000))
+        self._last_poll = time.monotonic()
         accepted: list[Incoming] = []
         for tp, messages in batches.items():
             for message in messages:
@@ -129,6 +154,30 @@ class Ingest:
                     )
                 self.positions[tp.partition] = message.offset + 1
         return accepted
+
+    def keepalive(self, force: bool = False) -> None:
+        """Poll with every partition paused, if a quarter of the poll interval has passed (or ``force``).
+
+        The group sees a live member and nothing is fetched into memory; records the broker sent before
+        the pause wait in kafka-python's buffer and come out of the next real poll.
+        """
+        if self.in_rebalance or (not force and time.monotonic() - self._last_poll < self._keepalive_s):
+            return
+        assigned = self.consumer.assignment()
+        self.consumer.pause(*assigned)
+        try:
+            unexpected = self.consumer.poll(timeout_ms=0)
+        except KafkaError as exc:
+            log.warning("keep-alive poll failed (the broker is away): %s", exc)
+            unexpected = {}
+        finally:
+            still = self.consumer.assignment()
+            self.consumer.resume(*[tp for tp in assigned if tp in still])
+        self._last_poll = time.monotonic()
+        # Paused partitions return nothing; if a client version ever did, read them again later.
+        for tp, messages in unexpected.items():
+            if messages:
+                self.consumer.seek(tp, messages[0].offset)
 
     def lag(self) -> dict[int, int]:
         """Per assigned partition, how many records lie beyond what has been handed over.
@@ -164,13 +213,17 @@ class Ingest:
             (ORIGIN_PARTITION_HEADER, str(partition).encode()),
             (ORIGIN_OFFSET_HEADER, str(offset).encode()),
         ]
-        self.dead_letters.send(self.settings.kafka_dead_letter_topic, key=key, value=value, headers=headers)
+        self.dead_letters.send(self.settings.kafka_dead_letter_topic, key, value, headers)
         self.metrics.records_dead_lettered.labels(reason=rejection.reason).inc()
         log.warning("dead-lettered partition %d offset %d: %s", partition, offset, rejection.detail)
 
     def flush_dead_letters(self) -> None:
-        """Block until every dead-lettered record is acknowledged, before its offset may be committed."""
-        self.dead_letters.flush()
+        """Block until every dead letter is acknowledged, before its offset may be committed.
+
+        Refused ones are sent again; if some are still unacknowledged after ``dead_letter_timeout_s``,
+        raise Unacknowledged: the caller must not commit past them (they stay queued for the next try).
+        """
+        self.dead_letters.flush(self.settings.dead_letter_timeout_s)
 
     def commit(self, offsets: Mapping[int, int]) -> bool:
         """Commit offsets that a durable checkpoint already records; False if Kafka refused.
@@ -180,21 +233,29 @@ class Ingest:
         """
         if not offsets:
             return True
+        request = {
+            TopicPartition(self.settings.kafka_topic, partition): OffsetAndMetadata(offset, "", -1)
+            for partition, offset in offsets.items()
+        }
         try:
-            self.consumer.commit(
-                {
-                    TopicPartition(self.settings.kafka_topic, partition): OffsetAndMetadata(offset, "", -1)
-                    for partition, offset in offsets.items()
-                }
-            )
+            if self.in_rebalance:
+                # The callback runs on the consumer's network thread, which a blocking commit would
+                # wait on; the queued commit is sent before the group's JoinGroup, still as the owner.
+                self.consumer.commit_async(request, callback=self._commit_done)
+            else:
+                self.consumer.commit(request)
         except KafkaError as exc:
             self.metrics.commit_failures.inc()
             log.warning("offset commit failed (the checkpoint has them; retrying next round): %s", exc)
             return False
         return True
 
+    def _commit_done(self, offsets: object, response: object) -> None:
+        if isinstance(response, Exception):
+            self.metrics.commit_failures.inc()
+            log.warning("offset commit before the rebalance failed (the checkpoint has them): %s", response)
+
     def close(self) -> None:
-        """Flush the dead letters and leave the group."""
-        self.dead_letters.flush()
-        self.dead_letters.close()
+        """Leave the group; unacknowledged dead letters are re-read from Kafka by the next trainer."""
+        self.dead_letters.close(timeout_s=self.settings.dead_letter_timeout_s)
         self.consumer.close(autocommit=False)

@@ -136,6 +136,31 @@ class TrainerMetrics:
             "Offset commits Kafka refused; the checkpoint still holds the offsets, the next round retries.",
             registry=registry,
         )
+        self.rebalances = Counter(
+            "continual_rebalances",
+            "Times the consumer group took partitions from the trainer (it flushes a checkpoint first).",
+            registry=registry,
+        )
+        self.dead_letter_failures = Counter(
+            "continual_dead_letter_failures",
+            "Dead letters the broker refused; each is sent again and its offset is not committed before.",
+            registry=registry,
+        )
+        self.persist_failures = Counter(
+            "continual_persist_failures",
+            "Rounds that could not be made durable, by cause (registry: the disk refused a write; "
+            "dead_letters: the dead-letter topic refused records). Retried with backoff; nothing is lost.",
+            ["cause"],
+            registry=registry,
+        )
+        self.persist_blocked = Gauge(
+            "continual_persist_blocked",
+            "1 while the trainer cannot make its latest round durable: it stops consuming and commits "
+            "no offsets until a retry succeeds.",
+            registry=registry,
+        )
+        for cause in ("registry", "dead_letters"):
+            self.persist_failures.labels(cause=cause)
         self.rounds = Counter(
             "continual_rounds", "Completed train-evaluate-publish rounds.", registry=registry
         )

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from service.errors import CorruptVersion, NotFound
@@ -135,7 +136,11 @@ class Registry:
         staging = self.root / ".tmp" / uuid.uuid4().hex
         staging.mkdir()
         try:
-            save_file(weights, str(staging / WEIGHTS_FILE))
+            try:
+                save_file(weights, str(staging / WEIGHTS_FILE))
+            except SafetensorError as exc:
+                # safetensors reports a full or failing disk as its own error; callers handle OSError.
+                raise OSError(f"cannot write {WEIGHTS_FILE}: {exc}") from exc
             with open(staging / EVAL_FILE, "w", encoding="utf-8") as f:
                 for text, label in eval_records:
                     f.write(json.dumps({"text": text, "label": label}, ensure_ascii=False) + "\n")
@@ -274,11 +279,15 @@ def _sha256(path: Path) -> str:
 def _write_json(path: Path, body: dict[str, Any]) -> None:
     """Write-then-rename, with fsyncs, so readers see the old file or the new one, never half."""
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-    with open(temporary, "w", encoding="utf-8") as f:
-        json.dump(body, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w", encoding="utf-8") as f:
+            json.dump(body, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    finally:
+        # A full disk fails the write halfway: leave no partial file behind to fill it further.
+        temporary.unlink(missing_ok=True)
     _fsync_dir(path.parent)
 
 

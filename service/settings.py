@@ -46,6 +46,23 @@ class Settings(BaseSettings):
     kafka_dead_letter_topic: str = "continual.records.dlq"
     kafka_group_id: str = "continual-trainer"
     kafka_partitions: int = Field(default=3, ge=1, description="Partitions when we create the topic.")
+    kafka_replication_factor: int = Field(
+        default=1, ge=1, description="Replicas per partition when we create the topics (3 in production)."
+    )
+    kafka_max_poll_interval_s: float = Field(
+        default=300.0,
+        ge=1.0,
+        description="Kafka drops a consumer that does not poll this long; the trainer keeps polling "
+        "(partitions paused) through long rounds, at a quarter of it.",
+    )
+    dead_letter_timeout_s: float = Field(
+        default=30.0, gt=0, description="How long a round waits for dead letters to be acknowledged."
+    )
+    persist_backoff_max_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest wait between retries when a round cannot be made durable (disk, DLQ).",
+    )
 
     # Registry and promotion
     registry_dir: Path = Path(".continual/registry")

@@ -28,6 +28,7 @@ from service.errors import CorruptVersion
 from service.ingest import Incoming, Ingest
 from service.metrics import TrainerMetrics
 from service.model import PROTOTYPE_COUNTS, PROTOTYPE_SUMS, AdapterModel, build_model
+from service.producer import Unacknowledged
 from service.promotion import Decision, LiveAccuracy, gate
 from service.records import Rejection
 from service.registry import Registry
@@ -80,6 +81,17 @@ class TaskState:
             return len(self.labels) - 1
 
 
+@dataclass
+class _Unpersisted:
+    """A closed round on its way to durability; steps done before a failure are not redone on retry."""
+
+    tasks: list[TaskState]
+    offsets: dict[int, int]
+    decisions: dict[str, Decision] = field(default_factory=dict)
+    published: dict[str, int] = field(default_factory=dict)
+    applied: set[str] = field(default_factory=set)
+
+
 @dataclass(frozen=True)
 class RoundReport:
     """What one closed round did, for logs and progress displays."""
@@ -124,6 +136,14 @@ class Trainer:
         #: Set when drift in new training records asks for a round now (drift_reaction "adapt").
         self._adapt_now = False
         self.offsets: dict[int, int] = {}
+        #: The latest closed round while it is not yet durable (see _persist).
+        self._unpersisted: _Unpersisted | None = None
+        self._retry_at = 0.0
+        self._backoff_s = BROKER_BACKOFF_S
+        #: The ingest the trainer polls; long work keeps its group membership alive through it.
+        self._ingest: Ingest | None = None
+        #: True while a round closes: a rebalance then must not start another one.
+        self._closing = False
         self.round_number = 0
         self.round_records = 0
         self._restore()
@@ -281,7 +301,28 @@ class Trainer:
         log.info("new task %r", name)
         return state
 
+    def _keep_group(self) -> None:
+        """During long work, tell the consumer group this trainer is alive (nothing is fetched)."""
+        if self._ingest is not None:
+            self._ingest.keepalive()
+
+    def _flush_before_revoke(self) -> bool:
+        """Make what was absorbed durable and committed before the group hands partitions to another.
+
+        Called inside a poll. While a round is closing (its keep-alive polls can see a rebalance too)
+        it does nothing: that round's own checkpoint follows.
+        """
+        ingest = self._ingest
+        if ingest is None or self._closing:
+            return False
+        if self._unpersisted is None and not self._unsaved(ingest.positions):
+            return True
+        log.info("partitions are being revoked: closing the round first")
+        self.close_round(dict(ingest.positions), ingest)
+        return self._unpersisted is None
+
     def _step(self, state: TaskState, examples: Sequence[tuple[str, int]]) -> None:
+        self._keep_group()
         if len(state.labels) > self.model.heads[state.name].out_features:
             self.model.grow_head(state.name, len(state.labels))
             state.optimizer = None  # the head's parameters were replaced
@@ -322,10 +363,21 @@ class Trainer:
 
     def _unsaved(self, positions: dict[int, int]) -> bool:
         """Records absorbed, or offsets moved (dead letters), since the last checkpoint."""
-        return self.round_records > 0 or any(self.offsets.get(p) != o for p, o in positions.items())
+        return (
+            self.round_records > 0
+            or self._unpersisted is not None
+            or any(self.offsets.get(p) != o for p, o in positions.items())
+        )
 
     def close_round(self, positions: dict[int, int], ingest: Ingest | None = None) -> RoundReport:
         """Finish training, evaluate, publish, checkpoint, then commit offsets (in that order)."""
+        self._closing = True
+        try:
+            return self._close_round(positions, ingest)
+        finally:
+            self._closing = False
+
+    def _close_round(self, positions: dict[int, int], ingest: Ingest | None) -> RoundReport:
         started = time.monotonic()
         self.round_number += 1
         rng = random.Random(self.settings.seed * 7919 + self.round_number)
@@ -352,36 +404,11 @@ class Trainer:
         for state in changed:
             self._watch_live_accuracy(state)
 
-        # Dead letters must be acknowledged before the checkpoint moves past their offsets.
-        if ingest is not None:
-            ingest.flush_dead_letters()
-        offsets = {**self.offsets, **positions}
-        published: dict[str, int] = {}
-        decisions: dict[str, Decision] = {}
-        for state in to_evaluate:
-            decisions[state.name] = self._gate(state)
-            previous = state.version
-            state.version = self.registry.publish(
-                state.name, self._version_weights(state), state.eval_records, self._manifest(state, offsets)
-            )
-            published[state.name] = state.version
-            self.metrics.versions_published.labels(task=state.name, strategy=self.strategy.name).inc()
-            self.metrics.record_accuracy(
-                state.name,
-                state.version,
-                previous,
-                state.accuracy if state.accuracy is not None else math.nan,
-            )
-            if state.round_losses:
-                self.metrics.training_loss.labels(task=state.name, strategy=self.strategy.name).set(
-                    sum(state.round_losses) / len(state.round_losses)
-                )
-        self.registry.write_checkpoint(self._checkpoint(offsets))
-        self.offsets = offsets
-        for name, version in published.items():
-            self._apply(name, version, decisions[name])
-        if ingest is not None:
-            ingest.commit(offsets)
+        # A round still waiting for durability is folded in: its tasks are published with this one's.
+        earlier = self._unpersisted.tasks if self._unpersisted else []
+        tasks = to_evaluate + [s for s in earlier if s not in to_evaluate]
+        pending = self._unpersisted = _Unpersisted(tasks, {**self.offsets, **positions})
+        self._persist(ingest)
 
         for state in self.tasks.values():
             state.round_examples, state.round_losses, state.changed = [], [], False
@@ -394,7 +421,7 @@ class Trainer:
         report = RoundReport(
             number=self.round_number,
             trained=trained,
-            published=published,
+            published=dict(pending.published),
             accuracy={s.name: s.accuracy for s in self.tasks.values()},
             seconds=seconds,
         )
@@ -403,10 +430,72 @@ class Trainer:
             report.number,
             seconds,
             trained or "nothing",
-            published or "nothing",
+            pending.published or "nothing",
             {k: None if v is None else round(v, 4) for k, v in report.accuracy.items()},
         )
         return report
+
+    def _persist(self, ingest: Ingest | None) -> bool:
+        """Make the closed round durable: publish, checkpoint, promote, then commit its offsets.
+
+        Kafka offsets move only after the checkpoint that holds them is on disk. If the disk or the
+        dead-letter topic refuses, nothing is committed: the failure is counted, the round stays
+        pending and is retried after a backoff (steps already done are not redone), and ``run``
+        consumes nothing more meanwhile. A crash in between loses nothing either: the restarted
+        trainer reads again from the last durable checkpoint.
+        """
+        pending = self._unpersisted
+        if pending is None:
+            return True
+        try:
+            if ingest is not None:
+                # Dead letters must be acknowledged before the checkpoint moves past their offsets.
+                ingest.flush_dead_letters()
+            for state in pending.tasks:
+                if state.name not in pending.published:
+                    self._publish(state, pending)
+            self.registry.write_checkpoint(self._checkpoint(pending.offsets))
+            self.offsets = pending.offsets
+            for name, version in pending.published.items():
+                if name not in pending.applied:
+                    self._apply(name, version, pending.decisions[name])
+                    pending.applied.add(name)
+        except (OSError, Unacknowledged) as exc:
+            cause = "registry" if isinstance(exc, OSError) else "dead_letters"
+            self.metrics.persist_failures.labels(cause=cause).inc()
+            self.metrics.persist_blocked.set(1)
+            self._retry_at = time.monotonic() + self._backoff_s
+            log.error(
+                "round %d is not durable (%s: %s); nothing consumed or committed until a retry in %.0fs",
+                self.round_number,
+                cause,
+                exc,
+                self._backoff_s,
+            )
+            self._backoff_s = min(2 * self._backoff_s, self.settings.persist_backoff_max_s)
+            return False
+        self._unpersisted = None
+        self._backoff_s = BROKER_BACKOFF_S
+        self.metrics.persist_blocked.set(0)
+        if ingest is not None:
+            ingest.start_offsets.update(pending.offsets)
+            ingest.commit(pending.offsets)
+        return True
+
+    def _publish(self, state: TaskState, pending: _Unpersisted) -> None:
+        pending.decisions[state.name] = self._gate(state)
+        previous = state.version
+        weights, manifest = self._version_weights(state), self._manifest(state, pending.offsets)
+        version = self.registry.publish(state.name, weights, state.eval_records, manifest)
+        state.version = pending.published[state.name] = version
+        self.metrics.versions_published.labels(task=state.name, strategy=self.strategy.name).inc()
+        self.metrics.record_accuracy(
+            state.name, version, previous, state.accuracy if state.accuracy is not None else math.nan
+        )
+        if state.round_losses:
+            self.metrics.training_loss.labels(task=state.name, strategy=self.strategy.name).set(
+                sum(state.round_losses) / len(state.round_losses)
+            )
 
     def _update_accuracy_matrix(self, trained: dict[str, int]) -> None:
         now = {s.name: s.accuracy for s in self.tasks.values() if s.accuracy is not None}
@@ -452,6 +541,7 @@ class Trainer:
         """For each (text, label), whether ``adapter`` predicts the label."""
         if not rows:
             return []
+        self._keep_group()
         probabilities = self.model.predict(adapter, [text for text, _ in rows], self.settings.eval_batch_size)
         predicted = probabilities[:, : len(labels)].argmax(dim=-1).tolist()
         return [labels[p] == label for p, (_, label) in zip(predicted, rows, strict=True)]
@@ -595,6 +685,8 @@ class Trainer:
     ) -> None:
         """Poll, absorb and close rounds until ``stop`` is set; a graceful stop closes the open round."""
         ingest.start_offsets.update(self.offsets)
+        self._ingest = ingest
+        ingest.before_revoke = self._flush_before_revoke
         last_arrival = time.monotonic()
         next_lag = 0.0
         try:
@@ -603,6 +695,14 @@ class Trainer:
                     for partition, lag in ingest.lag().items():
                         self.metrics.consumer_lag.labels(partition=str(partition)).set(lag)
                     next_lag = time.monotonic() + LAG_EVERY_S
+                if self._unpersisted is not None:
+                    # The last round is not durable: read nothing more (records wait in Kafka, memory
+                    # stays flat), stay in the group, retry after the backoff.
+                    ingest.keepalive()
+                    if time.monotonic() >= self._retry_at:
+                        self._persist(ingest)
+                    stop.wait(0.2)
+                    continue
                 try:
                     batch = ingest.poll(timeout_s=0.5)
                 except KafkaError as exc:
@@ -618,9 +718,13 @@ class Trainer:
                     report = self.close_round(dict(ingest.positions), ingest)
                     if on_round is not None:
                         on_round(report)
-            if self._unsaved(ingest.positions):
+            if self._unpersisted is not None:
+                self._persist(ingest)
+            elif self._unsaved(ingest.positions):
                 self.close_round(dict(ingest.positions), ingest)
         finally:
+            self._ingest = None
+            ingest.before_revoke = None
             ingest.close()
 
 

@@ -11,16 +11,10 @@ from service.datasets import records, synthetic
 from service.ingest import ensure_topics
 from service.local_kafka import LocalKafka
 from service.producer import produce
-from service.registry import Registry
 from service.settings import Settings
-from tests.helpers import eventually, running_trainer
+from tests.helpers import checkpointed_counts, eventually, running_trainer
 
 pytestmark = pytest.mark.slow
-
-
-def checkpointed_counts(settings: Settings) -> dict[str, tuple[int, int]]:
-    checkpoint = Registry(settings.registry_dir).read_checkpoint() or {"tasks": {}}
-    return {name: (t["train_seen"], t["eval_seen"]) for name, t in checkpoint["tasks"].items()}
 
 
 def test_a_broker_restart_mid_stream_loses_and_repeats_nothing(settings: Settings, tmp_path: Path) -> None:
