@@ -131,6 +131,8 @@ class Ingest:
             auto_offset_reset="earliest",
             max_poll_records=500,
             max_poll_interval_ms=int(settings.kafka_max_poll_interval_s * 1000),
+            session_timeout_ms=int(settings.kafka_session_timeout_s * 1000),
+            group_instance_id=settings.kafka_group_instance_id,
         )
         self.consumer.subscribe([settings.kafka_topic], listener=_SeekOnAssign(self))
         self.dead_letters = ReliableProducer(

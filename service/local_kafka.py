@@ -6,10 +6,14 @@ It drives ``deploy/kafka/kafka.sh`` (the official jars fetched by Maven), the sa
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import socket
 import subprocess
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -23,18 +27,34 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class ClusterMembership:
+    """What a node of a multi-node cluster shares with the others."""
+
+    node_id: int
+    voters: str
+    cluster_id: str
+    replication: int
+
+
 class LocalKafka:
-    """A single-node KRaft broker in ``data_dir``; use as a context manager or start()/stop().
+    """A KRaft node in ``data_dir`` (alone: a single-node cluster); a context manager or start()/stop().
 
     ``fresh`` empties ``data_dir`` before the first start; a later start() (a restart) keeps the data
     and the ports, as a real broker coming back would.
     """
 
-    def __init__(self, data_dir: Path, fresh: bool = True) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        fresh: bool = True,
+        ports: tuple[int, int] | None = None,
+        membership: ClusterMembership | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.fresh = fresh
-        self.port = free_port()
-        self.controller_port = free_port()
+        self.port, self.controller_port = ports or (free_port(), free_port())
+        self.membership = membership
 
     @property
     def bootstrap(self) -> str:
@@ -48,6 +68,13 @@ class LocalKafka:
             "KAFKA_CONTROLLER_PORT": str(self.controller_port),
             "KAFKA_DATA_DIR": str(self.data_dir),
         }
+        if self.membership is not None:
+            env.update(
+                KAFKA_NODE_ID=str(self.membership.node_id),
+                KAFKA_VOTERS=self.membership.voters,
+                KAFKA_CLUSTER_ID=self.membership.cluster_id,
+                KAFKA_REPLICATION=str(self.membership.replication),
+            )
         result = subprocess.run(
             ["bash", str(KAFKA_SCRIPT), command], env=env, capture_output=True, text=True, check=False
         )
@@ -56,16 +83,29 @@ class LocalKafka:
 
     def start(self) -> LocalKafka:
         """Start the broker and wait until it takes clients."""
+        self.launch()
+        self.wait()
+        return self
+
+    def launch(self) -> None:
+        """Start the broker without waiting (cluster nodes wait for each other's quorum)."""
         if self.fresh and self.data_dir.exists():
             shutil.rmtree(self.data_dir)
         self.fresh = False
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._run("start")
-        return self
+        self._run("launch")
+
+    def wait(self) -> None:
+        """Wait until the broker takes clients."""
+        self._run("wait")
 
     def stop(self) -> None:
         """Stop the broker (its data stays in data_dir)."""
         self._run("stop")
+
+    def kill(self) -> None:
+        """kill -9 the broker: a crash, with no chance to hand over leadership."""
+        self._run("kill")
 
     def __enter__(self) -> LocalKafka:
         return self.start()
@@ -74,3 +114,52 @@ class LocalKafka:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+class LocalKafkaCluster:
+    """``size`` KRaft nodes on loopback, each broker and controller, replicating topics ``size`` times
+    (min.insync.replicas 2 from three nodes up). Nodes can be stopped, killed and started one by one."""
+
+    def __init__(self, data_dir: Path, size: int = 3) -> None:
+        ports = [(free_port(), free_port()) for _ in range(size)]
+        voters = ",".join(f"{i + 1}@127.0.0.1:{controller}" for i, (_, controller) in enumerate(ports))
+        cluster_id = _cluster_id()
+        self.nodes = [
+            LocalKafka(
+                data_dir / f"node-{i + 1}",
+                ports=ports[i],
+                membership=ClusterMembership(i + 1, voters, cluster_id, replication=size),
+            )
+            for i in range(size)
+        ]
+
+    @property
+    def bootstrap(self) -> str:
+        """Every node's address: clients find the cluster through whichever is up."""
+        return ",".join(node.bootstrap for node in self.nodes)
+
+    def start(self) -> LocalKafkaCluster:
+        """Start every node, then wait for all of them (a node is ready only once a quorum is up)."""
+        for node in self.nodes:
+            node.launch()
+        for node in self.nodes:
+            node.wait()
+        return self
+
+    def stop(self) -> None:
+        """Stop every node that runs, all at once (one by one, the last would wait for a lost quorum)."""
+        with ThreadPoolExecutor(len(self.nodes)) as pool:
+            list(pool.map(LocalKafka.stop, self.nodes))
+
+    def __enter__(self) -> LocalKafkaCluster:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def _cluster_id() -> str:
+    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding (what StorageTool makes)."""
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")

@@ -210,3 +210,26 @@ def build_model(settings: Settings) -> AdapterModel:
         max_length=settings.max_length,
         seed=settings.seed,
     )
+
+
+def save_tiny_model(path: Path, tokenizer_from: Path) -> Path:
+    """Save a randomly initialised 2-layer BERT (hidden size 64) with ``tokenizer_from``'s tokenizer.
+
+    A real model folder, loadable like any base model, for tests and soak runs that exercise the
+    service's mechanics (Kafka, checkpoints, serving) and not its accuracy. Deterministic.
+    """
+    from transformers import BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_from))
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path

@@ -49,6 +49,14 @@ class Settings(BaseSettings):
     kafka_replication_factor: int = Field(
         default=1, ge=1, description="Replicas per partition when we create the topics (3 in production)."
     )
+    kafka_group_instance_id: str | None = Field(
+        default=None,
+        description="Static group membership (KIP-345): a trainer restarted under the same id takes its "
+        "partitions back at once instead of waiting out the session timeout; one id per trainer.",
+    )
+    kafka_session_timeout_s: float = Field(
+        default=45.0, ge=6.0, description="How long the group waits for a silent trainer before reassigning."
+    )
     kafka_max_poll_interval_s: float = Field(
         default=300.0,
         ge=1.0,
@@ -170,10 +178,10 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown strategy {value!r}; registered: {', '.join(sorted(registered()))}")
         return value
 
-    @field_validator("kafka_topic", "kafka_dead_letter_topic", "kafka_group_id")
+    @field_validator("kafka_topic", "kafka_dead_letter_topic", "kafka_group_id", "kafka_group_instance_id")
     @classmethod
-    def _kafka_name(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", value):
+    def _kafka_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", value):
             raise ValueError("Kafka names use letters, digits, '.', '_' and '-' only")
         return value
 

@@ -10,10 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoTokenizer, BertConfig, BertModel
 
 from service.local_kafka import LocalKafka, free_port
+from service.model import save_tiny_model
 from service.settings import DEFAULT_BASE_MODEL, Settings, load_settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,21 +36,8 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised 2-layer BERT saved as a normal model folder, with MiniLM's tokenizer."""
-    path = tmp_path_factory.mktemp("tiny-bert")
     minilm = load_settings(base_model=DEFAULT_BASE_MODEL).base_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm))
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=128,
-    )
-    BertModel(config).save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-bert"), tokenizer_from=minilm)
 
 
 @pytest.fixture
