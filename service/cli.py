@@ -146,6 +146,17 @@ def predict(
     Console().print(table)
 
 
+@app.command()
+def status(target: TargetOption = None, config: ConfigOption = None) -> None:
+    """How well the stream is learned: ACC, BWT, FWT, forgetting and the accuracy matrix."""
+    from service.client import call, learning_tables
+
+    settings = _settings(config)
+    out = Console()
+    for table in learning_tables(call(settings, target, "GetLearningStatus")):
+        out.print(table)
+
+
 @adapters_app.command("list")
 def adapters_list(target: TargetOption = None, config: ConfigOption = None) -> None:
     """Every task with its served and latest versions."""

@@ -22,6 +22,7 @@ _REQUESTS = {
     "Promote": continual_pb2.PromoteRequest,
     "ListVersions": continual_pb2.ListVersionsRequest,
     "GetAdapter": continual_pb2.GetAdapterRequest,
+    "GetLearningStatus": continual_pb2.LearningStatusRequest,
 }
 
 
@@ -105,3 +106,43 @@ def history_table(detail: continual_pb2.AdapterDetail) -> Table:
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.at)), e.event, f"v{e.version}", e.reason
         )
     return table
+
+
+def _percent(value: float, signed: bool = False) -> str:
+    if math.isnan(value):
+        return "-"
+    return f"{value * 100:+.1f}" if signed else f"{value:.1%}"
+
+
+def learning_tables(status: continual_pb2.LearningStatus) -> list[Table]:
+    """The learning summary, per-task figures and the accuracy matrix, as tables."""
+    summary = Table(title=f"learning ({status.strategy or 'no checkpoint yet'}, round {status.round})")
+    for column in ("ACC", "BWT (points)", "FWT (points)", "mean forgetting (points)"):
+        summary.add_column(column, justify="right")
+    summary.add_row(
+        _percent(status.acc),
+        _percent(status.bwt, signed=True),
+        _percent(status.fwt, signed=True),
+        _percent(status.mean_forgetting, signed=True),
+    )
+    tasks = Table(title="tasks")
+    for column in ("task", "version", "accuracy", "forgetting (points)", "train", "eval"):
+        tasks.add_column(column, justify="left" if column == "task" else "right")
+    for t in status.tasks:
+        tasks.add_row(
+            t.task,
+            f"v{t.version}",
+            _percent(t.accuracy),
+            _percent(t.forgetting, signed=True),
+            str(t.train_records),
+            str(t.eval_records),
+        )
+    columns = [row.after_task for row in status.accuracy_matrix]
+    matrix = Table(title="accuracy matrix (row: after learning; column: accuracy on)")
+    matrix.add_column("after \\ on")
+    for name in columns:
+        matrix.add_column(name, justify="right")
+    for row in status.accuracy_matrix:
+        cells = {c.task: c.accuracy for c in row.cells}
+        matrix.add_row(row.after_task, *(_percent(cells[n]) if n in cells else "" for n in columns))
+    return [summary, tasks, matrix]

@@ -99,13 +99,14 @@ class TrainerMetrics:
         )
         self.forgetting = Gauge(
             "continual_task_forgetting",
-            "Best accuracy the task ever had minus its accuracy now (Chaudhry et al. 2018, per task).",
+            "Best accuracy the task had in an earlier row of the accuracy matrix minus its accuracy now "
+            "(Chaudhry et al. 2018); 0 for the latest task.",
             ["task"],
             registry=registry,
         )
         self.mean_accuracy = Gauge(
             "continual_mean_accuracy",
-            "Mean of every task's latest accuracy (ACC over the tasks seen so far).",
+            "ACC: mean accuracy of the learned tasks after the latest one (Lopez-Paz & Ranzato 2017).",
             registry=registry,
         )
         self.accuracy_matrix = Gauge(
@@ -120,6 +121,15 @@ class TrainerMetrics:
             "(Lopez-Paz & Ranzato 2017); negative means forgetting.",
             registry=registry,
         )
+        self.fwt = Gauge(
+            "continual_fwt",
+            "Forward transfer: mean accuracy on a task measured before it was learned, minus chance "
+            "(Lopez-Paz & Ranzato 2017); only when a task's eval records precede its training records.",
+            registry=registry,
+        )
+        # Undefined until enough tasks were learned: NaN, not a misleading 0.
+        self.bwt.set(float("nan"))
+        self.fwt.set(float("nan"))
         self.live_accuracy = Gauge(
             "continual_live_accuracy",
             "Accuracy of the served version on the most recent eval records (the live window).",

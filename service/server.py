@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from service.api import continual_pb2, continual_pb2_grpc
 from service.errors import Unauthenticated, status_of
+from service.evaluation import learning_status
 from service.metrics import ServerMetrics, serve_metrics
 from service.model import AdapterModel, build_model
 from service.registry import Registry
@@ -150,7 +151,7 @@ class ContinualServicer(continual_pb2_grpc.ContinualServicer):
                     continual_pb2.VersionInfo(
                         version=version,
                         created_at=float(manifest["created_at"]),
-                        accuracy=_accuracy(metrics.get("accuracy")),
+                        accuracy=_or_nan(metrics.get("accuracy")),
                         train_records=int(metrics["train_records"]),
                         eval_records=int(metrics["eval_records"]),
                         parent_version=int(manifest.get("parent_version") or 0),
@@ -186,6 +187,49 @@ class ContinualServicer(continual_pb2_grpc.ContinualServicer):
 
         return self._call("GetAdapter", context, handle, admin=True)
 
+    def GetLearningStatus(
+        self, request: continual_pb2.LearningStatusRequest, context: grpc.ServicerContext
+    ) -> continual_pb2.LearningStatus:
+        """ACC, BWT, FWT, forgetting and the accuracy matrix from the trainer's latest checkpoint."""
+
+        def handle() -> continual_pb2.LearningStatus:
+            registry = self.pool.registry
+            checkpoint = registry.read_checkpoint()
+            manifests = {
+                name: registry.manifest(name, int(saved["version"]))
+                for name, saved in (checkpoint or {"tasks": {}})["tasks"].items()
+            }
+            status = learning_status(checkpoint, manifests)
+            summary = status.summary
+            return continual_pb2.LearningStatus(
+                strategy=status.strategy,
+                round=status.round,
+                acc=_or_nan(summary.acc),
+                bwt=_or_nan(summary.bwt),
+                fwt=_or_nan(summary.fwt),
+                mean_forgetting=_or_nan(summary.mean_forgetting),
+                tasks=[
+                    continual_pb2.TaskLearning(
+                        task=t.task,
+                        version=t.version,
+                        accuracy=_or_nan(t.accuracy),
+                        forgetting=_or_nan(summary.forgetting.get(t.task)),
+                        train_records=t.train_records,
+                        eval_records=t.eval_records,
+                    )
+                    for t in status.tasks
+                ],
+                accuracy_matrix=[
+                    continual_pb2.AccuracyRow(
+                        after_task=after,
+                        cells=[continual_pb2.AccuracyCell(task=t, accuracy=a) for t, a in row.items()],
+                    )
+                    for after, row in status.matrix.items()
+                ],
+            )
+
+        return self._call("GetLearningStatus", context, handle)
+
     def _info(self, task: str) -> continual_pb2.AdapterInfo:
         registry = self.pool.registry
         versions = registry.versions(task)
@@ -202,14 +246,15 @@ class ContinualServicer(continual_pb2_grpc.ContinualServicer):
         if served_version:
             manifest = registry.manifest(task, served_version)
             metrics: dict[str, Any] = manifest["metrics"]
-            info.accuracy = _accuracy(metrics.get("accuracy"))
+            info.accuracy = _or_nan(metrics.get("accuracy"))
             info.train_records = int(metrics["train_records"])
             info.eval_records = int(metrics["eval_records"])
             info.labels.extend(manifest["labels"])
         return info
 
 
-def _accuracy(value: object) -> float:
+def _or_nan(value: object) -> float:
+    """NaN stands for "undefined" in replies (protobuf doubles have no null)."""
     return float(value) if isinstance(value, int | float) else float("nan")
 
 

@@ -25,6 +25,7 @@ from torch.nn import functional
 
 from service.drift import MIN_REFERENCE, MMDDrift, PageHinkley
 from service.errors import CorruptVersion
+from service.evaluation import LearningSummary, summarize
 from service.ingest import Incoming, Ingest
 from service.metrics import TrainerMetrics
 from service.model import PROTOTYPE_COUNTS, PROTOTYPE_SUMS, AdapterModel, build_model
@@ -125,6 +126,8 @@ class Trainer:
         self.tasks: dict[str, TaskState] = {}
         #: The accuracy matrix: row i holds every task's accuracy right after task i was last learned.
         self.accuracy_matrix: dict[str, dict[str, float]] = {}
+        #: A task's accuracy measured before its first training record (eval records came first): FWT.
+        self.accuracy_before_learning: dict[str, float] = {}
         #: Per task, the served version loaded for comparison: (version, adapter name, labels).
         self._references: dict[str, tuple[int, str, list[str]]] = {}
         self.live = LiveAccuracy(settings.live_accuracy_window, settings.live_accuracy_floor)
@@ -183,6 +186,7 @@ class Trainer:
         for name in self.tasks:
             self.metrics.start_task(name)
         self.accuracy_matrix = {name: dict(row) for name, row in checkpoint.get("accuracy_matrix", [])}
+        self.accuracy_before_learning = dict(checkpoint.get("accuracy_before_learning", {}))
         self.strategy.load_state_dict(checkpoint.get("strategy_state", {}))
         log.info(
             "restored round %d: %d task(s), offsets %s", self.round_number, len(self.tasks), self.offsets
@@ -399,6 +403,8 @@ class Trainer:
         to_evaluate = changed if self.strategy.isolates_tasks else list(self.tasks.values())
         for state in to_evaluate:
             state.accuracy = self._accuracy(state)
+            if state.train_seen == 0 and state.accuracy is not None:
+                self.accuracy_before_learning.setdefault(state.name, state.accuracy)
         self._update_accuracy_matrix(trained)
         self._export_accuracy_summary()
         for state in changed:
@@ -506,32 +512,23 @@ class Trainer:
             for task, accuracy in row.items():
                 self.metrics.accuracy_matrix.labels(after_task=after, task=task).set(accuracy)
 
-    def backward_transfer(self) -> float | None:
-        """Mean of (accuracy now − accuracy right after it was last learned) over all but the latest task."""
-        if not self.accuracy_matrix:
-            return None
-        latest = next(reversed(self.accuracy_matrix))
-        deltas = [
-            state.accuracy - self.accuracy_matrix[name][name]
-            for name, state in self.tasks.items()
-            if name != latest
-            and state.accuracy is not None
-            and name in self.accuracy_matrix
-            and name in self.accuracy_matrix[name]
-        ]
-        return sum(deltas) / len(deltas) if deltas else None
+    def learning_summary(self) -> LearningSummary:
+        """ACC, BWT, FWT and forgetting of the accuracy matrix (FWT against chance level)."""
+        chance = {name: 1.0 / len(state.labels) for name, state in self.tasks.items() if state.labels}
+        return summarize(self.accuracy_matrix, self.accuracy_before_learning, chance)
 
     def _export_accuracy_summary(self) -> None:
-        bwt = self.backward_transfer()
-        if bwt is not None:
-            self.metrics.bwt.set(bwt)
-        measured = [s for s in self.tasks.values() if s.accuracy is not None]
-        for state in measured:
-            assert state.accuracy is not None
-            state.best_accuracy = max(state.best_accuracy or 0.0, state.accuracy)
-            self.metrics.forgetting.labels(task=state.name).set(state.best_accuracy - state.accuracy)
-        if measured:
-            self.metrics.mean_accuracy.set(sum(s.accuracy or 0.0 for s in measured) / len(measured))
+        summary = self.learning_summary()
+        for gauge, value in ((self.metrics.bwt, summary.bwt), (self.metrics.fwt, summary.fwt)):
+            if value is not None:
+                gauge.set(value)
+        if summary.acc is not None:
+            self.metrics.mean_accuracy.set(summary.acc)
+        for task, forgetting in summary.forgetting.items():
+            self.metrics.forgetting.labels(task=task).set(forgetting)
+        for state in self.tasks.values():
+            if state.accuracy is not None:
+                state.best_accuracy = max(state.best_accuracy or 0.0, state.accuracy)
 
     def _accuracy(self, state: TaskState) -> float | None:
         outcomes = self._outcomes(state.name, state.labels, state.eval_records)
@@ -673,6 +670,7 @@ class Trainer:
             "strategy_state": self.strategy.state_dict(),
             # A list, not a mapping: row order is learning order, and JSON objects get their keys sorted.
             "accuracy_matrix": [[name, row] for name, row in self.accuracy_matrix.items()],
+            "accuracy_before_learning": self.accuracy_before_learning,
         }
 
     # --- the loop -----------------------------------------------------------------------------------

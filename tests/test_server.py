@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -222,6 +223,27 @@ def test_versions_and_history_are_listed(stub: continual_pb2_grpc.ContinualStub,
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_learning_status_reports_the_trainers_matrix_and_figures(
+    stub: continual_pb2_grpc.ContinualStub, trained: Trainer
+) -> None:
+    first, second = TASKS
+    trained.absorb(incoming([second])[:40])  # learn the second task again: its row moves last
+    trained.close_round({0: 100_000})
+    status = stub.GetLearningStatus(continual_pb2.LearningStatusRequest())
+    expected = trained.learning_summary()
+    assert (status.strategy, status.round) == ("lora-per-task", 2)
+    assert [row.after_task for row in status.accuracy_matrix] == [first.name, second.name]
+    assert {
+        row.after_task: {c.task: c.accuracy for c in row.cells} for row in status.accuracy_matrix
+    } == trained.accuracy_matrix
+    assert status.acc == pytest.approx(expected.acc)
+    assert status.bwt == pytest.approx(expected.bwt)
+    assert math.isnan(status.fwt)  # no task was measured before it was learned
+    by_task = {t.task: t for t in status.tasks}
+    assert by_task[second.name].version == 2 and by_task[second.name].train_records == 160 + 40
+    assert by_task[first.name].forgetting == pytest.approx(expected.forgetting[first.name])
+
+
 def test_admin_calls_need_the_token_when_one_is_set(settings: Settings, trained: Trainer) -> None:
     running = start_server(settings.model_copy(update={"admin_token": SecretStr("s3cret")}))
     try:
@@ -354,5 +376,8 @@ def test_the_adapters_cli_drives_a_running_server(settings: Settings, trained: T
         promoted = cli("adapters", "promote", task)
         assert promoted.returncode == 0, promoted.stderr
         assert running.pool.served()[task].version == 2
+        status = cli("status")
+        assert status.returncode == 0, status.stderr
+        assert "accuracy matrix" in status.stdout and TASKS[1].name in status.stdout
     finally:
         running.stop()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from service.datasets import synthetic
+from service.datasets import TaskData, synthetic
 from service.registry import Alias, Registry
 from service.settings import Settings
 from tests.helpers import incoming, new_trainer, train_in_process
@@ -84,10 +85,30 @@ def test_the_accuracy_matrix_and_backward_transfer(settings: Settings) -> None:
     assert set(matrix[third.name]) == {first.name, second.name, third.name}
     # One adapter per task: learning later tasks leaves earlier ones exactly where they were.
     assert matrix[third.name][first.name] == matrix[first.name][first.name]
-    assert trainer.backward_transfer() == 0.0
+    summary = trainer.learning_summary()
+    assert summary.bwt == 0.0
+    assert summary.forgetting == {first.name: 0.0, second.name: 0.0, third.name: 0.0}
+    assert summary.acc == pytest.approx(sum(matrix[third.name].values()) / 3)
+    assert trainer.metrics.registry.get_sample_value("continual_mean_accuracy") == pytest.approx(summary.acc)
     gauge = trainer.metrics.registry.get_sample_value(
         "continual_accuracy_matrix", {"after_task": second.name, "task": first.name}
     )
     assert gauge == matrix[second.name][first.name]
     restored = new_trainer(settings)
     assert restored.accuracy_matrix == matrix
+
+
+def test_forward_transfer_when_a_tasks_eval_records_come_first(settings: Settings) -> None:
+    first, second = synthetic(num_tasks=2)
+    trainer = train_in_process(settings, [first])
+    assert trainer.learning_summary().fwt is None
+    eval_only = TaskData(name=second.name, train=[], eval=second.eval)
+    trainer.absorb(incoming([eval_only]))
+    trainer.close_round({0: 20_000})
+    before = trainer.accuracy_before_learning[second.name]
+    trainer.absorb(incoming([TaskData(name=second.name, train=second.train, eval=[])]))
+    trainer.close_round({0: 30_000})
+    # Measured before the task was learned, against chance over its 4 labels.
+    assert trainer.learning_summary().fwt == pytest.approx(before - 1 / 4)
+    assert trainer.tasks[second.name].accuracy > before
+    assert new_trainer(settings).learning_summary() == trainer.learning_summary()
