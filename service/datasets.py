@@ -24,9 +24,13 @@ class TaskData:
 
 
 def clinc150(
-    path: Path, domains: Sequence[str] | None = None, train_per_label: int | None = None, seed: int = 0
+    path: Path,
+    domains: Sequence[str] | None = None,
+    train_per_label: int | None = None,
+    seed: int = 0,
+    eval_splits: Sequence[str] = ("val", "test"),
 ) -> list[TaskData]:
-    """CLINC150 as one task per domain, in the order of ``domains.json``; val and test become eval.
+    """CLINC150 as one task per domain, in the order of ``domains.json``; ``eval_splits`` become eval.
 
     The file lists examples grouped by intent; within a task both splits are shuffled (seeded), as a
     real stream of one domain's requests would arrive. ``train_per_label`` keeps only the first N training
@@ -52,9 +56,7 @@ def clinc150(
                     kept.append((text, label))
             train = kept
         rng.shuffle(train)
-        held_out = [
-            (text, label) for split in ("val", "test") for text, label in data[split] if label in intents
-        ]
+        held_out = [(text, label) for split in eval_splits for text, label in data[split] if label in intents]
         rng.shuffle(held_out)
         tasks.append(TaskData(name=domain, train=train, eval=held_out))
     return tasks

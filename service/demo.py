@@ -260,7 +260,9 @@ def _plot(adapters: list[continual_pb2.AdapterInfo], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_matrix(matrix: dict[str, dict[str, float]], path: Path) -> None:
+def plot_matrix(
+    matrix: dict[str, dict[str, float]], path: Path, title: str = "accuracy matrix R[i][j] (%)"
+) -> None:
     """A heatmap of the accuracy matrix: rows and columns in the order the tasks were last learned."""
     import matplotlib
 
@@ -279,7 +281,7 @@ def plot_matrix(matrix: dict[str, dict[str, float]], path: Path) -> None:
     ax.set_yticks(range(len(tasks)), tasks)
     ax.set_xlabel("accuracy on task")
     ax.set_ylabel("after learning task")
-    ax.set_title("accuracy matrix R[i][j] (%)")
+    ax.set_title(title)
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

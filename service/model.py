@@ -192,6 +192,15 @@ class AdapterModel:
         return torch.cat(rows) if rows else torch.empty(0, self.heads[name].out_features)
 
 
+def unit_prototypes(weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Unit-length mean embeddings of the labels that have training examples (no rows if none stored)."""
+    sums, counts = weights.get(PROTOTYPE_SUMS), weights.get(PROTOTYPE_COUNTS)
+    if sums is None or counts is None or not bool((counts > 0).any()):
+        return torch.empty(0, 0)
+    means = sums[counts > 0] / counts[counts > 0].unsqueeze(-1)
+    return nn.functional.normalize(means, dim=-1)
+
+
 def _mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)

@@ -19,7 +19,7 @@ import torch
 from service.drift import DriftMonitor
 from service.errors import CorruptVersion, FailedPrecondition, InvalidArgument, NotFound
 from service.metrics import ServerMetrics
-from service.model import PROTOTYPE_COUNTS, PROTOTYPE_SUMS, AdapterModel
+from service.model import AdapterModel, unit_prototypes
 from service.registry import Registry
 from service.settings import TASK_NAME, Settings
 
@@ -143,7 +143,7 @@ class AdapterPool:
                 task=task,
                 version=version,
                 labels=tuple(manifest["labels"]),
-                prototypes=_unit_prototypes(weights),
+                prototypes=unit_prototypes(weights),
             )
             with self._lock:
                 try:
@@ -203,13 +203,9 @@ class AdapterPool:
         candidates = [loaded for loaded in self._served.values() if len(loaded.prototypes)]
         if not candidates:
             raise NotFound("no served version has label prototypes yet, so a request must name its task")
-        embedding = torch.nn.functional.normalize(
-            torch.from_numpy(self.model.base_embeddings([text])), dim=-1
-        )[0]
-        best = torch.stack([(loaded.prototypes @ embedding).max() for loaded in candidates])
-        weights = torch.softmax(best / ROUTING_TEMPERATURE, dim=0)
-        choice = int(weights.argmax())
-        return candidates[choice].task, float(weights[choice])
+        embeddings = torch.from_numpy(self.model.base_embeddings([text]))
+        choices, confidences = nearest_task(embeddings, [loaded.prototypes for loaded in candidates])
+        return candidates[int(choices[0])].task, float(confidences[0])
 
     def _base_embeddings(self, texts: Sequence[str]) -> np.ndarray:
         with self._lock:
@@ -292,10 +288,13 @@ class RegistryWatcher(threading.Thread):
             self.stop_event.wait(self.interval_s)
 
 
-def _unit_prototypes(weights: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Unit-length mean embeddings of the labels that have training examples (no rows if none stored)."""
-    sums, counts = weights.get(PROTOTYPE_SUMS), weights.get(PROTOTYPE_COUNTS)
-    if sums is None or counts is None or not bool((counts > 0).any()):
-        return torch.empty(0, 0)
-    means = sums[counts > 0] / counts[counts > 0].unsqueeze(-1)
-    return torch.nn.functional.normalize(means, dim=-1)
+def nearest_task(
+    embeddings: torch.Tensor, prototypes: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each embedding, the index of the task whose nearest unit label prototype is closest (cosine),
+    and a confidence: a softmax over the tasks' best similarities, sharpened by ROUTING_TEMPERATURE."""
+    unit = torch.nn.functional.normalize(embeddings, dim=-1)
+    best = torch.stack([(unit @ task.T).max(dim=-1).values for task in prototypes], dim=-1)
+    weights = torch.softmax(best / ROUTING_TEMPERATURE, dim=-1)
+    confidences, choices = weights.max(dim=-1)
+    return choices, confidences

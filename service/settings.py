@@ -114,6 +114,18 @@ class Settings(BaseSettings):
         default=2000, ge=1, description="A round closes after this many new records..."
     )
     round_idle_s: float = Field(default=2.0, gt=0, description="...or when the stream is quiet this long.")
+    first_version_records: int = Field(
+        default=200,
+        ge=0,
+        description="A new task's first version is published as soon as it has this many training "
+        "records, untrained (head rows at the label prototypes); its training runs in the next round "
+        "(0: train first, publish at the end of the round).",
+    )
+    head_init: Literal["prototypes", "random"] = Field(
+        default="prototypes",
+        description="A new label's head row starts as its normalised mean base embedding (so an "
+        "untrained adapter already classifies by nearest label mean), or random.",
+    )
     eval_batch_size: int = Field(default=128, ge=1)
     seed: int = 0
     torch_threads: int = Field(default=0, ge=0, description="0 leaves torch's default.")

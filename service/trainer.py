@@ -28,7 +28,7 @@ from service.errors import CorruptVersion
 from service.evaluation import LearningSummary, summarize
 from service.ingest import Incoming, Ingest
 from service.metrics import TrainerMetrics
-from service.model import PROTOTYPE_COUNTS, PROTOTYPE_SUMS, AdapterModel, build_model
+from service.model import PROTOTYPE_COUNTS, PROTOTYPE_SUMS, AdapterModel, build_model, unit_prototypes
 from service.producer import Unacknowledged
 from service.promotion import Decision, LiveAccuracy, gate
 from service.records import Rejection
@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
 #: How long the trainer waits before polling again after Kafka failed it.
 BROKER_BACKOFF_S = 1.0
+#: Logit scale of head rows started from prototypes: a cosine gap of 0.1 becomes a logit gap of 2.
+PROTOTYPE_LOGIT_SCALE = 20.0
 #: How often the consumer lag is measured (it asks the broker for the partitions' end offsets).
 LAG_EVERY_S = 5.0
 
@@ -71,6 +73,8 @@ class TaskState:
     best_accuracy: float | None = None
     #: How many eval records the live-accuracy watch has already judged.
     eval_judged: int = 0
+    #: Head rows already started from their label's prototype (or trained before a restart).
+    head_initialized: set[int] = field(default_factory=set)
     optimizer: torch.optim.Optimizer | None = None
 
     def label_index(self, label: str) -> int:
@@ -180,6 +184,7 @@ class Trainer:
                 prototype_sums=prototype_sums,
                 prototype_counts=prototype_counts,
                 train_seen=int(saved["train_seen"]),
+                head_initialized=set(range(len(manifest["labels"]))),
                 version=version,
                 accuracy=manifest["metrics"]["accuracy"],
             )
@@ -234,6 +239,8 @@ class Trainer:
                 self._judge_training_drift(self.tasks[name])
         for name in touched:
             state = self.tasks[name]
+            if self._serve_first(state):
+                continue  # its first version goes out untrained (prototype head); training follows
             while len(state.pending) >= self.settings.batch_size:
                 step, state.pending = (
                     state.pending[: self.settings.batch_size],
@@ -246,6 +253,10 @@ class Trainer:
         for (_, index), embedding in zip(examples, embeddings, strict=True):
             state.prototype_sums[index] = state.prototype_sums.get(index, 0) + embedding
             state.prototype_counts[index] = state.prototype_counts.get(index, 0) + 1
+
+    def label_prototypes(self, task: str) -> torch.Tensor:
+        """Unit mean base embeddings of the task's labels: what a server routes task-less requests by."""
+        return unit_prototypes(self._version_weights(self.tasks[task]))
 
     def _version_weights(self, state: TaskState) -> dict[str, torch.Tensor]:
         """The adapter and head, plus the label prototypes a server routes task-less requests with."""
@@ -325,11 +336,17 @@ class Trainer:
         self.close_round(dict(ingest.positions), ingest)
         return self._unpersisted is None
 
-    def _step(self, state: TaskState, examples: Sequence[tuple[str, int]]) -> None:
-        self._keep_group()
+    def _prepare_head(self, state: TaskState) -> None:
+        """One head output per label seen so far; new rows start at their prototypes if so set."""
         if len(state.labels) > self.model.heads[state.name].out_features:
             self.model.grow_head(state.name, len(state.labels))
             state.optimizer = None  # the head's parameters were replaced
+        if self.settings.head_init == "prototypes":
+            self._init_head_rows(state)
+
+    def _step(self, state: TaskState, examples: Sequence[tuple[str, int]]) -> None:
+        self._keep_group()
+        self._prepare_head(state)
         if state.optimizer is None:
             lora, head = self.model.parameters(state.name)
             for parameter in (*lora, *head):
@@ -357,19 +374,49 @@ class Trainer:
         state.round_losses.append(float(loss.detach()))
         self.metrics.training_examples.labels(task=state.name, strategy=self.strategy.name).inc(len(examples))
 
+    def _init_head_rows(self, state: TaskState) -> None:
+        """Start each new label's head row at its normalised mean base embedding.
+
+        A fresh LoRA adapter changes nothing (PEFT starts B at zero), so the task then already
+        classifies like a nearest-label-mean classifier on base embeddings (the argmax of w·x with
+        rows of one norm is the cosine argmax), before its first gradient step; training refines it.
+        """
+        new = [i for i in state.prototype_counts if i not in state.head_initialized and i < len(state.labels)]
+        if not new:
+            return
+        means = {i: state.prototype_sums[i] / state.prototype_counts[i] for i in new}
+        scale = PROTOTYPE_LOGIT_SCALE / float(torch.stack(list(means.values())).norm(dim=-1).mean())
+        head = self.model.heads[state.name]
+        with torch.no_grad():
+            for i, mean in means.items():
+                head.weight[i] = functional.normalize(mean, dim=0) * scale
+                head.bias[i] = 0.0
+        state.head_initialized.update(new)
+
     # --- closing a round ----------------------------------------------------------------------------
 
     def round_due(self, idle_s: float, positions: dict[int, int]) -> bool:
         """Whether to close the round now: enough records, or a quiet stream with something to save."""
         if self.round_records >= self.settings.round_max_records or self._adapt_now:
             return True
+        if any(self._first_version_due(state) for state in self.tasks.values()):
+            return True
         return self._unsaved(positions) and idle_s >= self.settings.round_idle_s
+
+    def _serve_first(self, state: TaskState) -> bool:
+        """A new task is served before it is trained: its records wait until its first version is out."""
+        return state.version is None and self.settings.first_version_records > 0
+
+    def _first_version_due(self, state: TaskState) -> bool:
+        """A new task has enough training records to be served: publish now rather than at round end."""
+        return self._serve_first(state) and state.train_seen >= self.settings.first_version_records
 
     def _unsaved(self, positions: dict[int, int]) -> bool:
         """Records absorbed, or offsets moved (dead letters), since the last checkpoint."""
         return (
             self.round_records > 0
             or self._unpersisted is not None
+            or any(state.round_examples for state in self.tasks.values())
             or any(self.offsets.get(p) != o for p, o in positions.items())
         )
 
@@ -386,10 +433,16 @@ class Trainer:
         self.round_number += 1
         rng = random.Random(self.settings.seed * 7919 + self.round_number)
         trained: dict[str, int] = {}
+        # New tasks served early go out untrained, with their head rows at the label prototypes (a
+        # nearest-label-mean classifier); all their training runs in the next round.
+        early = {state.name for state in self.tasks.values() if self._first_version_due(state)}
         for state in self.tasks.values():
-            if state.pending:
-                self._step(state, state.pending)
-                state.pending = []
+            if state.name in early:
+                self._prepare_head(state)
+                continue
+            for i in range(0, len(state.pending), self.settings.batch_size):
+                self._step(state, state.pending[i : i + self.settings.batch_size])
+            state.pending = []
             if state.round_examples:
                 trained[state.name] = len(state.round_examples)
                 for _ in range(self.settings.epochs - 1):
@@ -417,7 +470,10 @@ class Trainer:
         self._persist(ingest)
 
         for state in self.tasks.values():
-            state.round_examples, state.round_losses, state.changed = [], [], False
+            # An early-served task stays changed: the next round trains it and republishes.
+            if state.name not in early:
+                state.round_examples = []
+            state.round_losses, state.changed = [], state.name in early
             state.eval_judged = len(state.eval_records)
         self.round_records = 0
         self._adapt_now = False

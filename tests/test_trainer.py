@@ -112,3 +112,48 @@ def test_forward_transfer_when_a_tasks_eval_records_come_first(settings: Setting
     assert trainer.learning_summary().fwt == pytest.approx(before - 1 / 4)
     assert trainer.tasks[second.name].accuracy > before
     assert new_trainer(settings).learning_summary() == trainer.learning_summary()
+
+
+def test_a_new_task_is_served_after_its_first_records_and_refined_next_round(settings: Settings) -> None:
+    settings = settings.model_copy(update={"first_version_records": 100})
+    (task,) = synthetic(num_tasks=1, train_per_label=40, eval_per_label=10)
+    trainer = new_trainer(settings)
+    batch = incoming([TaskData(name=task.name, train=task.train, eval=[])])
+    trainer.absorb(batch[:100])
+    # Due at once, without waiting for the stream to go quiet.
+    assert trainer.round_due(idle_s=0.0, positions={0: 100})
+    trainer.close_round({0: 100})
+    assert trainer.tasks[task.name].version == 1
+    assert Registry(settings.registry_dir).alias(task.name) is not None
+    examples = trainer.metrics.registry.get_sample_value(
+        "continual_training_examples_total", {"task": task.name, "strategy": "lora-per-task"}
+    )
+    assert examples == 0  # served from its label prototypes before any training step
+
+    trainer.absorb(batch[100:] + incoming([TaskData(name=task.name, train=[], eval=task.eval)]))
+    assert not trainer.round_due(idle_s=0.0, positions={0: 200})  # an ordinary round now
+    trainer.close_round({0: 200})
+    state = trainer.tasks[task.name]
+    assert state.version == 2
+    # The round after ran every epoch over all 160 records.
+    examples = trainer.metrics.registry.get_sample_value(
+        "continual_training_examples_total", {"task": task.name, "strategy": "lora-per-task"}
+    )
+    assert examples == 160 * settings.epochs
+    assert state.accuracy is not None and state.accuracy >= 0.8
+
+
+def test_head_rows_start_at_the_label_prototypes(settings: Settings) -> None:
+    (task,) = synthetic(num_tasks=1, train_per_label=40, eval_per_label=10)
+    accuracies = {}
+    for init in ("prototypes", "random"):
+        # One pass only: the start matters most.
+        trainer = new_trainer(
+            settings.model_copy(
+                update={"head_init": init, "epochs": 1, "registry_dir": settings.registry_dir / init}
+            )
+        )
+        trainer.absorb(incoming([task]))
+        trainer.close_round({0: 200})
+        accuracies[init] = trainer.tasks[task.name].accuracy
+    assert accuracies["prototypes"] > accuracies["random"], accuracies

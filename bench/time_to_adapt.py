@@ -1,0 +1,191 @@
+"""Time to adapt: from producing a new task's first 200 training records to a successful Predict on it.
+
+    .venv/bin/python bench/time_to_adapt.py [--tasks 3] [--records 200]
+
+Real `continual train` and `continual serve` processes (all-MiniLM-L6-v2, default settings) on a real
+broker. Each configuration first learns one warm-up CLINC150 domain; then, for each of the next
+domains, the benchmark produces its first ``--records`` training records, immediately the rest of
+the domain's training records behind them, and calls Predict on that domain every 50 ms until one
+succeeds. It also measures the accuracy of the version that answered first on 150 of the domain's
+held-out texts (they are also its eval records, which arrive later). The next domain comes once the
+trainer has learned the previous one completely: time to adapt is measured on an idle trainer (a new
+task that arrives during another task's long round waits for the step in progress and that round).
+
+Two configurations run in the same process, one after the other on the same broker:
+- ``fast``: the defaults, a new task's first version published after its first 200 records (one
+  pass, head rows started at the label prototypes), refined by the next round;
+- ``baseline``: ``first_version_records: 0`` and ``head_init: random``: the first version waits for
+  the round (all of the domain's records, every epoch).
+Writes bench/results/time_to_adapt.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import grpc
+from rich.console import Console
+
+from service.api import continual_pb2, continual_pb2_grpc
+from service.datasets import TaskData, clinc150, records
+from service.local_kafka import LocalKafka, free_port
+from service.producer import produce
+from service.settings import Settings, load_settings
+
+RESULTS = Path(__file__).resolve().parent / "results" / "time_to_adapt.json"
+REPO = Path(__file__).resolve().parents[1]
+CLINC150 = REPO.parent / "shared" / "data" / "clinc150"
+console = Console()
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "fast": {},
+    "baseline": {"first_version_records": 0, "head_init": "random"},
+}
+
+
+def start(role: str, config: Path, log: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTINUAL_")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "service.cli", role, "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+        )
+
+
+def first_answer(stub: continual_pb2_grpc.ContinualStub, task: str, text: str, timeout_s: float) -> int:
+    """Call Predict until it succeeds; the version that answered."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return int(stub.Predict(continual_pb2.PredictRequest(task=task, text=text), timeout=5).version)
+        except grpc.RpcError as exc:
+            waiting = exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE)
+            if not waiting or time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)
+
+
+def wait_learned(stub: continual_pb2_grpc.ContinualStub, task: TaskData, timeout_s: float = 900) -> None:
+    """Until the served version of ``task`` has learned all its records (the trainer is idle again)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        adapters = stub.ListAdapters(continual_pb2.ListAdaptersRequest()).adapters
+        info = next((a for a in adapters if a.task == task.name), None)
+        if info is not None and (info.train_records, info.eval_records) == (len(task.train), len(task.eval)):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{task.name} was not fully learned within {timeout_s}s")
+
+
+def accuracy(stub: continual_pb2_grpc.ContinualStub, task: TaskData, n: int = 150) -> tuple[float, set[int]]:
+    rows = task.eval[:n]
+    replies = [stub.Predict(continual_pb2.PredictRequest(task=task.name, text=t)) for t, _ in rows]
+    right = sum(r.label == label for r, (_, label) in zip(replies, rows, strict=True))
+    return right / len(rows), {int(r.version) for r in replies}
+
+
+def run_config(
+    name: str, overrides: dict[str, Any], bootstrap: str, workdir: Path, data: list[TaskData], records_n: int
+) -> dict[str, Any]:
+    unique = uuid.uuid4().hex[:8]
+    settings: Settings = load_settings(
+        **overrides,
+        kafka_bootstrap=bootstrap,
+        kafka_topic=f"adapt-{unique}",
+        kafka_dead_letter_topic=f"adapt-{unique}.dlq",
+        kafka_group_id=f"adapt-{unique}",
+        registry_dir=workdir / name / "registry",
+        grpc_port=free_port(),
+        trainer_metrics_port=0,
+        server_metrics_port=0,
+        registry_poll_s=0.2,
+    )
+    (workdir / name).mkdir(parents=True)
+    config = workdir / name / "settings.yaml"
+    config.write_text(settings.to_yaml())
+    trainer = start("train", config, workdir / name / "train.log")
+    server = start("serve", config, workdir / name / "serve.log")
+    rows = []
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{settings.grpc_port}") as channel:
+            stub = continual_pb2_grpc.ContinualStub(channel)
+            warm_up, *measured = data
+            produce(bootstrap, settings.kafka_topic, records([warm_up]))
+            first_answer(stub, warm_up.name, warm_up.eval[0][0], timeout_s=600)
+            wait_learned(stub, warm_up)
+            console.print(f"[{name}] warmed up on {warm_up.name}")
+            for task in measured:
+                head = TaskData(task.name, task.train[:records_n], [])
+                rest = TaskData(task.name, task.train[records_n:], task.eval)
+                started = time.monotonic()
+                produce(bootstrap, settings.kafka_topic, records([head]))
+                produced = time.monotonic()
+                produce(bootstrap, settings.kafka_topic, records([rest]))
+                version = first_answer(stub, task.name, task.eval[0][0], timeout_s=600)
+                seconds = time.monotonic() - started
+                acc, versions = accuracy(stub, task)
+                rows.append(
+                    {
+                        "task": task.name,
+                        "time_to_adapt_s": round(seconds, 2),
+                        "produce_s": round(produced - started, 2),
+                        "first_version": version,
+                        "first_answer_accuracy": round(acc, 4),
+                        "versions_measured": sorted(versions),
+                    }
+                )
+                console.print(f"[{name}] {task.name}: served after {seconds:.1f}s, accuracy {acc:.1%}")
+                # The next domain arrives once this one is learned, as separate arrivals would.
+                wait_learned(stub, task)
+    finally:
+        for process in (trainer, server):
+            process.terminate()
+        for process in (trainer, server):
+            process.wait(timeout=120)
+    times = [r["time_to_adapt_s"] for r in rows]
+    return {
+        "settings": overrides,
+        "tasks": rows,
+        "median_s": round(statistics.median(times), 2),
+        "max_s": max(times),
+        "mean_first_answer_accuracy": round(statistics.mean(r["first_answer_accuracy"] for r in rows), 4),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=3, help="measured domains (after one warm-up)")
+    parser.add_argument("--records", type=int, default=200)
+    args = parser.parse_args()
+    data = clinc150(CLINC150)[: args.tasks + 1]
+    results: dict[str, Any] = {"records": args.records, "configs": {}}
+    with tempfile.TemporaryDirectory(prefix="continual-adapt-") as tmp:
+        workdir = Path(tmp)
+        with LocalKafka(workdir / "kafka") as broker:
+            for name, overrides in CONFIGS.items():
+                run = run_config(name, overrides, broker.bootstrap, workdir, data, args.records)
+                results["configs"][name] = run
+    fast, baseline = results["configs"]["fast"], results["configs"]["baseline"]
+    results["time_to_adapt_s"] = fast["median_s"]
+    results["ratio_fast_vs_baseline"] = round(fast["median_s"] / baseline["median_s"], 3)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    console.print_json(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
