@@ -172,10 +172,10 @@ def test_dead_letters_the_broker_refuses_hold_back_the_commit(
 def test_a_round_longer_than_the_poll_interval_keeps_the_trainer_in_its_group(
     settings: Settings, kafka_bootstrap: str
 ) -> None:
-    # Kafka's floor for the interval is the broker's minimum session timeout (6 s); 100 epochs of 240
-    # records take well over it on the tiny model.
+    # A 2 s poll interval, and 150 epochs of 240 records on the tiny model: the round takes several
+    # times longer than that, wherever the test runs.
     settings = settings.model_copy(
-        update={"kafka_bootstrap": kafka_bootstrap, "epochs": 100, "kafka_max_poll_interval_s": 6.0}
+        update={"kafka_bootstrap": kafka_bootstrap, "epochs": 150, "kafka_max_poll_interval_s": 2.0}
     )
     ensure_topics(settings)
     (task,) = synthetic(num_tasks=1, train_per_label=60, eval_per_label=5)
@@ -183,8 +183,8 @@ def test_a_round_longer_than_the_poll_interval_keeps_the_trainer_in_its_group(
         produce(kafka_bootstrap, settings.kafka_topic, records([task]))
         eventually(lambda: committed_records(settings) == 260, 180, 0.3, "the long round committed")
         rounds = metric(running.trainer, "continual_round_seconds_count")
-        quick = metric(running.trainer, "continual_round_seconds_bucket", le="10.0")
-        assert rounds - quick >= 1, "no round took longer than 10 s: the test proves nothing"
+        quick = metric(running.trainer, "continual_round_seconds_bucket", le="5.0")
+        assert rounds - quick >= 1, "no round took longer than 5 s: the test proves nothing"
         assert metric(running.trainer, "continual_offset_commit_failures_total") == 0
         assert metric(running.trainer, "continual_rebalances_total") == 0
 
