@@ -68,8 +68,8 @@ def ensure_topics(settings: Settings) -> None:
         admin.close()
 
 
-class _SeekOnAssign(ConsumerRebalanceListener):
-    """Seeks newly assigned partitions to the checkpoint's offsets, the source of truth on restart."""
+class _RebalanceListener(ConsumerRebalanceListener):
+    """Flushes a checkpoint before partitions are revoked; seeks assigned ones to where learning stopped."""
 
     def __init__(self, ingest: Ingest) -> None:
         self._ingest = ingest
@@ -134,7 +134,7 @@ class Ingest:
             session_timeout_ms=int(settings.kafka_session_timeout_s * 1000),
             group_instance_id=settings.kafka_group_instance_id,
         )
-        self.consumer.subscribe([settings.kafka_topic], listener=_SeekOnAssign(self))
+        self.consumer.subscribe([settings.kafka_topic], listener=_RebalanceListener(self))
         self.dead_letters = ReliableProducer(
             settings.kafka_bootstrap, "continual-dead-letter", on_retry=metrics.dead_letter_failures.inc
         )

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
 #: How long the trainer waits before polling again after Kafka failed it.
 BROKER_BACKOFF_S = 1.0
+#: Training examples: (text, label index within the task).
+Examples = list[tuple[str, int]]
 #: Logit scale of head rows started from prototypes: a cosine gap of 0.1 becomes a logit gap of 2.
 PROTOTYPE_LOGIT_SCALE = 20.0
 #: How often the consumer lag is measured (it asks the broker for the partitions' end offsets).
@@ -92,6 +94,8 @@ class _Unpersisted:
 
     tasks: list[TaskState]
     offsets: dict[int, int]
+    #: Training examples of tasks published before training (their offsets are in this round's).
+    untrained: dict[str, Examples] = field(default_factory=dict)
     decisions: dict[str, Decision] = field(default_factory=dict)
     published: dict[str, int] = field(default_factory=dict)
     applied: set[str] = field(default_factory=set)
@@ -192,6 +196,11 @@ class Trainer:
             self.metrics.start_task(name)
         self.accuracy_matrix = {name: dict(row) for name, row in checkpoint.get("accuracy_matrix", [])}
         self.accuracy_before_learning = dict(checkpoint.get("accuracy_before_learning", {}))
+        for name, rows in checkpoint.get("untrained", {}).items():
+            state = self.tasks[name]
+            state.pending = [(str(text), int(index)) for text, index in rows]
+            state.round_examples = list(state.pending)
+            state.changed = True
         self.strategy.load_state_dict(checkpoint.get("strategy_state", {}))
         log.info(
             "restored round %d: %d task(s), offsets %s", self.round_number, len(self.tasks), self.offsets
@@ -466,7 +475,10 @@ class Trainer:
         # A round still waiting for durability is folded in: its tasks are published with this one's.
         earlier = self._unpersisted.tasks if self._unpersisted else []
         tasks = to_evaluate + [s for s in earlier if s not in to_evaluate]
-        pending = self._unpersisted = _Unpersisted(tasks, {**self.offsets, **positions})
+        # Records of early-served tasks are committed before they are trained: the checkpoint keeps
+        # them, so a restart trains them instead of skipping them.
+        untrained = {name: list(self.tasks[name].round_examples) for name in early}
+        pending = self._unpersisted = _Unpersisted(tasks, {**self.offsets, **positions}, untrained)
         self._persist(ingest)
 
         for state in self.tasks.values():
@@ -516,7 +528,7 @@ class Trainer:
             for state in pending.tasks:
                 if state.name not in pending.published:
                     self._publish(state, pending)
-            self.registry.write_checkpoint(self._checkpoint(pending.offsets))
+            self.registry.write_checkpoint(self._checkpoint(pending.offsets, pending.untrained))
             self.offsets = pending.offsets
             for name, version in pending.published.items():
                 if name not in pending.applied:
@@ -711,7 +723,9 @@ class Trainer:
             "round": self.round_number,
         }
 
-    def _checkpoint(self, offsets: dict[int, int]) -> dict[str, Any]:
+    def _checkpoint(
+        self, offsets: dict[int, int], untrained: dict[str, list[tuple[str, int]]]
+    ) -> dict[str, Any]:
         return {
             "format": CHECKPOINT_FORMAT,
             "round": self.round_number,
@@ -727,6 +741,7 @@ class Trainer:
             # A list, not a mapping: row order is learning order, and JSON objects get their keys sorted.
             "accuracy_matrix": [[name, row] for name, row in self.accuracy_matrix.items()],
             "accuracy_before_learning": self.accuracy_before_learning,
+            "untrained": {name: [[text, index] for text, index in rows] for name, rows in untrained.items()},
         }
 
     # --- the loop -----------------------------------------------------------------------------------

@@ -157,3 +157,22 @@ def test_head_rows_start_at_the_label_prototypes(settings: Settings) -> None:
         trainer.close_round({0: 200})
         accuracies[init] = trainer.tasks[task.name].accuracy
     assert accuracies["prototypes"] > accuracies["random"], accuracies
+
+
+def test_records_served_before_training_survive_a_restart(settings: Settings) -> None:
+    settings = settings.model_copy(update={"first_version_records": 100})
+    (task,) = synthetic(num_tasks=1, train_per_label=25, eval_per_label=10)
+    trainer = new_trainer(settings)
+    trainer.absorb(incoming([TaskData(name=task.name, train=task.train, eval=[])]))
+    trainer.close_round({0: 100})  # v1 is out untrained; its 100 records' offsets are committed
+    # As if the trainer died now: a restart must still train those 100 records, not skip them.
+    restarted = new_trainer(settings)
+    assert len(restarted.tasks[task.name].pending) == 100
+    restarted.absorb(incoming([TaskData(name=task.name, train=[], eval=task.eval)]))
+    restarted.close_round({0: 140})
+    examples = restarted.metrics.registry.get_sample_value(
+        "continual_training_examples_total", {"task": task.name, "strategy": "lora-per-task"}
+    )
+    assert examples == 100 * settings.epochs
+    assert restarted.tasks[task.name].version == 2
+    assert restarted.learning_summary().acc is not None
