@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,16 +31,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 from rich.console import Console
 
 from service.datasets import records, synthetic
-from service.ingest import ORIGIN_OFFSET_HEADER, ORIGIN_PARTITION_HEADER, ensure_topics
+from service.demo import spawn_role
+from service.ingest import ORIGIN_OFFSET_HEADER, ORIGIN_PARTITION_HEADER, committed_offsets, ensure_topics
 from service.local_kafka import LocalKafkaCluster
 from service.model import save_tiny_model
 from service.producer import ReliableProducer
 from service.registry import Registry
 from service.settings import DEFAULT_BASE_MODEL, Settings, load_settings
+from service.trainer import checkpointed_counts
 
 RESULTS = Path(__file__).resolve().parent / "results" / "crash.json"
 REPO = Path(__file__).resolve().parents[1]
@@ -135,7 +135,7 @@ def soak(
 
     broker_restarts = broker_kills = 0
     for kill in range(kills):
-        trainer = _start_trainer(config, workdir / f"trainer-{kill:02d}.log")
+        trainer = spawn_role("train", config, workdir / f"trainer-{kill:02d}.log")
         time.sleep(rng.uniform(4.0, 14.0))
         trainer.send_signal(signal.SIGKILL)
         trainer.wait()
@@ -154,11 +154,11 @@ def soak(
     say(f"stream done: {len(stream)} records; letting the last trainer catch up")
 
     produced = Counter((r.task, r.split) for r in good)
-    final = _start_trainer(config, workdir / "trainer-final.log")
+    final = spawn_role("train", config, workdir / "trainer-final.log")
     deadline = time.monotonic() + 600
     caught_up = False
     while time.monotonic() < deadline:
-        if _absorbed(settings) == produced and _committed(settings) == _end_offsets(settings):
+        if _absorbed(settings) == produced and committed_offsets(settings) == _end_offsets(settings):
             caught_up = True
             break
         if final.poll() is not None:
@@ -213,36 +213,12 @@ def _produce(
         done.set()
 
 
-def _start_trainer(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTINUAL_")}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "train", "--config", str(config)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=REPO,
-        )
-
-
 def _absorbed(settings: Settings) -> Counter[tuple[str, str]]:
     """Per (task, split), the records the trainer's durable checkpoint has absorbed."""
-    checkpoint = Registry(settings.registry_dir).read_checkpoint() or {"tasks": {}}
     counts: Counter[tuple[str, str]] = Counter()
-    for name, task in checkpoint["tasks"].items():
-        counts[(name, "train")] = task["train_seen"]
-        counts[(name, "eval")] = task["eval_seen"]
+    for name, (train, evaluated) in checkpointed_counts(Registry(settings.registry_dir)).items():
+        counts[(name, "train")], counts[(name, "eval")] = train, evaluated
     return +counts
-
-
-def _committed(settings: Settings) -> dict[int, int]:
-    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    try:
-        offsets = admin.list_group_offsets([settings.kafka_group_id])[settings.kafka_group_id]
-    finally:
-        admin.close()
-    return {tp.partition: o.offset for tp, o in offsets.items() if tp.topic == settings.kafka_topic}
 
 
 def _end_offsets(settings: Settings) -> dict[int, int]:

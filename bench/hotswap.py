@@ -22,7 +22,6 @@ import os
 import random
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -36,6 +35,7 @@ from rich.progress import Progress
 
 from service.api import continual_pb2, continual_pb2_grpc
 from service.datasets import synthetic
+from service.demo import spawn_role
 from service.local_kafka import free_port
 from service.model import build_model
 from service.registry import Registry
@@ -145,11 +145,7 @@ def main() -> None:
     def serve(drift: bool) -> subprocess.Popen[bytes]:
         config = workdir / f"settings-drift-{drift}.yaml"
         config.write_text(settings.model_copy(update={"drift_enabled": drift}).to_yaml())
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--config", str(config)],
-            stdout=open(workdir / f"server-drift-{drift}.log", "wb"),  # noqa: SIM115 (lives with the server)
-            stderr=subprocess.STDOUT,
-        )
+        process = spawn_role("serve", config, workdir / f"server-drift-{drift}.log")
         with grpc.insecure_channel(f"127.0.0.1:{settings.grpc_port}") as channel:
             grpc.channel_ready_future(channel).result(timeout=120)
             stub = continual_pb2_grpc.ContinualStub(channel)

@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -38,6 +35,7 @@ from rich.console import Console
 
 from service.api import continual_pb2, continual_pb2_grpc
 from service.datasets import TaskData, clinc150, records
+from service.demo import spawn_role
 from service.local_kafka import LocalKafka, free_port
 from service.producer import produce
 from service.settings import Settings, load_settings
@@ -51,19 +49,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "fast": {},
     "baseline": {"first_version_records": 0, "head_init": "random"},
 }
-
-
-def start(role: str, config: Path, log: Path) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTINUAL_")}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "service.cli", role, "--config", str(config)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=REPO,
-        )
 
 
 def first_answer(stub: continual_pb2_grpc.ContinualStub, task: str, text: str, timeout_s: float) -> int:
@@ -117,8 +102,8 @@ def run_config(
     (workdir / name).mkdir(parents=True)
     config = workdir / name / "settings.yaml"
     config.write_text(settings.to_yaml())
-    trainer = start("train", config, workdir / name / "train.log")
-    server = start("serve", config, workdir / name / "serve.log")
+    trainer = spawn_role("train", config, workdir / name / "train.log")
+    server = spawn_role("serve", config, workdir / name / "serve.log")
     rows = []
     try:
         with grpc.insecure_channel(f"127.0.0.1:{settings.grpc_port}") as channel:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -65,12 +66,21 @@ def produce_with_progress(
         )
 
 
-def _spawn(role: str, config: Path, log_path: Path) -> subprocess.Popen[bytes]:
+def spawn_role(role: str, config: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    """Start `continual ROLE --config CONFIG` as its own process, output to ``log_path``.
+
+    CONTINUAL_* variables of this process are not passed on (they would beat the YAML file, which is
+    meant to be the one source of the child's settings), and the child never reaches a model hub.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTINUAL_")}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
     with open(log_path, "wb") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "service.cli", role, "--config", str(config)],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env=env,
         )
 
 
@@ -117,8 +127,8 @@ def run_demo(
         config.touch(mode=0o600)
         config.write_text(settings.to_yaml())
         processes = [
-            _spawn("train", config, workdir / "trainer.log"),
-            _spawn("serve", config, workdir / "server.log"),
+            spawn_role("train", config, workdir / "trainer.log"),
+            spawn_role("serve", config, workdir / "server.log"),
         ]
         console.print(
             f"trainer and server started (logs in {workdir}); streaming {len(data)} task(s) of {source}"

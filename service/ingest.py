@@ -68,6 +68,16 @@ def ensure_topics(settings: Settings) -> None:
         admin.close()
 
 
+def committed_offsets(settings: Settings) -> dict[int, int]:
+    """Per partition of the training topic, the offset the trainer's group has committed."""
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="continual-admin")
+    try:
+        offsets = admin.list_group_offsets([settings.kafka_group_id])[settings.kafka_group_id]
+    finally:
+        admin.close()
+    return {tp.partition: o.offset for tp, o in offsets.items() if tp.topic == settings.kafka_topic}
+
+
 class _RebalanceListener(ConsumerRebalanceListener):
     """Flushes a checkpoint before partitions are revoked; seeks assigned ones to where learning stopped."""
 
@@ -157,13 +167,13 @@ class Ingest:
                 self.positions[tp.partition] = message.offset + 1
         return accepted
 
-    def keepalive(self, force: bool = False) -> None:
-        """Poll with every partition paused, if a quarter of the poll interval has passed (or ``force``).
+    def keepalive(self) -> None:
+        """Poll with every partition paused, if a quarter of the poll interval has passed.
 
         The group sees a live member and nothing is fetched into memory; records the broker sent before
         the pause wait in kafka-python's buffer and come out of the next real poll.
         """
-        if self.in_rebalance or (not force and time.monotonic() - self._last_poll < self._keepalive_s):
+        if self.in_rebalance or time.monotonic() - self._last_poll < self._keepalive_s:
             return
         assigned = self.consumer.assignment()
         self.consumer.pause(*assigned)

@@ -103,11 +103,6 @@ class ReliableProducer:
                 log.warning("Kafka did not take a record (%s); it will be sent again", exc)
         self._unacknowledged.append((future, outgoing))
 
-    @property
-    def pending(self) -> int:
-        """Records handed over and not yet acknowledged."""
-        return len(self._unacknowledged)
-
     def flush(self, timeout_s: float) -> None:
         """Wait until every record is acknowledged, sending refused ones again with backoff.
 

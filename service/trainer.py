@@ -797,6 +797,12 @@ class Trainer:
             ingest.close()
 
 
+def checkpointed_counts(registry: Registry) -> dict[str, tuple[int, int]]:
+    """Per task, the (train, eval) records the trainer's durable checkpoint has absorbed."""
+    checkpoint = registry.read_checkpoint() or {"tasks": {}}
+    return {name: (int(t["train_seen"]), int(t["eval_seen"])) for name, t in checkpoint["tasks"].items()}
+
+
 def _prototypes(weights: dict[str, torch.Tensor]) -> tuple[dict[int, torch.Tensor], dict[int, int]]:
     """The per-label prototype sums and counts stored with a version (empty for versions without)."""
     sums, counts = weights.get(PROTOTYPE_SUMS), weights.get(PROTOTYPE_COUNTS)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from service.demo import spawn_role
 from service.local_kafka import LocalKafka, free_port
 from service.model import save_tiny_model
 from service.settings import DEFAULT_BASE_MODEL, Settings, load_settings
@@ -80,16 +79,7 @@ def cluster(settings: Settings, kafka_bootstrap: str, tmp_path: Path) -> Iterato
     )
     config = tmp_path / "settings.yaml"
     config.write_text(settings.to_yaml())
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTINUAL_")}
-    processes = {}
-    for role in ("train", "serve"):
-        log = open(tmp_path / f"{role}.log", "wb")  # noqa: SIM115 (closed with the process)
-        processes[role] = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", role, "--config", str(config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+    processes = {role: spawn_role(role, config, tmp_path / f"{role}.log") for role in ("train", "serve")}
     yield settings
     for process in processes.values():
         process.terminate()

@@ -9,15 +9,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
-from kafka import KafkaAdminClient
 from prometheus_client import CollectorRegistry
 
 from service.datasets import TaskData, records
-from service.ingest import Incoming, Ingest
+from service.ingest import Incoming, Ingest, committed_offsets
 from service.metrics import TrainerMetrics
 from service.registry import Registry
 from service.settings import Settings
 from service.trainer import Trainer
+from service.trainer import checkpointed_counts as trainer_checkpointed_counts
 
 T = TypeVar("T")
 
@@ -48,19 +48,12 @@ def train_in_process(settings: Settings, tasks: list[TaskData]) -> Trainer:
 
 def checkpointed_counts(settings: Settings) -> dict[str, tuple[int, int]]:
     """Per task, (train, eval) records the trainer's durable checkpoint has absorbed."""
-    checkpoint = Registry(settings.registry_dir).read_checkpoint() or {"tasks": {}}
-    return {name: (t["train_seen"], t["eval_seen"]) for name, t in checkpoint["tasks"].items()}
+    return trainer_checkpointed_counts(Registry(settings.registry_dir))
 
 
 def committed_records(settings: Settings) -> int:
     """How many records of the training topic the trainer's group has committed, over all partitions."""
-    assert settings.kafka_bootstrap is not None
-    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    try:
-        offsets = admin.list_group_offsets([settings.kafka_group_id])[settings.kafka_group_id]
-    finally:
-        admin.close()
-    return sum(o.offset for tp, o in offsets.items() if tp.topic == settings.kafka_topic and o.offset > 0)
+    return sum(offset for offset in committed_offsets(settings).values() if offset > 0)
 
 
 def eventually(check: Callable[[], T | None], timeout_s: float, interval_s: float = 0.2, what: str = "") -> T:
