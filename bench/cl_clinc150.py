@@ -1,24 +1,31 @@
 """Continual-learning benchmark on CLINC150: 10 domains learned one after another, in three orders.
 
-    .venv/bin/python bench/cl_clinc150.py [--orders 3] [--strategies lora-per-task] [--train-per-label N]
+    .venv/bin/python -m bench.cl_clinc150 [--orders given ...] [--strategies S ...] [--domains N]
 
 Each strategy runs the service's own trainer in process (all-MiniLM-L6-v2, the default settings),
 one round per domain: the domain's training records and its **val** records (the trainer's eval
-records, used for its gate and its accuracy matrix) are absorbed and the round is closed. After each
+records, used for its gate and its accuracy matrix) are absorbed and the round is closed. `joint`
+gets every domain in one round (the stream shuffled across domains): the upper bound. After each
 domain the benchmark measures every learned domain on its **test** records:
 
-- task-aware: the request names its domain (the domain's adapter, its 15 intents);
+- task-aware: the request names its domain (its adapter, or the shared head's columns of its 15
+  intents);
 - task-agnostic: the request names nothing and is answered the way the server answers it (routed to
   the domain of the nearest intent prototype, `service.serving.nearest_task`, then that domain's
-  adapter); it is right only if the intent is, out of all 150.
+  version); it is right only if the intent is, out of all 150;
+- global head (strategies with a shared head only): the argmax over every intent learned so far, the
+  usual class-incremental measure.
 
-From the two accuracy matrices come ACC, BWT and forgetting (`service.evaluation`). Each order runs in
-its own process, for its wall time and peak memory. References measured in the same run on frozen
-MiniLM embeddings: a joint linear head over all 150 intents (the upper bound), Avalanche's
-StreamingLDA fed the stream in order, and domain routing by nearest intent prototype.
+The same replay and EWC configurations also run through Avalanche's own training template
+(`bench.avalanche_template`), measured the same way, with accuracy and wall-time ratios against it.
+From the accuracy matrices come ACC, BWT and forgetting (`service.evaluation`). Each order runs in its
+own process, for its wall time and peak memory. References measured in the same run on frozen MiniLM
+embeddings: a joint linear head over all 150 intents, Avalanche's StreamingLDA fed the stream in order,
+and domain routing by nearest intent prototype.
 
-Hyper-parameters were not tuned on test. Writes bench/results/cl_clinc150.json and one task-agnostic
-accuracy-matrix heatmap per strategy and order (bench/results/cl_clinc150_<strategy>_<order>.png).
+Hyper-parameters are chosen with ``--measure-on val``, never on test. Results are merged into
+bench/results/cl_clinc150.json one order at a time, with a task-agnostic accuracy-matrix heatmap per
+strategy and order (bench/results/cl_clinc150_<strategy>_<order>.png).
 """
 
 from __future__ import annotations
@@ -30,88 +37,104 @@ import random
 import resource
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 from prometheus_client import CollectorRegistry
 from rich.console import Console
 
+from bench.avalanche_template import TEMPLATES, AvalancheLearner
 from service.datasets import TaskData, clinc150, records
 from service.demo import plot_matrix
 from service.evaluation import summarize
 from service.ingest import Incoming
+from service.learner import SHARED_ADAPTER
 from service.metrics import TrainerMetrics
-from service.model import build_model
+from service.model import AdapterModel, build_model
+from service.records import Record
 from service.registry import Registry
 from service.serving import nearest_task
-from service.settings import load_settings
+from service.settings import Settings, load_settings
 from service.trainer import Trainer
+from strategies import registered
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CLINC150 = Path(__file__).resolve().parents[2] / "shared" / "data" / "clinc150"
 console = Console()
 
 
-def orders(domains: list[str], count: int) -> dict[str, list[str]]:
-    """The domains.json order, its reverse, and a fixed shuffle."""
+ORDERS = ("given", "reversed", "shuffled")
+
+
+def orders(domains: list[str], names: Sequence[str]) -> dict[str, list[str]]:
+    """The domains.json order, its reverse, and a fixed shuffle (those named)."""
     shuffled = domains[:]
     random.Random(1).shuffle(shuffled)
-    return dict(list({"given": domains, "reversed": domains[::-1], "shuffled": shuffled}.items())[:count])
+    every = {"given": domains, "reversed": domains[::-1], "shuffled": shuffled}
+    return {name: every[name] for name in names}
 
 
-def run_order(strategy: str, order: list[str], train_per_label: int | None, workdir: str) -> dict[str, Any]:
+def run_order(
+    strategy: str, order: list[str], train_per_label: int | None, workdir: str, measure_on: str = "test"
+) -> dict[str, Any]:
     """Learn the domains in ``order`` with ``strategy``; the matrices and figures (in a child process)."""
     started = time.monotonic()
     val = {t.name: t for t in clinc150(CLINC150, order, train_per_label, eval_splits=("val",))}
-    test = {t.name: t for t in clinc150(CLINC150, order, eval_splits=("test",))}
+    test = {t.name: t for t in clinc150(CLINC150, order, eval_splits=(measure_on,))}
     settings = load_settings(
         registry_dir=Path(workdir) / "registry",
-        strategy=strategy,
+        strategy=strategy if strategy not in TEMPLATES else "naive",
         # One round per domain, closed by the benchmark: no early versions, nothing to stream.
         first_version_records=0,
         round_max_records=10**9,
         drift_enabled=False,
     )
-    metrics = TrainerMetrics(CollectorRegistry(), strategy)
-    trainer = Trainer(settings, Registry(settings.registry_dir), metrics)
-    test_embeddings = {
-        name: torch.from_numpy(trainer.model.base_embeddings([t for t, _ in task.eval]))
-        for name, task in test.items()
-    }
+    learner: Learned = (
+        AvalancheLearner(strategy, settings) if strategy in TEMPLATES else TrainerLearner(settings)
+    )
+    embed = learner.model.base_embeddings
+    test_embeddings = {n: torch.from_numpy(embed([t for t, _ in task.eval])) for n, task in test.items()}
+    prototypes = {name: _unit_label_means(embed, task.train) for name, task in val.items()}
+    if strategy == "joint":
+        # The upper bound: every domain in one round, the stream shuffled across domains.
+        learner.learn_all([val[name] for name in order])
+        steps = [order]
+    else:
+        steps = [order[:learned] for learned in range(1, len(order) + 1)]
     aware: dict[str, dict[str, float]] = {}
     agnostic: dict[str, dict[str, float]] = {}
-    right: dict[str, torch.Tensor] = {}  # per domain: test record answered right by its own adapter
-    offset = 0
-    for learned, name in enumerate(order, start=1):
-        task = val[name]
-        batch = [
-            Incoming(0, offset + i, r, r.task.encode(), r.to_json())
-            for i, r in enumerate(records([TaskData(name, task.train, task.eval)]))
-        ]
-        offset += len(batch)
-        trainer.absorb(batch)
-        report = trainer.close_round({0: offset})
-        seen = order[:learned]
-        changed = set(report.trained) if trainer.strategy.isolates_tasks else set(seen)
-        for domain in changed:
-            right[domain] = _task_aware_right(trainer, domain, test[domain])
-        prototypes = [trainer.label_prototypes(d) for d in seen]
-        aware[name] = {d: float(right[d].float().mean()) for d in seen}
-        agnostic[name] = {}
+    global_head: dict[str, dict[str, float]] = {}
+    for seen in steps:
+        name = seen[-1]
+        if strategy != "joint":
+            learner.learn(val[name])
+        routing = [prototypes[d] for d in seen]
+        aware[name], agnostic[name], global_head[name] = {}, {}, {}
         for d in seen:
-            routed, _ = nearest_task(test_embeddings[d], prototypes)
-            agnostic[name][d] = float(((routed == seen.index(d)) & right[d]).float().mean())
+            texts, labels = [t for t, _ in test[d].eval], [label for _, label in test[d].eval]
+            within, answers = learner.answer(d, texts)
+            right = torch.tensor([a == b for a, b in zip(within, labels, strict=True)])
+            routed, _ = nearest_task(test_embeddings[d], routing)
+            aware[name][d] = float(right.float().mean())
+            agnostic[name][d] = float(((routed == seen.index(d)) & right).float().mean())
+            if answers is not None:
+                global_head[name][d] = sum(a == b for a, b in zip(answers, labels, strict=True)) / len(labels)
         console.print(
-            f"{strategy} {order[0]}..: {learned}/10 {name}: task-aware {aware[name][name]:.1%}, "
-            f"task-agnostic mean {sum(agnostic[name].values()) / learned:.1%}"
+            f"{strategy} {order[0]}..: {len(seen)}/{len(order)} {name}: task-aware {aware[name][name]:.1%}, "
+            f"task-agnostic mean {sum(agnostic[name].values()) / len(seen):.1%}"
         )
     agn, awr = summarize(agnostic), summarize(aware)
+    glb = summarize(global_head) if any(global_head.values()) else None
     return {
         "acc": agn.acc,
         "acc_task_aware": awr.acc,
+        "acc_global_head": glb.acc if glb else None,
         "bwt": agn.bwt,
         "bwt_task_aware": awr.bwt,
+        "bwt_global_head": glb.bwt if glb else None,
         "forgetting": agn.mean_forgetting,
         "forgetting_task_aware": awr.mean_forgetting,
         "wall_s": round(time.monotonic() - started, 1),
@@ -119,16 +142,67 @@ def run_order(strategy: str, order: list[str], train_per_label: int | None, work
         "order": order,
         "matrix_task_agnostic": agnostic,
         "matrix_task_aware": aware,
+        "matrix_global_head": global_head if glb else None,
     }
 
 
-def _task_aware_right(trainer: Trainer, domain: str, task: TaskData) -> torch.Tensor:
-    state = trainer.tasks[domain]
-    texts = [text for text, _ in task.eval]
-    probabilities = trainer.model.predict(domain, texts, trainer.settings.eval_batch_size)
-    predicted = probabilities[:, : len(state.labels)].argmax(dim=-1).tolist()
-    rows = zip(predicted, task.eval, strict=True)
-    return torch.tensor([state.labels[p] == label for p, (_, label) in rows])
+class Learned(Protocol):
+    """What the harness needs of a learner: learn domains, answer with or without the domain."""
+
+    model: AdapterModel
+
+    def learn(self, task: TaskData) -> None: ...
+
+    def learn_all(self, tasks: list[TaskData]) -> None: ...
+
+    def answer(self, task: str, texts: Sequence[str]) -> tuple[list[str], list[str] | None]:
+        """Each text's label among ``task``'s labels, and among every label learned (if it can say)."""
+        ...
+
+
+class TrainerLearner:
+    """The service's own trainer, fed one round per domain as if from one partition."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.trainer = Trainer(
+            settings, Registry(settings.registry_dir), TrainerMetrics(CollectorRegistry(), settings.strategy)
+        )
+        self.model = self.trainer.model
+        self.offset = 0
+
+    def learn(self, task: TaskData) -> None:
+        self._round(list(records([task])))
+
+    def learn_all(self, tasks: list[TaskData]) -> None:
+        stream = list(records(tasks))
+        random.Random(0).shuffle(stream)
+        self._round(stream)
+
+    def _round(self, stream: list[Record]) -> None:
+        batch = [Incoming(0, self.offset + i, r, r.task.encode(), r.to_json()) for i, r in enumerate(stream)]
+        self.offset += len(batch)
+        self.trainer.absorb(batch)
+        self.trainer.close_round({0: self.offset})
+
+    def answer(self, task: str, texts: Sequence[str]) -> tuple[list[str], list[str] | None]:
+        """Per-task adapters answer within the task only; a shared head over every label too."""
+        labels = self.trainer.tasks[task].labels
+        if self.trainer.learner is None:
+            return [labels[i] for i in self.trainer.predict_task(task, texts).argmax(-1).tolist()], None
+        names = {column: label for (_, label), column in self.trainer.columns.items()}
+        scores = self.trainer.predict_columns(SHARED_ADAPTER, texts, range(len(names)))
+        own = [self.trainer.columns[(task, label)] for label in labels]
+        within = [labels[i] for i in scores[:, own].argmax(-1).tolist()]
+        return within, [names[i] for i in scores.argmax(-1).tolist()]
+
+
+def _unit_label_means(embed: Callable[[list[str]], np.ndarray], rows: list[tuple[str, str]]) -> torch.Tensor:
+    """Unit-length mean base embedding per label: the prototypes the server routes by."""
+    x = torch.from_numpy(embed([text for text, _ in rows]))
+    labels = sorted({label for _, label in rows})
+    y = [labels.index(label) for _, label in rows]
+    means = torch.stack([x[[i for i, v in enumerate(y) if v == k]].mean(0) for k in range(len(labels))])
+    return torch.nn.functional.normalize(means, dim=-1)
 
 
 def references(domains: list[str]) -> dict[str, float]:
@@ -192,36 +266,108 @@ def references(domains: list[str]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--orders", type=int, default=3)
-    parser.add_argument("--strategies", nargs="+", default=["lora-per-task"])
+    parser.add_argument("--orders", nargs="+", choices=ORDERS, default=list(ORDERS))
+    parser.add_argument("--strategies", nargs="+", default=[*sorted(registered()), *TEMPLATES])
     parser.add_argument("--train-per-label", type=int, default=None, help="fewer records, for a quick look")
+    parser.add_argument("--domains", type=int, default=None, help="only the first N domains of each order")
+    parser.add_argument("--out", type=Path, default=RESULTS / "cl_clinc150.json")
+    parser.add_argument("--skip-references", action="store_true", help="keep the references already there")
+    parser.add_argument(
+        "--measure-on", choices=("test", "val"), default="test", help="val: for choosing hyper-parameters"
+    )
+    parser.add_argument("--table", action="store_true", help="print the results as markdown, run nothing")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(args.out.read_text())))
+        return
     domains = list(json.loads((CLINC150 / "domains.json").read_text()))
-    results: dict[str, Any] = {"references": references(domains), "strategies": {}}
-    console.print(results["references"])
+    # Runs are merged into the results file one order at a time, so a long run that stops keeps
+    # what it finished and strategies can be run (or rerun) separately.
+    results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if not args.skip_references:
+        results["references"] = references(domains)
+        console.print(results["references"])
     context = multiprocessing.get_context("spawn")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for strategy in args.strategies:
-        runs = {}
+        entry = results.setdefault("strategies", {}).setdefault(strategy, {"orders": {}})
         for name, order in orders(domains, args.orders).items():
+            order = order[: args.domains]
             with tempfile.TemporaryDirectory(prefix="cl-bench-") as workdir, context.Pool(1) as pool:
-                run = pool.apply(run_order, (strategy, order, args.train_per_label, workdir))
+                run = pool.apply(run_order, (strategy, order, args.train_per_label, workdir, args.measure_on))
             plot_matrix(
                 run["matrix_task_agnostic"],
-                RESULTS / f"cl_clinc150_{strategy}_{name}.png",
+                args.out.parent / f"{args.out.stem}_{strategy}_{name}.png",
                 title=f"{strategy}, {name} order: task-agnostic accuracy (%)",
             )
-            runs[name] = run
-        keys = ("acc", "acc_task_aware", "bwt", "bwt_task_aware", "forgetting", "wall_s", "peak_rss_mb")
-        results["strategies"][strategy] = {
-            "orders": runs,
-            "mean": {k: sum(r[k] for r in runs.values()) / len(runs) for k in keys},
-        }
-        console.print(strategy, results["strategies"][strategy]["mean"])
-    adapt = RESULTS / "time_to_adapt.json"
-    if adapt.exists():
-        results["time_to_adapt_s"] = json.loads(adapt.read_text())["time_to_adapt_s"]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cl_clinc150.json").write_text(json.dumps(results, indent=2) + "\n")
+            entry["orders"][name] = run
+            entry["mean"] = _mean(entry["orders"].values())
+            results["avalanche_template_ratios"] = _template_ratios(results["strategies"])
+            adapt = RESULTS / "time_to_adapt.json"
+            if adapt.exists():
+                results["time_to_adapt_s"] = json.loads(adapt.read_text())["time_to_adapt_s"]
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
+        console.print(strategy, entry["mean"])
+
+
+def table(results: dict[str, Any]) -> str:
+    """The results as the markdown table in bench/README.md: one row per strategy and order, then means."""
+
+    def pct(value: float | None) -> str:
+        return "–" if value is None else f"{100 * value:.1f}%"
+
+    def points(value: float | None) -> str:
+        return "–" if value is None else f"{100 * value:+.2f}".replace("-", "−")
+
+    lines = [
+        "| strategy | order | task-agnostic ACC | task-aware ACC | global-head ACC | BWT (task-agnostic) "
+        "| BWT (task-aware) | BWT (global head) | wall | peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for strategy, entry in results["strategies"].items():
+        rows = [*entry["orders"].items(), ("**mean**", entry["mean"])] if len(entry["orders"]) > 1 else []
+        for order, run in rows or entry["orders"].items():
+            cells = [
+                strategy,
+                order,
+                *(pct(run.get(k)) for k in ("acc", "acc_task_aware", "acc_global_head")),
+                *(points(run.get(k)) for k in ("bwt", "bwt_task_aware", "bwt_global_head")),
+                f"{run['wall_s']:.0f} s",
+                f"{run['peak_rss_mb'] / 1024:.1f} GB",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _mean(runs: Any) -> dict[str, float | None]:
+    """Each figure's mean over the orders run (None where a strategy does not have it)."""
+    runs = list(runs)
+    keys = ["acc", "acc_task_aware", "acc_global_head", "bwt", "bwt_task_aware", "bwt_global_head"]
+    keys += ["forgetting", "wall_s", "peak_rss_mb"]
+    means: dict[str, float | None] = {}
+    for key in keys:
+        values = [run.get(key) for run in runs]
+        means[key] = None if any(v is None for v in values) else sum(values) / len(values)
+    return means
+
+
+def _template_ratios(strategies: dict[str, Any]) -> dict[str, Any]:
+    """Ours against Avalanche's template on the orders both ran: accuracy and wall-time ratios."""
+    ratios = {}
+    for ours, theirs in (("replay", "avalanche-replay"), ("ewc", "avalanche-ewc")):
+        if ours not in strategies or theirs not in strategies:
+            continue
+        a, b = strategies[ours]["orders"], strategies[theirs]["orders"]
+        common = sorted(set(a) & set(b))
+        if not common:
+            continue
+        row: dict[str, Any] = {"orders": common}
+        for key in ("acc", "acc_task_aware", "acc_global_head", "wall_s", "peak_rss_mb"):
+            pairs = [(a[o][key], b[o][key]) for o in common]
+            if all(x is not None and y for x, y in pairs):
+                row[f"{key}_ratio"] = round(sum(x for x, _ in pairs) / sum(y for _, y in pairs), 4)
+        ratios[f"{ours} / {theirs}"] = row
+    return ratios
 
 
 if __name__ == "__main__":

@@ -153,7 +153,7 @@ def soak(
     producer.join()
     say(f"stream done: {len(stream)} records; letting the last trainer catch up")
 
-    produced = Counter((r.task, r.split) for r in good)
+    produced: Counter[tuple[str, str]] = Counter((r.task, r.split) for r in good)
     final = spawn_role("train", config, workdir / "trainer-final.log")
     deadline = time.monotonic() + 600
     caught_up = False

@@ -104,7 +104,7 @@ def run_config(
     config.write_text(settings.to_yaml())
     trainer = spawn_role("train", config, workdir / name / "train.log")
     server = spawn_role("serve", config, workdir / name / "serve.log")
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
         with grpc.insecure_channel(f"127.0.0.1:{settings.grpc_port}") as channel:
             stub = continual_pb2_grpc.ContinualStub(channel)

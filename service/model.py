@@ -129,28 +129,66 @@ class AdapterModel:
 
     def parameters(self, name: str) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """The trainable (LoRA, head) parameters of one adapter."""
+        named = self.named_parameters(name)
+        lora = [p for n, p in named.items() if not n.startswith(HEAD_PREFIX)]
+        return lora, [p for n, p in named.items() if n.startswith(HEAD_PREFIX)]
+
+    def named_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """The trainable parameters of one adapter by name (``head.*`` for the head's)."""
         assert self._peft is not None
-        lora = [p for n, p in self._peft.named_parameters() if f".{name}." in n and "lora_" in n]
-        return lora, list(self.heads[name].parameters())
+        named = {n: p for n, p in self._peft.named_parameters() if f".{name}." in n and "lora_" in n}
+        for n, p in self.heads[name].named_parameters():
+            named[HEAD_PREFIX + n] = p
+        return named
 
     def _add_lora(self, name: str) -> None:
+        training = self._peft is not None and self._peft.training
         if self._peft is None:
             self._peft = get_peft_model(self._base, self.lora.config(), adapter_name=name)
         else:
             self._peft.add_adapter(name, self.lora.config())
+        # PEFT may leave the model in training mode (dropout on); it is in eval mode outside training().
+        self._peft.train(training)
 
     # --- forward --------------------------------------------------------------------------------
 
     def logits(self, name: str, texts: Sequence[str]) -> torch.Tensor:
         """Head outputs for ``texts`` through adapter ``name`` (with gradients when training)."""
-        assert self._peft is not None
-        if self._peft.active_adapter != name:
-            self._peft.set_adapter(name)
         batch = self.tokenizer(
             list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
-        hidden = self._peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return self.heads[name](_mean_pool(hidden.last_hidden_state, batch["attention_mask"]))
+        return self.heads[name](self.pooled(name, batch["input_ids"], batch["attention_mask"]))
+
+    def pooled(self, name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled encoder outputs of tokenised texts through adapter ``name``, before any head."""
+        assert self._peft is not None
+        # Always: PEFT's active_adapter can name an adapter that was removed and loaded again, while
+        # its layers have no active adapter left (the forward pass would then skip LoRA silently).
+        self._peft.set_adapter(name)
+        hidden = self._peft(input_ids=input_ids, attention_mask=attention_mask)
+        return _mean_pool(hidden.last_hidden_state, attention_mask)
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The base encoder with every LoRA adapter (for callers that train it their own way)."""
+        assert self._peft is not None
+        return self._peft
+
+    @torch.no_grad()
+    def frozen_logits(self, name: str, texts: Sequence[str], restore: str) -> torch.Tensor:
+        """Outputs of adapter ``name`` in eval mode without gradients, inside a training step.
+
+        The training mode and the active adapter ``restore`` are put back afterwards, so the step's
+        own forward and backward pass are unaffected.
+        """
+        assert self._peft is not None
+        training = self._peft.training
+        self._peft.eval()
+        try:
+            return self.logits(name, texts)
+        finally:
+            self._peft.train(training)
+            self._peft.set_adapter(restore)
 
     @contextmanager
     def training(self, name: str) -> Iterator[None]:

@@ -8,6 +8,7 @@ Layout under the root directory::
     tasks/<task>/alias.json                             {"served": N, "pinned": bool, "reason": ...}
     tasks/<task>/events.jsonl                           promotions, rejections, rollbacks, pruning
     trainer/checkpoint.json                             which versions the trainer holds + offsets
+    trainer/learner-<round>.safetensors                 the shared learner and strategy tensors it names
     .tmp/                                               versions being written
 
 A version is written in a temporary directory, fsynced, then renamed into place, so a reader sees
@@ -244,6 +245,37 @@ class Registry:
         """Replace the trainer checkpoint atomically and durably."""
         (self.root / "trainer").mkdir(exist_ok=True)
         _write_json(self.root / "trainer" / "checkpoint.json", checkpoint)
+
+    def write_learner(self, round_number: int, tensors: dict[str, torch.Tensor]) -> str:
+        """Write the trainer's tensors for a checkpoint durably; returns the name the checkpoint keeps.
+
+        Written before the checkpoint that names it, so a checkpoint never names a missing file.
+        """
+        directory = self.root / "trainer"
+        directory.mkdir(exist_ok=True)
+        name = f"learner-{round_number:06d}.safetensors"
+        temporary = directory / f".{name}.{uuid.uuid4().hex}"
+        try:
+            try:
+                save_file(tensors, str(temporary))
+            except SafetensorError as exc:
+                raise OSError(f"cannot write {name}: {exc}") from exc
+            _fsync_file(temporary)
+            os.replace(temporary, directory / name)
+        finally:
+            temporary.unlink(missing_ok=True)
+        _fsync_dir(directory)
+        return name
+
+    def read_learner(self, name: str) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint names."""
+        return load_file(str(self.root / "trainer" / name))
+
+    def prune_learners(self, keep: str | None) -> None:
+        """Delete learner files other than ``keep`` (older checkpoints' ones)."""
+        for path in (self.root / "trainer").glob("learner-*.safetensors"):
+            if path.name != keep:
+                path.unlink(missing_ok=True)
 
     # --- helpers ------------------------------------------------------------------------------------
 

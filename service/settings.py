@@ -127,6 +127,20 @@ class Settings(BaseSettings):
         "untrained adapter already classifies by nearest label mean), or random.",
     )
     eval_batch_size: int = Field(default=128, ge=1)
+
+    # Strategies that share one learner across tasks (see strategies/)
+    replay_memory_size: int = Field(
+        default=3000, ge=1, description="Examples the replay memory keeps, divided evenly over the labels."
+    )
+    ewc_lambda: float = Field(default=1000.0, ge=0, description="Weight of the EWC penalty.")
+    ewc_decay: float = Field(
+        default=1.0, ge=0, le=1, description="Online EWC: how much of the old importance each round keeps."
+    )
+    ewc_fisher_examples: int = Field(
+        default=512, ge=1, description="Examples per round the parameters' importance is estimated on."
+    )
+    lwf_alpha: float = Field(default=1.0, ge=0, description="Weight of LwF's distillation loss.")
+    lwf_temperature: float = Field(default=2.0, gt=0, description="Softmax temperature of the distillation.")
     seed: int = 0
     torch_threads: int = Field(default=0, ge=0, description="0 leaves torch's default.")
 

@@ -27,18 +27,29 @@ from service.drift import MIN_REFERENCE, MMDDrift, PageHinkley
 from service.errors import CorruptVersion
 from service.evaluation import LearningSummary, summarize
 from service.ingest import Incoming, Ingest
+from service.learner import SHARED_ADAPTER, Learner
 from service.metrics import TrainerMetrics
-from service.model import PROTOTYPE_COUNTS, PROTOTYPE_SUMS, AdapterModel, build_model, unit_prototypes
+from service.model import (
+    HEAD_PREFIX,
+    PROTOTYPE_COUNTS,
+    PROTOTYPE_SUMS,
+    AdapterModel,
+    build_model,
+    unit_prototypes,
+)
 from service.producer import Unacknowledged
 from service.promotion import Decision, LiveAccuracy, gate
 from service.records import Rejection
 from service.registry import Registry
 from service.settings import Settings
-from strategies import Strategy, create
+from strategies import Example, Strategy, create
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
+#: Key prefixes in the learner file: the shared adapter's weights, and the strategy's tensors.
+LEARNER_PREFIX = "learner."
+STRATEGY_PREFIX = "strategy."
 #: How long the trainer waits before polling again after Kafka failed it.
 BROKER_BACKOFF_S = 1.0
 #: Training examples: (text, label index within the task).
@@ -77,7 +88,6 @@ class TaskState:
     eval_judged: int = 0
     #: Head rows already started from their label's prototype (or trained before a restart).
     head_initialized: set[int] = field(default_factory=set)
-    optimizer: torch.optim.Optimizer | None = None
 
     def label_index(self, label: str) -> int:
         """The class index of ``label``, appending it if new (indices never move)."""
@@ -125,13 +135,21 @@ class Trainer:
         self.settings = settings
         self.registry = registry
         self.metrics = metrics
-        self.strategy: Strategy = create(settings.strategy)
+        self.strategy: Strategy = create(settings.strategy, settings)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         self.model = model or build_model(settings)
         # Dropout draws from torch's global generator; seeding it makes a run repeatable.
         torch.manual_seed(settings.seed)
         self.tasks: dict[str, TaskState] = {}
+        #: Strategies that share parameters train one learner; its head has a column per (task, label).
+        self.learner: Learner | None = None
+        self.columns: dict[tuple[str, str], int] = {}
+        if not self.strategy.isolates_tasks:
+            self.model.add(SHARED_ADAPTER, num_labels=2)
+            self.learner = Learner(self.model)
+        self._optimizers: dict[str, torch.optim.Optimizer] = {}
+        self._round_started = False
         #: The accuracy matrix: row i holds every task's accuracy right after task i was last learned.
         self.accuracy_matrix: dict[str, dict[str, float]] = {}
         #: A task's accuracy measured before its first training record (eval records came first): FWT.
@@ -170,13 +188,23 @@ class Trainer:
                 f"the registry's trainer checkpoint is for topic {checkpoint.get('topic')!r}, "
                 f"not {self.settings.kafka_topic!r}; use another registry_dir"
             )
+        saved_strategy = str(checkpoint.get("strategy", "lora-per-task"))
+        shared_before = bool(checkpoint.get("columns"))  # a shared learner's head has columns
+        if checkpoint["tasks"] and shared_before != (self.learner is not None):
+            # Per-task adapters and one shared learner cannot be continued from each other.
+            raise ValueError(
+                f"the registry's trainer checkpoint was written by strategy {saved_strategy!r}, which "
+                f"{'shares' if self.learner is None else 'does not share'} one learner across tasks, "
+                f"unlike strategy {self.strategy.name!r}; keep {saved_strategy!r} or use another registry_dir"
+            )
         self.round_number = int(checkpoint["round"])
         self.offsets = {int(p): int(o) for p, o in checkpoint["offsets"].items()}
         for name, saved in checkpoint["tasks"].items():
             version = int(saved["version"])
             manifest = self.registry.manifest(name, version)
             weights = self.registry.load_weights(name, version)
-            self.model.load(name, weights)
+            if self.learner is None:
+                self.model.load(name, weights)
             prototype_sums, prototype_counts = _prototypes(weights)
             self.tasks[name] = TaskState(
                 name=name,
@@ -201,7 +229,17 @@ class Trainer:
             state.pending = [(str(text), int(index)) for text, index in rows]
             state.round_examples = list(state.pending)
             state.changed = True
-        self.strategy.load_state_dict(checkpoint.get("strategy_state", {}))
+        strategy_state = dict(checkpoint.get("strategy_state", {}))
+        if checkpoint.get("learner"):
+            tensors = self.registry.read_learner(checkpoint["learner"])
+            strategy_state.update(_unprefixed(tensors, STRATEGY_PREFIX))
+            if self.learner is not None:
+                self.model.remove(SHARED_ADAPTER)
+                self.model.load(SHARED_ADAPTER, _unprefixed(tensors, LEARNER_PREFIX))
+        if self.learner is not None:
+            for task, label in checkpoint.get("columns", []):
+                self._column(task, label)
+        self.strategy.load_state_dict(strategy_state)
         log.info(
             "restored round %d: %d task(s), offsets %s", self.round_number, len(self.tasks), self.offsets
         )
@@ -229,6 +267,8 @@ class Trainer:
                     )
                 continue
             index = state.label_index(record.label)
+            if self.learner is not None:
+                self._column(state.name, record.label)
             state.changed = True
             self.round_records += 1
             if record.split == "eval":
@@ -269,7 +309,13 @@ class Trainer:
 
     def _version_weights(self, state: TaskState) -> dict[str, torch.Tensor]:
         """The adapter and head, plus the label prototypes a server routes task-less requests with."""
-        weights = self.model.weights(state.name)
+        learner = self._learner(state)
+        weights = self.model.weights(learner.adapter)
+        if self.learner is not None:
+            # The shared adapter, with the head rows of this task's columns only.
+            columns = self._columns(state)
+            for key in (HEAD_PREFIX + "weight", HEAD_PREFIX + "bias"):
+                weights[key] = weights[key][columns].contiguous()
         if state.prototype_counts:
             size = len(state.labels)
             sums = torch.zeros(size, self.model.hidden_size)
@@ -319,8 +365,9 @@ class Trainer:
         state = TaskState(name=name)
         self.tasks[name] = state
         self.metrics.start_task(name)
-        # Two outputs to start; the head grows as labels arrive.
-        self.model.add(name, num_labels=2)
+        if self.learner is None:
+            # Two outputs to start; the head grows as labels arrive.
+            self.model.add(name, num_labels=2)
         self.strategy.before_task(name)
         log.info("new task %r", name)
         return state
@@ -345,45 +392,92 @@ class Trainer:
         self.close_round(dict(ingest.positions), ingest)
         return self._unpersisted is None
 
+    def _column(self, task: str, label: str) -> int:
+        """The shared head's output for ``label`` of ``task``, appended if new (columns never move)."""
+        column = self.columns.get((task, label))
+        if column is None:
+            column = self.columns[(task, label)] = len(self.columns)
+            assert self.learner is not None
+            self.learner.in_use = len(self.columns)
+        return column
+
+    def _columns(self, state: TaskState) -> list[int]:
+        """The head outputs of the task's labels, in label order."""
+        if self.learner is None:
+            return list(range(len(state.labels)))
+        return [self.columns[(state.name, label)] for label in state.labels]
+
+    def _learner(self, state: TaskState) -> Learner:
+        """What a task trains: the shared learner, or the task's own adapter seen as one."""
+        if self.learner is not None:
+            return self.learner
+        learner = Learner(self.model, state.name)
+        learner.in_use = len(state.labels)
+        return learner
+
     def _prepare_head(self, state: TaskState) -> None:
         """One head output per label seen so far; new rows start at their prototypes if so set."""
-        if len(state.labels) > self.model.heads[state.name].out_features:
-            self.model.grow_head(state.name, len(state.labels))
-            state.optimizer = None  # the head's parameters were replaced
+        learner = self._learner(state)
+        if learner.in_use > self.model.heads[learner.adapter].out_features:
+            self.model.grow_head(learner.adapter, learner.in_use)
+            self._optimizers.pop(learner.adapter, None)  # the head's parameters were replaced
         if self.settings.head_init == "prototypes":
-            self._init_head_rows(state)
+            self._init_head_rows(state, learner.adapter)
 
     def _step(self, state: TaskState, examples: Sequence[tuple[str, int]]) -> None:
-        self._keep_group()
+        """One training step on new examples of one task (label indices within the task)."""
         self._prepare_head(state)
-        if state.optimizer is None:
-            lora, head = self.model.parameters(state.name)
-            for parameter in (*lora, *head):
-                parameter.requires_grad_(True)
-            state.optimizer = torch.optim.AdamW(
+        columns = self._columns(state)
+        loss = self._train(self._learner(state), [(text, columns[index]) for text, index in examples])
+        state.round_losses.append(loss)
+        self.metrics.training_examples.labels(task=state.name, strategy=self.strategy.name).inc(len(examples))
+
+    def _train(self, learner: Learner, examples: Sequence[Example]) -> float:
+        """One optimizer step on ``examples`` plus what the strategy replays; returns the loss."""
+        self._keep_group()
+        if not self._round_started:
+            self._round_started = True
+            self.strategy.before_round(self.learner)
+        batch = list(examples) + (self.strategy.replay(len(examples)) if self.learner is not None else [])
+        lora, head = self.model.parameters(learner.adapter)
+        # Loading another adapter (a served reference, a teacher) may switch this one's gradients off.
+        for parameter in (*lora, *head):
+            parameter.requires_grad_(True)
+        optimizer = self._optimizers.get(learner.adapter)
+        if optimizer is None:
+            optimizer = self._optimizers[learner.adapter] = torch.optim.AdamW(
                 [
                     {"params": lora, "lr": self.settings.learning_rate},
                     {"params": head, "lr": self.settings.head_learning_rate},
                 ],
                 weight_decay=0.01,
             )
-        texts = [text for text, _ in examples]
-        labels = torch.tensor([index for _, index in examples])
-        with self.model.training(state.name):
-            logits = self.model.logits(state.name, texts)
+        texts = [text for text, _ in batch]
+        with self.model.training(learner.adapter):
             # Only the labels seen so far compete; outputs reserved for unseen ones stay out of it.
-            logits = logits[:, : max(len(state.labels), 1)]
-            loss = functional.cross_entropy(logits, labels)
-            extra = self.strategy.extra_loss(state.name, logits, labels)
+            logits = learner.logits(texts)
+            loss = functional.cross_entropy(logits, torch.tensor([column for _, column in batch]))
+            extra = self.strategy.extra_loss(self.learner, texts, logits)
             if extra is not None:
                 loss = loss + extra
-            state.optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            state.optimizer.step()
-        state.round_losses.append(float(loss.detach()))
-        self.metrics.training_examples.labels(task=state.name, strategy=self.strategy.name).inc(len(examples))
+            optimizer.step()
+        return float(loss.detach())
 
-    def _init_head_rows(self, state: TaskState) -> None:
+    def _rehearse(
+        self, learner: Learner, new: list[Example], tasks: list[TaskState], rng: random.Random
+    ) -> None:
+        """The round's further epochs on the shared learner: every task's examples shuffled together."""
+        for _ in range(self.settings.epochs - 1):
+            examples = self.strategy.rehearsal(new)
+            rng.shuffle(examples)
+            for i in range(0, len(examples), self.settings.batch_size):
+                loss = self._train(learner, examples[i : i + self.settings.batch_size])
+                for state in tasks:
+                    state.round_losses.append(loss)
+
+    def _init_head_rows(self, state: TaskState, adapter: str) -> None:
         """Start each new label's head row at its normalised mean base embedding.
 
         A fresh LoRA adapter changes nothing (PEFT starts B at zero), so the task then already
@@ -393,13 +487,14 @@ class Trainer:
         new = [i for i in state.prototype_counts if i not in state.head_initialized and i < len(state.labels)]
         if not new:
             return
-        means = {i: state.prototype_sums[i] / state.prototype_counts[i] for i in new}
+        columns = self._columns(state)
+        means = {columns[i]: state.prototype_sums[i] / state.prototype_counts[i] for i in new}
         scale = PROTOTYPE_LOGIT_SCALE / float(torch.stack(list(means.values())).norm(dim=-1).mean())
-        head = self.model.heads[state.name]
+        head = self.model.heads[adapter]
         with torch.no_grad():
-            for i, mean in means.items():
-                head.weight[i] = functional.normalize(mean, dim=0) * scale
-                head.bias[i] = 0.0
+            for column, mean in means.items():
+                head.weight[column] = functional.normalize(mean, dim=0) * scale
+                head.bias[column] = 0.0
         state.head_initialized.update(new)
 
     # --- closing a round ----------------------------------------------------------------------------
@@ -454,12 +549,19 @@ class Trainer:
             state.pending = []
             if state.round_examples:
                 trained[state.name] = len(state.round_examples)
-                for _ in range(self.settings.epochs - 1):
+                for _ in range(self.settings.epochs - 1 if self.learner is None else 0):
                     examples = state.round_examples[:]
                     rng.shuffle(examples)
                     for i in range(0, len(examples), self.settings.batch_size):
                         self._step(state, examples[i : i + self.settings.batch_size])
-        self.strategy.after_round(sorted(trained))
+        new: list[Example] = []
+        if self.learner is not None:
+            for name in trained:
+                columns = self._columns(self.tasks[name])
+                new.extend((text, columns[index]) for text, index in self.tasks[name].round_examples)
+            self._rehearse(self.learner, new, [self.tasks[name] for name in trained], rng)
+        self.strategy.after_round(self.learner, new)
+        self._round_started = False
 
         changed = [s for s in self.tasks.values() if s.changed]
         to_evaluate = changed if self.strategy.isolates_tasks else list(self.tasks.values())
@@ -528,7 +630,21 @@ class Trainer:
             for state in pending.tasks:
                 if state.name not in pending.published:
                     self._publish(state, pending)
-            self.registry.write_checkpoint(self._checkpoint(pending.offsets, pending.untrained))
+            strategy_state = self.strategy.state_dict()
+            tensors = {
+                STRATEGY_PREFIX + k: v.contiguous()
+                for k, v in strategy_state.items()
+                if isinstance(v, torch.Tensor)
+            }
+            if self.learner is not None:
+                for key, value in self.model.weights(SHARED_ADAPTER).items():
+                    tensors[LEARNER_PREFIX + key] = value
+            learner_file = self.registry.write_learner(self.round_number, tensors) if tensors else None
+            plain = {k: v for k, v in strategy_state.items() if not isinstance(v, torch.Tensor)}
+            self.registry.write_checkpoint(
+                self._checkpoint(pending.offsets, pending.untrained, plain, learner_file)
+            )
+            self.registry.prune_learners(keep=learner_file)
             self.offsets = pending.offsets
             for name, version in pending.published.items():
                 if name not in pending.applied:
@@ -599,17 +715,37 @@ class Trainer:
                 state.best_accuracy = max(state.best_accuracy or 0.0, state.accuracy)
 
     def _accuracy(self, state: TaskState) -> float | None:
-        outcomes = self._outcomes(state.name, state.labels, state.eval_records)
+        self._prepare_head(state)  # labels known from eval records only have outputs too
+        outcomes = self._outcomes(self._learner(state).adapter, state.labels, state.eval_records, state)
         return sum(outcomes) / len(outcomes) if outcomes else None
 
-    def _outcomes(self, adapter: str, labels: Sequence[str], rows: Sequence[tuple[str, str]]) -> list[bool]:
-        """For each (text, label), whether ``adapter`` predicts the label."""
+    def _outcomes(
+        self,
+        adapter: str,
+        labels: Sequence[str],
+        rows: Sequence[tuple[str, str]],
+        state: TaskState | None = None,
+    ) -> list[bool]:
+        """For each (text, label), whether ``adapter`` predicts the label among ``labels``.
+
+        With ``state`` the trainer's own learner is asked (the task's columns of a shared head);
+        without, ``adapter`` is a published version whose head rows are ``labels``.
+        """
         if not rows:
             return []
         self._keep_group()
-        probabilities = self.model.predict(adapter, [text for text, _ in rows], self.settings.eval_batch_size)
-        predicted = probabilities[:, : len(labels)].argmax(dim=-1).tolist()
+        columns = self._columns(state) if state is not None else list(range(len(labels)))
+        predicted = self.predict_columns(adapter, [text for text, _ in rows], columns).argmax(dim=-1).tolist()
         return [labels[p] == label for p, (_, label) in zip(predicted, rows, strict=True)]
+
+    def predict_task(self, task: str, texts: Sequence[str]) -> torch.Tensor:
+        """The trainer's current scores of ``texts`` over ``task``'s labels (in label order)."""
+        state = self.tasks[task]
+        return self.predict_columns(self._learner(state).adapter, texts, self._columns(state))
+
+    def predict_columns(self, adapter: str, texts: Sequence[str], columns: Sequence[int]) -> torch.Tensor:
+        """Probabilities of ``adapter`` for ``texts``, kept to ``columns`` (argmax-ready)."""
+        return self.model.predict(adapter, texts, self.settings.eval_batch_size)[:, list(columns)]
 
     def _served_reference(self, task: str, version: int) -> tuple[str, list[str]]:
         """The served version loaded beside the trainer's own adapter, to measure it on the same records."""
@@ -724,7 +860,11 @@ class Trainer:
         }
 
     def _checkpoint(
-        self, offsets: dict[int, int], untrained: dict[str, list[tuple[str, int]]]
+        self,
+        offsets: dict[int, int],
+        untrained: dict[str, list[tuple[str, int]]],
+        strategy_state: dict[str, Any],
+        learner_file: str | None,
     ) -> dict[str, Any]:
         return {
             "format": CHECKPOINT_FORMAT,
@@ -737,7 +877,10 @@ class Trainer:
                 if s.version is not None
             },
             "strategy": self.strategy.name,
-            "strategy_state": self.strategy.state_dict(),
+            "strategy_state": strategy_state,
+            # The shared learner and the strategy's tensors (written before this checkpoint).
+            "learner": learner_file,
+            "columns": [list(key) for key in self.columns],
             # A list, not a mapping: row order is learning order, and JSON objects get their keys sorted.
             "accuracy_matrix": [[name, row] for name, row in self.accuracy_matrix.items()],
             "accuracy_before_learning": self.accuracy_before_learning,
@@ -810,3 +953,7 @@ def _prototypes(weights: dict[str, torch.Tensor]) -> tuple[dict[int, torch.Tenso
         return {}, {}
     seen = [i for i, count in enumerate(counts.tolist()) if count > 0]
     return {i: sums[i] for i in seen}, {i: int(counts[i]) for i in seen}
+
+
+def _unprefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -1,0 +1,1 @@
+"""Benchmarks: each measures speed, memory or learning quality against a baseline run beside it."""

@@ -1,0 +1,166 @@
+"""Every registered strategy passes the same contract, on the trainer and a tiny real BERT.
+
+Hooks run (each strategy's own mechanism leaves its mark), state round-trips through a checkpoint,
+the same seed gives the same result, and a shared learner's published versions answer exactly as
+the trainer does. Strategy-specific checks follow the contract.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from service.datasets import TaskData, synthetic
+from service.learner import SHARED_ADAPTER
+from service.model import build_model
+from service.registry import Registry
+from service.settings import Settings
+from service.trainer import Trainer
+from strategies import registered
+from tests.helpers import incoming, new_trainer
+
+STRATEGIES = sorted(registered())
+SHARED = [name for name, cls in registered().items() if not cls.isolates_tasks]
+
+
+def learn_in_rounds(settings: Settings, tasks: list[TaskData]) -> Trainer:
+    """One round per task, offsets continuing across rounds."""
+    trainer = new_trainer(settings)
+    offset = 0
+    for task in tasks:
+        batch = [
+            type(row)(0, offset + i, row.record, row.raw_key, row.raw_value)
+            for i, row in enumerate(incoming([task]))
+        ]
+        offset += len(batch)
+        trainer.absorb(batch)
+        trainer.close_round({0: offset})
+    return trainer
+
+
+def with_strategy(settings: Settings, strategy: str, **changes: Any) -> Settings:
+    return settings.model_copy(update={"strategy": strategy, "replay_memory_size": 48, **changes})
+
+
+def assert_same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, b[key]), key
+        else:
+            assert value == b[key], key
+
+
+def learned_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    adapters = [SHARED_ADAPTER] if trainer.learner is not None else list(trainer.tasks)
+    return {f"{a}/{k}": v for a in adapters for k, v in trainer.model.weights(a).items()}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_learns_each_task_and_its_state_round_trips(settings: Settings, strategy: str) -> None:
+    settings = with_strategy(settings, strategy)
+    tasks = synthetic(num_tasks=3, labels_per_task=4)
+    trainer = learn_in_rounds(settings, tasks)
+    for task in tasks:
+        # Right after its round (naive may forget it later: that is what it is for).
+        learned = trainer.accuracy_matrix[task.name][task.name]
+        assert learned >= 0.5, (task.name, learned)  # chance: 0.25
+    restored = new_trainer(settings)
+    assert_same_state(trainer.strategy.state_dict(), restored.strategy.state_dict())
+    before, after = learned_weights(trainer), learned_weights(restored)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert restored.columns == trainer.columns
+    for task in tasks:
+        texts = [text for text, _ in task.eval]
+        assert torch.equal(trainer.predict_task(task.name, texts), restored.predict_task(task.name, texts))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_gives_the_same_result_for_the_same_seed(settings: Settings, strategy: str) -> None:
+    tasks = synthetic(num_tasks=2, labels_per_task=3)
+    a = learn_in_rounds(with_strategy(settings, strategy), tasks)
+    b = learn_in_rounds(with_strategy(settings, strategy, registry_dir=settings.registry_dir / "b"), tasks)
+    wa, wb = learned_weights(a), learned_weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_same_state(a.strategy.state_dict(), b.strategy.state_dict())
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_published_versions_answer_as_the_trainer_does(settings: Settings, strategy: str) -> None:
+    """A version holds everything a server needs: for a shared learner, its adapter and the task's rows."""
+    settings = with_strategy(settings, strategy)
+    tasks = synthetic(num_tasks=2, labels_per_task=3)
+    trainer = learn_in_rounds(settings, tasks)
+    registry = Registry(settings.registry_dir)
+    learners = [path.name for path in (registry.root / "trainer").glob("learner-*")]
+    checkpoint = registry.read_checkpoint() or {}
+    if strategy in SHARED:
+        assert learners == [checkpoint["learner"]]  # older learner files are pruned
+    served = build_model(settings)
+    for task in tasks:
+        state = trainer.tasks[task.name]
+        manifest = registry.manifest(task.name, state.version or 0)
+        assert manifest["strategy"] == strategy and manifest["labels"] == state.labels
+        served.load(task.name, registry.load_weights(task.name, state.version or 0))
+        texts = [text for text, _ in task.eval]
+        answers = served.predict(task.name, texts)
+        assert torch.equal(answers, served.predict(task.name, texts))  # no dropout when serving
+        assert torch.equal(answers.argmax(-1), trainer.predict_task(task.name, texts).argmax(-1))
+
+
+def test_replay_keeps_a_bounded_memory_balanced_over_labels(settings: Settings) -> None:
+    tasks = synthetic(num_tasks=3, labels_per_task=4)
+    trainer = learn_in_rounds(with_strategy(settings, "replay"), tasks)
+    memory = trainer.strategy.memory  # type: ignore[attr-defined]
+    per_column: dict[int, int] = {}
+    for _, column in memory:
+        per_column[column] = per_column.get(column, 0) + 1
+    assert len(memory) == 48 and set(per_column) == set(range(12))
+    assert set(per_column.values()) == {4}  # 48 examples over 12 labels
+    texts = {text for task in tasks for text, _ in task.train}
+    assert all(text in texts for text, _ in memory)
+    # Every step after the first round trains on as many remembered examples as new ones.
+    replayed = trainer.strategy.replay(16)
+    assert len(replayed) == 16 and all(example in memory for example in replayed)
+
+
+def test_ewc_importance_covers_only_trainable_parameters_and_penalises_moving(settings: Settings) -> None:
+    trainer = learn_in_rounds(with_strategy(settings, "ewc"), synthetic(num_tasks=2, labels_per_task=3))
+    strategy: Any = trainer.strategy
+    assert trainer.learner is not None
+    trainable = trainer.learner.named_parameters()
+    assert set(strategy.importance) == set(trainable)
+    assert all(float(value.sum()) > 0 for value in strategy.importance.values())
+    assert strategy.extra_loss(trainer.learner, [], torch.zeros(0)) == 0  # at the anchor
+    with torch.no_grad():
+        trainable["head.weight"].add_(0.1)
+    assert float(strategy.extra_loss(trainer.learner, [], torch.zeros(0)).detach()) > 0
+
+
+def test_lwf_distils_from_the_learner_as_the_last_round_left_it(settings: Settings) -> None:
+    first, second = synthetic(num_tasks=2, labels_per_task=3)
+    trainer = learn_in_rounds(with_strategy(settings, "lwf"), [first])
+    assert trainer.learner is not None
+    texts = [text for text, _ in second.train[:8]]
+    before = trainer.learner.logits(texts).detach()
+    trainer.strategy.before_round(trainer.learner)
+    # Right after the snapshot the teacher answers like the learner, so there is nothing to distil.
+    assert float(trainer.strategy.extra_loss(trainer.learner, texts, before) or 0) == pytest.approx(
+        0, abs=1e-6
+    )
+    moved = before.clone()
+    moved[:, 0] += 5.0
+    assert float(trainer.strategy.extra_loss(trainer.learner, texts, moved) or 0) > 0.01
+
+
+def test_a_registry_is_not_continued_by_a_strategy_that_learns_another_way(settings: Settings) -> None:
+    learn_in_rounds(settings, synthetic(num_tasks=1))  # lora-per-task: one adapter per task
+    with pytest.raises(ValueError, match="written by strategy 'lora-per-task'"):
+        new_trainer(with_strategy(settings, "replay"))
+    # Between strategies that share one learner, the learner carries over.
+    shared = with_strategy(settings, "naive", registry_dir=settings.registry_dir / "shared")
+    before = learn_in_rounds(shared, synthetic(num_tasks=1))
+    after = new_trainer(shared.model_copy(update={"strategy": "ewc"}))
+    assert after.columns == before.columns and learned_weights(after).keys() == learned_weights(before).keys()
