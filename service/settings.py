@@ -132,7 +132,9 @@ class Settings(BaseSettings):
     replay_memory_size: int = Field(
         default=3000, ge=1, description="Examples the replay memory keeps, divided evenly over the labels."
     )
-    ewc_lambda: float = Field(default=1000.0, ge=0, description="Weight of the EWC penalty.")
+    ewc_lambda: float = Field(
+        default=1e7, ge=0, description="Weight of the EWC penalty (chosen on CLINC150 val, bench/README.md)."
+    )
     ewc_decay: float = Field(
         default=1.0, ge=0, le=1, description="Online EWC: how much of the old importance each round keeps."
     )
