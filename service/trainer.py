@@ -15,6 +15,7 @@ import math
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,6 +146,7 @@ class Trainer:
         #: Strategies that share parameters train one learner; its head has a column per (task, label).
         self.learner: Learner | None = None
         self.columns: dict[tuple[str, str], int] = {}
+        self._column_tasks: list[str] = []
         if not self.strategy.isolates_tasks:
             self.model.add(SHARED_ADAPTER, num_labels=2)
             self.learner = Learner(self.model)
@@ -397,9 +399,14 @@ class Trainer:
         column = self.columns.get((task, label))
         if column is None:
             column = self.columns[(task, label)] = len(self.columns)
+            self._column_tasks.append(task)
             assert self.learner is not None
             self.learner.in_use = len(self.columns)
         return column
+
+    def _task_of(self, learner: Learner, column: int) -> str:
+        """The task a head output belongs to."""
+        return learner.adapter if self.learner is None else self._column_tasks[column]
 
     def _columns(self, state: TaskState) -> list[int]:
         """The head outputs of the task's labels, in label order."""
@@ -430,7 +437,6 @@ class Trainer:
         columns = self._columns(state)
         loss = self._train(self._learner(state), [(text, columns[index]) for text, index in examples])
         state.round_losses.append(loss)
-        self.metrics.training_examples.labels(task=state.name, strategy=self.strategy.name).inc(len(examples))
 
     def _train(self, learner: Learner, examples: Sequence[Example]) -> float:
         """One optimizer step on ``examples`` plus what the strategy replays; returns the loss."""
@@ -453,6 +459,8 @@ class Trainer:
                 weight_decay=0.01,
             )
         texts = [text for text, _ in batch]
+        for task, count in Counter(self._task_of(learner, column) for _, column in batch).items():
+            self.metrics.training_examples.labels(task=task, strategy=self.strategy.name).inc(count)
         with self.model.training(learner.adapter):
             # Only the labels seen so far compete; outputs reserved for unseen ones stay out of it.
             logits = learner.logits(texts)

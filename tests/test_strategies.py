@@ -164,3 +164,32 @@ def test_a_registry_is_not_continued_by_a_strategy_that_learns_another_way(setti
     before = learn_in_rounds(shared, synthetic(num_tasks=1))
     after = new_trainer(shared.model_copy(update={"strategy": "ewc"}))
     assert after.columns == before.columns and learned_weights(after).keys() == learned_weights(before).keys()
+
+
+@pytest.mark.parametrize("strategy", SHARED)
+def test_a_shared_learner_serves_a_new_task_first_and_trains_it_next_round(
+    settings: Settings, strategy: str
+) -> None:
+    settings = with_strategy(settings, strategy, first_version_records=60)
+    first, second = synthetic(num_tasks=2, train_per_label=30, eval_per_label=10)
+    trainer = learn_in_rounds(settings.model_copy(update={"first_version_records": 0}), [first])
+    trainer = new_trainer(settings)  # the same registry, now serving new tasks first
+    rows = [
+        type(row)(0, 10_000 + i, row.record, row.raw_key, row.raw_value)
+        for i, row in enumerate(incoming([second]))
+    ]
+    trainer.absorb(rows[:60])
+    assert trainer.round_due(idle_s=0.0, positions={0: 10_060})
+    trainer.close_round({0: 10_060})
+    assert trainer.tasks[second.name].version == 1  # out before any step on it
+
+    def stepped(task: str) -> float:
+        labels = {"task": task, "strategy": strategy}
+        return trainer.metrics.registry.get_sample_value("continual_training_examples_total", labels) or 0
+
+    assert stepped(second.name) == 0
+    trainer.absorb(rows[60:])
+    trainer.close_round({0: 10_000 + len(rows)})
+    state = trainer.tasks[second.name]
+    assert state.version == 2 and stepped(second.name) >= len(second.train) * settings.epochs
+    assert state.accuracy is not None and state.accuracy >= 0.5  # chance: 0.25
