@@ -276,9 +276,15 @@ def main() -> None:
         "--measure-on", choices=("test", "val"), default="test", help="val: for choosing hyper-parameters"
     )
     parser.add_argument("--table", action="store_true", help="print the results as markdown, run nothing")
+    parser.add_argument("--plots", action="store_true", help="draw the results' heatmaps again, run nothing")
     args = parser.parse_args()
     if args.table:
         print(table(json.loads(args.out.read_text())))
+        return
+    if args.plots:
+        for strategy, entry in json.loads(args.out.read_text())["strategies"].items():
+            for order, run in entry["orders"].items():
+                plot_run(strategy, order, run, args.out)
         return
     domains = list(json.loads((CLINC150 / "domains.json").read_text()))
     # Runs are merged into the results file one order at a time, so a long run that stops keeps
@@ -295,11 +301,7 @@ def main() -> None:
             order = order[: args.domains]
             with tempfile.TemporaryDirectory(prefix="cl-bench-") as workdir, context.Pool(1) as pool:
                 run = pool.apply(run_order, (strategy, order, args.train_per_label, workdir, args.measure_on))
-            plot_matrix(
-                run["matrix_task_agnostic"],
-                args.out.parent / f"{args.out.stem}_{strategy}_{name}.png",
-                title=f"{strategy}, {name} order: task-agnostic accuracy (%)",
-            )
+            plot_run(strategy, name, run, args.out)
             entry["orders"][name] = run
             entry["mean"] = _mean(entry["orders"].values())
             results["avalanche_template_ratios"] = _template_ratios(results["strategies"])
@@ -308,6 +310,21 @@ def main() -> None:
                 results["time_to_adapt_s"] = json.loads(adapt.read_text())["time_to_adapt_s"]
             args.out.write_text(json.dumps(results, indent=2) + "\n")
         console.print(strategy, entry["mean"])
+
+
+def plot_run(strategy: str, order: str, run: dict[str, Any], out: Path) -> None:
+    """Heatmaps of a run's task-agnostic matrix and, for a shared head, its global-head matrix."""
+    plot_matrix(
+        run["matrix_task_agnostic"],
+        out.parent / f"{out.stem}_{strategy}_{order}.png",
+        title=f"{strategy}, {order} order: task-agnostic accuracy (%)",
+    )
+    if run.get("matrix_global_head"):
+        plot_matrix(
+            run["matrix_global_head"],
+            out.parent / f"{out.stem}_{strategy}_{order}_global_head.png",
+            title=f"{strategy}, {order} order: global-head accuracy over all intents so far (%)",
+        )
 
 
 def table(results: dict[str, Any]) -> str:
