@@ -25,7 +25,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,20 +251,16 @@ class Registry:
 
         Written before the checkpoint that names it, so a checkpoint never names a missing file.
         """
-        directory = self.root / "trainer"
-        directory.mkdir(exist_ok=True)
+        (self.root / "trainer").mkdir(exist_ok=True)
         name = f"learner-{round_number:06d}.safetensors"
-        temporary = directory / f".{name}.{uuid.uuid4().hex}"
-        try:
+
+        def write(temporary: Path) -> None:
             try:
                 save_file(tensors, str(temporary))
             except SafetensorError as exc:
                 raise OSError(f"cannot write {name}: {exc}") from exc
-            _fsync_file(temporary)
-            os.replace(temporary, directory / name)
-        finally:
-            temporary.unlink(missing_ok=True)
-        _fsync_dir(directory)
+
+        _replace_atomically(self.root / "trainer" / name, write)
         return name
 
     def read_learner(self, name: str) -> dict[str, torch.Tensor]:
@@ -309,13 +305,24 @@ def _sha256(path: Path) -> str:
 
 
 def _write_json(path: Path, body: dict[str, Any]) -> None:
-    """Write-then-rename, with fsyncs, so readers see the old file or the new one, never half."""
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-    try:
+    """Replace ``path`` with ``body`` as JSON, atomically and durably."""
+
+    def write(temporary: Path) -> None:
         with open(temporary, "w", encoding="utf-8") as f:
             json.dump(body, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
+
+    _replace_atomically(path, write)
+
+
+def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write-then-rename, with fsyncs, so readers see the old file or the new one, never half.
+
+    ``write`` writes the new content to the temporary path it is given.
+    """
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    try:
+        write(temporary)
+        _fsync_file(temporary)
         os.replace(temporary, path)
     finally:
         # A full disk fails the write halfway: leave no partial file behind to fill it further.

@@ -445,12 +445,10 @@ class Trainer:
             self._round_started = True
             self.strategy.before_round(self.learner)
         batch = list(examples) + (self.strategy.replay(len(examples)) if self.learner is not None else [])
-        lora, head = self.model.parameters(learner.adapter)
-        # Loading another adapter (a served reference, a teacher) may switch this one's gradients off.
-        for parameter in (*lora, *head):
-            parameter.requires_grad_(True)
         optimizer = self._optimizers.get(learner.adapter)
         if optimizer is None:
+            # No requires_grad to set: the forward pass activates the adapter, which makes it trainable.
+            lora, head = self.model.parameters(learner.adapter)
             optimizer = self._optimizers[learner.adapter] = torch.optim.AdamW(
                 [
                     {"params": lora, "lr": self.settings.learning_rate},
@@ -555,13 +553,16 @@ class Trainer:
             for i in range(0, len(state.pending), self.settings.batch_size):
                 self._step(state, state.pending[i : i + self.settings.batch_size])
             state.pending = []
-            if state.round_examples:
-                trained[state.name] = len(state.round_examples)
-                for _ in range(self.settings.epochs - 1 if self.learner is None else 0):
-                    examples = state.round_examples[:]
-                    rng.shuffle(examples)
-                    for i in range(0, len(examples), self.settings.batch_size):
-                        self._step(state, examples[i : i + self.settings.batch_size])
+            if not state.round_examples:
+                continue
+            trained[state.name] = len(state.round_examples)
+            # A task's own adapter takes its further epochs now; a shared learner takes every
+            # task's together below.
+            for _ in range(self.settings.epochs - 1 if self.learner is None else 0):
+                examples = state.round_examples[:]
+                rng.shuffle(examples)
+                for i in range(0, len(examples), self.settings.batch_size):
+                    self._step(state, examples[i : i + self.settings.batch_size])
         new: list[Example] = []
         if self.learner is not None:
             for name in trained:
@@ -638,17 +639,7 @@ class Trainer:
             for state in pending.tasks:
                 if state.name not in pending.published:
                     self._publish(state, pending)
-            strategy_state = self.strategy.state_dict()
-            tensors = {
-                STRATEGY_PREFIX + k: v.contiguous()
-                for k, v in strategy_state.items()
-                if isinstance(v, torch.Tensor)
-            }
-            if self.learner is not None:
-                for key, value in self.model.weights(SHARED_ADAPTER).items():
-                    tensors[LEARNER_PREFIX + key] = value
-            learner_file = self.registry.write_learner(self.round_number, tensors) if tensors else None
-            plain = {k: v for k, v in strategy_state.items() if not isinstance(v, torch.Tensor)}
+            plain, learner_file = self._save_learner()
             self.registry.write_checkpoint(
                 self._checkpoint(pending.offsets, pending.untrained, plain, learner_file)
             )
@@ -679,6 +670,19 @@ class Trainer:
             ingest.start_offsets.update(pending.offsets)
             ingest.commit(pending.offsets)
         return True
+
+    def _save_learner(self) -> tuple[dict[str, Any], str | None]:
+        """Write the shared learner and the strategy's tensors to the registry (if any); returns the
+        strategy's JSON state and the file the checkpoint is to name."""
+        state = self.strategy.state_dict()
+        tensors = {
+            STRATEGY_PREFIX + k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)
+        }
+        if self.learner is not None:
+            for key, value in self.model.weights(SHARED_ADAPTER).items():
+                tensors[LEARNER_PREFIX + key] = value
+        learner_file = self.registry.write_learner(self.round_number, tensors) if tensors else None
+        return {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}, learner_file
 
     def _publish(self, state: TaskState, pending: _Unpersisted) -> None:
         pending.decisions[state.name] = self._gate(state)
@@ -724,25 +728,18 @@ class Trainer:
 
     def _accuracy(self, state: TaskState) -> float | None:
         self._prepare_head(state)  # labels known from eval records only have outputs too
-        outcomes = self._outcomes(self._learner(state).adapter, state.labels, state.eval_records, state)
+        adapter, columns = self._learner(state).adapter, self._columns(state)
+        outcomes = self._outcomes(adapter, columns, state.labels, state.eval_records)
         return sum(outcomes) / len(outcomes) if outcomes else None
 
     def _outcomes(
-        self,
-        adapter: str,
-        labels: Sequence[str],
-        rows: Sequence[tuple[str, str]],
-        state: TaskState | None = None,
+        self, adapter: str, columns: Sequence[int], labels: Sequence[str], rows: Sequence[tuple[str, str]]
     ) -> list[bool]:
-        """For each (text, label), whether ``adapter`` predicts the label among ``labels``.
-
-        With ``state`` the trainer's own learner is asked (the task's columns of a shared head);
-        without, ``adapter`` is a published version whose head rows are ``labels``.
-        """
+        """For each (text, label), whether ``adapter`` predicts the label; ``columns`` are its outputs
+        for ``labels`` (the task's columns of a shared head; a published version's are its rows)."""
         if not rows:
             return []
         self._keep_group()
-        columns = self._columns(state) if state is not None else list(range(len(labels)))
         predicted = self.predict_columns(adapter, [text for text, _ in rows], columns).argmax(dim=-1).tolist()
         return [labels[p] == label for p, (_, label) in zip(predicted, rows, strict=True)]
 
@@ -779,7 +776,7 @@ class Trainer:
             adapter, labels = self._served_reference(state.name, alias.served)
         except CorruptVersion as exc:
             return Decision(True, f"served v{alias.served} cannot be read ({exc}); replacing it")
-        outcomes = self._outcomes(adapter, labels, state.eval_records)
+        outcomes = self._outcomes(adapter, range(len(labels)), labels, state.eval_records)
         served = sum(outcomes) / len(outcomes) if outcomes else None
         return gate(state.accuracy, served, alias.served, self.settings.promotion_tolerance)
 
@@ -808,7 +805,7 @@ class Trainer:
         except CorruptVersion as exc:
             log.error("task %r: cannot judge the served version: %s", state.name, exc)
             return
-        outcomes = self._outcomes(adapter, labels, fresh)
+        outcomes = self._outcomes(adapter, range(len(labels)), labels, fresh)
         self.live.observe(state.name, alias.served, outcomes)
         version, page_hinkley = self._accuracy_drift.get(state.name, (alias.served, PageHinkley()))
         if version != alias.served:
