@@ -49,7 +49,7 @@ from rich.console import Console
 from bench.avalanche_template import TEMPLATES, AvalancheLearner
 from service.datasets import TaskData, clinc150, records
 from service.demo import plot_matrix
-from service.evaluation import summarize
+from service.evaluation import LearningSummary, summarize
 from service.ingest import Incoming
 from service.learner import SHARED_ADAPTER
 from service.metrics import TrainerMetrics
@@ -126,8 +126,8 @@ def run_order(
             f"{strategy} {order[0]}..: {len(seen)}/{len(order)} {name}: task-aware {aware[name][name]:.1%}, "
             f"task-agnostic mean {sum(agnostic[name].values()) / len(seen):.1%}"
         )
-    agn, awr = summarize(agnostic), summarize(aware)
-    glb = summarize(global_head) if any(global_head.values()) else None
+    agn, awr = _figures(agnostic), _figures(aware)
+    glb = _figures(global_head) if any(global_head.values()) else None
     return {
         "acc": agn.acc,
         "acc_task_aware": awr.acc,
@@ -144,6 +144,15 @@ def run_order(
         "matrix_task_aware": aware,
         "matrix_global_head": global_head if glb else None,
     }
+
+
+def _figures(matrix: dict[str, dict[str, float]]) -> LearningSummary:
+    """ACC, BWT and forgetting of a run's matrix. ``joint`` has one row, measured after learning every
+    domain at once: its ACC is that row's mean, and it has no BWT or forgetting (nothing came after)."""
+    if len(matrix) == 1:
+        (row,) = matrix.values()
+        return LearningSummary(sum(row.values()) / len(row), None, None)
+    return summarize(matrix)
 
 
 class Learned(Protocol):

@@ -22,9 +22,8 @@ class EWC(Strategy):
 
     After each round the diagonal Fisher information of the LoRA and head parameters is estimated on
     up to ``ewc_fisher_examples`` of the round's examples (see ``_fisher``) and folded into a running
-    importance (online EWC, Schwarz et al.
-    2018: ``F = ewc_decay * F + F_round``); the parameters are anchored where they are. Each later
-    step adds ``ewc_lambda / 2 * sum(F * (theta - anchor)^2)``.
+    importance (online EWC, Schwarz et al. 2018: ``F = ewc_decay * F + F_round``); the parameters are
+    anchored where they are. Each later step adds ``ewc_lambda / 2 * sum(F * (theta - anchor)^2)``.
 
     Only the trainable parameters have importances (Avalanche's EWC keeps one for every parameter of
     the frozen base model too). Head rows added after an anchor was taken have no importance yet: the
