@@ -337,7 +337,8 @@ def plot_run(strategy: str, order: str, run: dict[str, Any], out: Path) -> None:
 
 
 def table(results: dict[str, Any]) -> str:
-    """The results as the markdown table in bench/README.md: one row per strategy and order, then means."""
+    """The results as the tables in bench/README.md: one row per strategy and order (then means), then
+    the ratios against Avalanche's template."""
 
     def pct(value: float | None) -> str:
         return "–" if value is None else f"{100 * value:.1f}%"
@@ -362,7 +363,23 @@ def table(results: dict[str, Any]) -> str:
                 f"{run['peak_rss_mb'] / 1024:.1f} GB",
             ]
             lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Against Avalanche's own template (same orders, ratio ours / theirs; wall time below 1 is faster):",
+        "",
+        "| ours / Avalanche template | orders | task-agnostic ACC | task-aware ACC | global-head ACC "
+        "| wall time | peak RSS |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for pair, ratios in results.get("avalanche_template_ratios", {}).items():
+        keys = ("acc", "acc_task_aware", "acc_global_head", "wall_s", "peak_rss_mb")
+        cells = [pair, ", ".join(ratios["orders"]), *(_ratio(ratios.get(f"{k}_ratio")) for k in keys)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _ratio(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
 
 
 def _mean(runs: Any) -> dict[str, float | None]:
