@@ -1,6 +1,7 @@
 """Continual-learning benchmark on CLINC150: 10 domains learned one after another, in three orders.
 
     .venv/bin/python -m bench.cl_clinc150 [--orders given ...] [--strategies S ...] [--domains N]
+        [--set FIELD=VALUE ... --label NAME]   # one strategy with other settings, stored as NAME
 
 Each strategy runs the service's own trainer in process (all-MiniLM-L6-v2, the default settings),
 one round per domain: the domain's training records and its **val** records (the trainer's eval
@@ -78,9 +79,15 @@ def orders(domains: list[str], names: Sequence[str]) -> dict[str, list[str]]:
 
 
 def run_order(
-    strategy: str, order: list[str], train_per_label: int | None, workdir: str, measure_on: str = "test"
+    strategy: str,
+    order: list[str],
+    train_per_label: int | None,
+    workdir: str,
+    measure_on: str = "test",
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Learn the domains in ``order`` with ``strategy``; the matrices and figures (in a child process)."""
+    """Learn the domains in ``order`` with ``strategy`` (settings ``overrides`` on top of the defaults);
+    the matrices and figures (in a child process)."""
     started = time.monotonic()
     val = {t.name: t for t in clinc150(CLINC150, order, train_per_label, eval_splits=("val",))}
     test = {t.name: t for t in clinc150(CLINC150, order, eval_splits=(measure_on,))}
@@ -91,6 +98,7 @@ def run_order(
         first_version_records=0,
         round_max_records=10**9,
         drift_enabled=False,
+        **(overrides or {}),
     )
     learner: Learned = (
         AvalancheLearner(strategy, settings) if strategy in TEMPLATES else TrainerLearner(settings)
@@ -284,9 +292,23 @@ def main() -> None:
     parser.add_argument(
         "--measure-on", choices=("test", "val"), default="test", help="val: for choosing hyper-parameters"
     )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a settings field for this run (e.g. epochs=6); recorded with the results",
+    )
+    parser.add_argument("--label", help="store the (single) strategy's results under this name instead")
     parser.add_argument("--table", action="store_true", help="print the results as markdown, run nothing")
     parser.add_argument("--plots", action="store_true", help="draw the results' heatmaps again, run nothing")
     args = parser.parse_args()
+    if args.label and len(args.strategies) != 1:
+        parser.error("--label names the results of one strategy")
+    if any("=" not in item for item in args.overrides):
+        parser.error("--set takes FIELD=VALUE")
+    overrides = dict(item.split("=", 1) for item in args.overrides)
     if args.table:
         print(table(json.loads(args.out.read_text())))
         return
@@ -305,12 +327,17 @@ def main() -> None:
     context = multiprocessing.get_context("spawn")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for strategy in args.strategies:
-        entry = results.setdefault("strategies", {}).setdefault(strategy, {"orders": {}})
+        key = args.label or strategy
+        entry = results.setdefault("strategies", {}).setdefault(key, {"orders": {}})
+        if overrides:
+            entry["settings"] = {"strategy": strategy, **overrides}
         for name, order in orders(domains, args.orders).items():
             order = order[: args.domains]
             with tempfile.TemporaryDirectory(prefix="cl-bench-") as workdir, context.Pool(1) as pool:
-                run = pool.apply(run_order, (strategy, order, args.train_per_label, workdir, args.measure_on))
-            plot_run(strategy, name, run, args.out)
+                run = pool.apply(
+                    run_order, (strategy, order, args.train_per_label, workdir, args.measure_on, overrides)
+                )
+            plot_run(key, name, run, args.out)
             entry["orders"][name] = run
             entry["mean"] = _mean(entry["orders"].values())
             results["avalanche_template_ratios"] = _template_ratios(results["strategies"])
@@ -318,7 +345,7 @@ def main() -> None:
             if adapt.exists():
                 results["time_to_adapt_s"] = json.loads(adapt.read_text())["time_to_adapt_s"]
             args.out.write_text(json.dumps(results, indent=2) + "\n")
-        console.print(strategy, entry["mean"])
+        console.print(key, entry["mean"])
 
 
 def plot_run(strategy: str, order: str, run: dict[str, Any], out: Path) -> None:
