@@ -26,7 +26,8 @@ and domain routing by nearest intent prototype.
 
 Hyper-parameters are chosen with ``--measure-on val``, never on test. Results are merged into
 bench/results/cl_clinc150.json one order at a time, with a task-agnostic accuracy-matrix heatmap per
-strategy and order (bench/results/cl_clinc150_<strategy>_<order>.png).
+strategy and order (bench/results/cl_clinc150_<strategy>_<order>.png); ``--readme`` writes the tables
+and the heatmap list into bench/README.md.
 """
 
 from __future__ import annotations
@@ -302,6 +303,9 @@ def main() -> None:
     )
     parser.add_argument("--label", help="store the (single) strategy's results under this name instead")
     parser.add_argument("--table", action="store_true", help="print the results as markdown, run nothing")
+    parser.add_argument(
+        "--readme", action="store_true", help="write the tables and heatmaps into bench/README.md, run nothing"
+    )
     parser.add_argument("--plots", action="store_true", help="draw the results' heatmaps again, run nothing")
     args = parser.parse_args()
     if args.label and len(args.strategies) != 1:
@@ -311,6 +315,9 @@ def main() -> None:
     overrides = dict(item.split("=", 1) for item in args.overrides)
     if args.table:
         print(table(json.loads(args.out.read_text())))
+        return
+    if args.readme:
+        update_readme(json.loads(args.out.read_text()), args.out, Path(__file__).with_name("README.md"))
         return
     if args.plots:
         for strategy, entry in json.loads(args.out.read_text())["strategies"].items():
@@ -403,6 +410,44 @@ def table(results: dict[str, Any]) -> str:
         cells = [pair, ", ".join(ratios["orders"]), *(_ratio(ratios.get(f"{k}_ratio")) for k in keys)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def heatmaps(results: dict[str, Any], out: Path) -> str:
+    """Markdown for the heatmaps: the given order's inline, the other orders' as links."""
+    inline, links = [], []
+    for strategy, entry in results["strategies"].items():
+        others = []
+        for order in entry["orders"]:
+            for suffix, what in (("", "task-agnostic"), ("_global_head", "global head")):
+                png = out.parent / f"{out.stem}_{strategy}_{order}{suffix}.png"
+                if not png.exists():
+                    continue
+                path = f"{png.parent.name}/{png.name}"
+                if order == "given":
+                    inline.append(f"![{strategy}, {order} order, {what}]({path})")
+                else:
+                    others.append(f"[{order}, {what}]({path})")
+        if others:
+            links.append(f"- `{strategy}`: " + ", ".join(others))
+    intro = (
+        "Accuracy matrices on the given order (row: after learning a domain; column: a domain's test "
+        "accuracy), task-agnostic and, for a shared head, over every intent learned so far:"
+    )
+    return "\n".join([intro, "", *inline, *(["", "The other orders:", "", *links] if links else [])])
+
+
+def update_readme(results: dict[str, Any], out: Path, readme: Path) -> None:
+    """Replace the README's table and heatmap blocks (between their HTML-comment markers)."""
+    text = readme.read_text()
+    blocks = {"cl_clinc150 table": table(results), "cl_clinc150 heatmaps": heatmaps(results, out)}
+    for marker, body in blocks.items():
+        start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
+        head, _, rest = text.partition(start)
+        _, found, tail = rest.partition(end)
+        if not found:
+            raise SystemExit(f"{readme} lacks the {start} ... {end} markers")
+        text = f"{head}{start}\n{body}\n{end}{tail}"
+    readme.write_text(text)
 
 
 def _ratio(value: float | None) -> str:
