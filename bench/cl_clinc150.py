@@ -304,7 +304,7 @@ def main() -> None:
     parser.add_argument("--label", help="store the (single) strategy's results under this name instead")
     parser.add_argument("--table", action="store_true", help="print the results as markdown, run nothing")
     parser.add_argument(
-        "--readme", action="store_true", help="write the tables and heatmaps into bench/README.md, run nothing"
+        "--readme", action="store_true", help="write the tables and heatmaps into bench/README.md"
     )
     parser.add_argument("--plots", action="store_true", help="draw the results' heatmaps again, run nothing")
     args = parser.parse_args()
