@@ -7,12 +7,13 @@ One set of definitions for all three:
 
 - ACC: mean accuracy over the learned tasks, from the latest row (Lopez-Paz & Ranzato 2017).
 - BWT: mean over every task but the latest of (accuracy now − accuracy right after it was learned).
-- forgetting of task j: the best accuracy it had in an earlier row minus its accuracy now (Chaudhry
-  et al. 2018); 0 for the latest task.
+- forgetting of task j: the best accuracy it had in an earlier row from its own on (once learned)
+  minus its accuracy now (Chaudhry et al. 2018); 0 for the latest task. Rows before j was learned
+  may hold j measured untrained (for FWT); they are not what it forgot.
 - FWT: mean over tasks i after the first of (accuracy on i measured before i was learned − the
   accuracy of an untrained model on i, chance level by default). It needs task i measured before
   it is learned, which a stream only offers when a task's eval records come before its training
-  records (the benchmark measures it explicitly); else it is None.
+  records; else it is None.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ def summarize(
     bwt = sum(deltas) / len(deltas) if deltas else None
 
     forgetting: dict[str, float] = {}
-    for task in order:
-        earlier = [matrix[row][task] for row in order[:-1] if task in matrix[row]]
+    for position, task in enumerate(order):
+        earlier = [matrix[row][task] for row in order[position:-1] if task in matrix[row]]
         if task in now:
             forgetting[task] = max(earlier) - now[task] if earlier and task != order[-1] else 0.0
     older = [forgetting[t] for t in order[:-1] if t in forgetting]

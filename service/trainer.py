@@ -577,7 +577,9 @@ class Trainer:
         for state in to_evaluate:
             state.accuracy = self._accuracy(state)
             if state.train_seen == 0 and state.accuracy is not None:
-                self.accuracy_before_learning.setdefault(state.name, state.accuracy)
+                # FWT's R[i-1][i]: the last measurement before the task is learned, with everything
+                # the tasks learned so far taught (not the first, which may predate all of them).
+                self.accuracy_before_learning[state.name] = state.accuracy
         self._update_accuracy_matrix(trained)
         self._export_accuracy_summary()
         for state in changed:

@@ -30,6 +30,19 @@ def test_improving_tasks_have_negative_forgetting_and_positive_bwt() -> None:
     assert summary.fwt is None  # nothing measured before it was learned
 
 
+def test_forgetting_starts_from_the_row_a_task_was_learned_in() -> None:
+    # b measured untrained in a's row (0.6, for FWT) scored above what learning it gave (0.5): that is
+    # not something b knew and forgot, so only rows from b's own on count.
+    matrix = {
+        "a": {"a": 0.9, "b": 0.6},
+        "b": {"a": 0.8, "b": 0.5},
+        "c": {"a": 0.8, "b": 0.4, "c": 0.9},
+    }
+    summary = summarize(matrix)
+    assert summary.forgetting == pytest.approx({"a": 0.1, "b": 0.1, "c": 0.0})
+    assert summary.mean_forgetting == pytest.approx(0.1)
+
+
 def test_an_empty_matrix_has_no_figures() -> None:
     summary = summarize({})
     assert (summary.acc, summary.bwt, summary.fwt, summary.mean_forgetting) == (None, None, None, None)

@@ -114,6 +114,26 @@ def test_forward_transfer_when_a_tasks_eval_records_come_first(settings: Setting
     assert new_trainer(settings).learning_summary() == trainer.learning_summary()
 
 
+def test_forward_transfer_takes_the_last_measurement_before_learning(settings: Settings) -> None:
+    # A shared adapter: what a later task teaches changes an unlearned task's accuracy, and FWT's
+    # R[i-1][i] is the row right before the task is learned, not its first measurement.
+    settings = settings.model_copy(update={"strategy": "naive"})
+    first, second, third = synthetic(num_tasks=3)
+    trainer = train_in_process(settings, [first])
+    trainer.absorb(incoming([TaskData(name=second.name, train=[], eval=second.eval)]))
+    trainer.close_round({0: 20_000})
+    first_measurement = trainer.accuracy_before_learning[second.name]
+    trainer.absorb(incoming([third]))
+    trainer.close_round({0: 30_000})
+    row_before = trainer.accuracy_matrix[third.name][second.name]
+    assert row_before != first_measurement  # learning the third task moved it
+    assert trainer.accuracy_before_learning[second.name] == row_before
+    trainer.absorb(incoming([TaskData(name=second.name, train=second.train, eval=[])]))
+    trainer.close_round({0: 40_000})
+    assert trainer.accuracy_before_learning[second.name] == row_before
+    assert trainer.learning_summary().fwt == pytest.approx(row_before - 1 / 4)
+
+
 def test_a_new_task_is_served_after_its_first_records_and_refined_next_round(settings: Settings) -> None:
     settings = settings.model_copy(update={"first_version_records": 100})
     (task,) = synthetic(num_tasks=1, train_per_label=40, eval_per_label=10)
