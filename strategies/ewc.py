@@ -34,7 +34,7 @@ class EWC(Strategy):
         super().__init__(settings)
         self.importance: dict[str, torch.Tensor] = {}
         self.anchor: dict[str, torch.Tensor] = {}
-        self.rounds = 0
+        self.ewc_rounds = 0
 
     def extra_loss(
         self, learner: Learner | None, texts: Sequence[str], logits: torch.Tensor
@@ -55,7 +55,7 @@ class EWC(Strategy):
         super().after_round(learner, examples)
         if learner is None or not examples:
             return
-        self.rounds += 1
+        self.ewc_rounds += 1
         fisher = self._fisher(learner, examples)
         for name, value in fisher.items():
             old = self.importance.get(name)
@@ -74,9 +74,9 @@ class EWC(Strategy):
         each example's score has mean zero, so the cross terms of the squared summed gradient vanish in
         expectation and ``(sum of gradients)^2 / batch`` is an unbiased estimate of the per-example mean.
         """
-        rng = random.Random(self.settings.seed * 104_729 + self.rounds)
+        rng = random.Random(self.settings.seed * 104_729 + self.ewc_rounds)
         sample = rng.sample(list(examples), min(len(examples), self.settings.ewc_fisher_examples))
-        draws = torch.Generator().manual_seed(self.settings.seed * 104_729 + self.rounds)
+        draws = torch.Generator().manual_seed(self.settings.seed * 104_729 + self.ewc_rounds)
         parameters = learner.named_parameters()
         fisher = {name: torch.zeros_like(p) for name, p in parameters.items()}
         size = self.settings.batch_size
@@ -99,7 +99,7 @@ class EWC(Strategy):
         for name, value in self.importance.items():
             state[f"ewc.importance.{name}"] = value
             state[f"ewc.anchor.{name}"] = self.anchor[name]
-        state["ewc.rounds"] = self.rounds
+        state["ewc.rounds"] = self.ewc_rounds
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -107,7 +107,7 @@ class EWC(Strategy):
         prefix = "ewc.importance."
         self.importance = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         self.anchor = {name: state[f"ewc.anchor.{name}"] for name in self.importance}
-        self.rounds = int(state.get("ewc.rounds", 0))
+        self.ewc_rounds = int(state.get("ewc.rounds", 0))
 
 
 def _leading(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:

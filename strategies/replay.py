@@ -38,7 +38,8 @@ class Replay(Strategy):
         #: The buffer's content, flat, to sample from cheaply (rebuilt after every update).
         self.memory: list[Example] = []
         #: Rounds and steps so far: each draw gets its own seed, so a restart draws the same examples.
-        self.rounds = 0
+        #: (Named per strategy: combined with EWC in one object, a shared name would count twice.)
+        self.replay_rounds = 0
         self.draws = 0
 
     def replay(self, count: int) -> list[Example]:
@@ -53,10 +54,10 @@ class Replay(Strategy):
         super().after_round(learner, examples)
         if not examples:
             return
-        self.rounds += 1
+        self.replay_rounds += 1
         # The reservoirs draw their weights from torch's generator; a seed per round keeps it repeatable.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.settings.seed * 7919 + self.rounds)
+            torch.manual_seed(self.settings.seed * 7919 + self.replay_rounds)
             self.buffer.update_from_dataset(_dataset(examples))
         self._flatten()
 
@@ -78,7 +79,7 @@ class Replay(Strategy):
             }
             for label, group in self.buffer.buffer_groups.items()
         }
-        state["replay"] = {"groups": groups, "rounds": self.rounds, "draws": self.draws}
+        state["replay"] = {"groups": groups, "rounds": self.replay_rounds, "draws": self.draws}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -88,7 +89,7 @@ class Replay(Strategy):
             return
         from avalanche.training.storage_policy import ReservoirSamplingBuffer
 
-        self.rounds, self.draws = int(saved["rounds"]), int(saved["draws"])
+        self.replay_rounds, self.draws = int(saved["rounds"]), int(saved["draws"])
         self.buffer.buffer_groups = {}
         for label, group in saved["groups"].items():
             reservoir = ReservoirSamplingBuffer(int(group["size"]))

@@ -139,6 +139,14 @@ def test_ewc_importance_covers_only_trainable_parameters_and_penalises_moving(se
     assert float(strategy.extra_loss(trainer.learner, [], torch.zeros(0)).detach()) > 0
 
 
+def test_replay_and_ewc_combined_each_count_one_round_per_round(settings: Settings) -> None:
+    # Their seeds come from their round counts: one object holding both must not count twice.
+    tasks = synthetic(num_tasks=2, labels_per_task=3)
+    trainer = learn_in_rounds(with_strategy(settings, "replay+ewc"), tasks)
+    state = trainer.strategy.state_dict()
+    assert (state["replay"]["rounds"], state["ewc.rounds"]) == (2, 2)
+
+
 def test_lwf_distils_from_the_learner_as_the_last_round_left_it(settings: Settings) -> None:
     first, second = synthetic(num_tasks=2, labels_per_task=3)
     trainer = learn_in_rounds(with_strategy(settings, "lwf"), [first])
