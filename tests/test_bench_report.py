@@ -1,12 +1,13 @@
 """The CLINC150 harness's reporting: figures of a run's matrices, ratios against Avalanche's template,
 and the README blocks written from the results file (what bench/README.md shows must come from it)."""
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench.cl_clinc150 import _figures, _template_ratios, heatmaps, table, update_readme
+from bench.cl_clinc150 import RESULTS, _figures, _template_ratios, heatmaps, table, update_readme
 
 
 def _run(acc: float, wall_s: float) -> dict[str, Any]:
@@ -80,3 +81,12 @@ def test_a_readme_without_the_markers_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="cl_clinc150 table"):
         update_readme(_results(), tmp_path / "cl_clinc150.json", readme)
     assert readme.read_text() == "no markers here\n"
+
+
+def test_the_committed_readme_shows_the_committed_results() -> None:
+    # A results change lands with its README (`python -m bench.cl_clinc150 --readme`), never apart.
+    out = RESULTS / "cl_clinc150.json"
+    results = json.loads(out.read_text())
+    readme = (out.parents[1] / "README.md").read_text()
+    assert table(results) in readme
+    assert heatmaps(results, out) in readme
