@@ -158,7 +158,8 @@ def run_order(
         "order": order,
         "measured_on": measure_on,
         "train_per_label": train_per_label,
-        "settings": settings.model_dump(mode="json", include=LEARNING_SETTINGS),
+        # The strategy run, not the one the trainer's settings name (Avalanche's templates run as naive).
+        "settings": {**settings.model_dump(mode="json", include=LEARNING_SETTINGS), "strategy": strategy},
         "matrix_task_agnostic": agnostic,
         "matrix_task_aware": aware,
         "matrix_global_head": global_head if glb else None,
@@ -352,8 +353,6 @@ def main() -> None:
     for strategy in args.strategies:
         key = args.label or strategy
         entry = results.setdefault("strategies", {}).setdefault(key, {"orders": {}})
-        if overrides:
-            entry["settings"] = {"strategy": strategy, **overrides}
         for name, order in orders(domains, args.orders).items():
             order = order[: args.domains]
             with tempfile.TemporaryDirectory(prefix="cl-bench-") as workdir, context.Pool(1) as pool:
