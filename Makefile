@@ -21,12 +21,17 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 # Generated code lives in one place (service/api), is never edited by hand and is not committed.
+# grpc_tools writes the modules; mypy-protobuf writes the typed stubs mypy reads, for the messages
+# (continual_pb2.pyi) and for the stub and servicer (continual_pb2_grpc.pyi; only_sync: the server and
+# clients use grpc's synchronous API). protoc writes nothing when a generator fails, so continual_pb2.py
+# stands for the whole set; the Makefile is a prerequisite so that changing the generators regenerates it.
 protos: $(PROTO_OUT)/continual_pb2.py
 
-$(PROTO_OUT)/continual_pb2.py: $(PROTO_SRC) $(STAMP)
+$(PROTO_OUT)/continual_pb2.py: $(PROTO_SRC) $(STAMP) Makefile
 	mkdir -p $(PROTO_OUT)
 	$(BIN)/python -m grpc_tools.protoc -I$(PROTO_OUT)=protos/continual/v1 \
-		--python_out=. --grpc_python_out=. --pyi_out=. $(PROTO_SRC)
+		--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
+		--python_out=. --grpc_python_out=. --mypy_out=quiet:. --mypy_grpc_out=quiet,only_sync:. $(PROTO_SRC)
 	touch $(PROTO_OUT)/__init__.py
 
 kafka-jars:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -29,6 +29,9 @@ from service.trainer import Trainer
 from tests.helpers import eventually, incoming, train_in_process
 
 TASKS = synthetic(num_tasks=2)
+
+#: Call metadata as grpc's client stubs type it.
+Metadata = tuple[tuple[str, str], ...]
 
 
 @pytest.fixture
@@ -111,7 +114,8 @@ def test_bad_requests_get_a_status_and_a_reason(
     with pytest.raises(grpc.RpcError) as error:
         stub.Predict(continual_pb2.PredictRequest(task=task, text=text, top_k=top_k))
     assert error.value.code() == code
-    assert message in error.value.details()
+    details = error.value.details()
+    assert details is not None and message in details
 
 
 def test_a_new_version_is_served_without_a_restart_and_rollback_pins(
@@ -173,7 +177,8 @@ def test_a_corrupt_version_is_refused_and_the_old_one_keeps_serving(
     with pytest.raises(grpc.RpcError) as error:
         stub.Promote(continual_pb2.PromoteRequest(task=task.name, version=2))
     assert error.value.code() == grpc.StatusCode.DATA_LOSS
-    assert "sha256" in error.value.details()
+    details = error.value.details()
+    assert details is not None and "sha256" in details
     assert stub.Predict(continual_pb2.PredictRequest(task=task.name, text="hello")).version == 1
 
 
@@ -250,18 +255,19 @@ def test_admin_calls_need_the_token_when_one_is_set(settings: Settings, trained:
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = continual_pb2_grpc.ContinualStub(channel)
             task = TASKS[0].name
-            admin_calls = [
-                (stub.Rollback, continual_pb2.RollbackRequest(task=task)),
-                (stub.Promote, continual_pb2.PromoteRequest(task=task)),
-                (stub.ListVersions, continual_pb2.ListVersionsRequest(task=task)),
-                (stub.GetAdapter, continual_pb2.GetAdapterRequest(task=task)),
+            admin_calls: list[Callable[[Metadata], object]] = [
+                lambda md: stub.Rollback(continual_pb2.RollbackRequest(task=task), metadata=md),
+                lambda md: stub.Promote(continual_pb2.PromoteRequest(task=task), metadata=md),
+                lambda md: stub.ListVersions(continual_pb2.ListVersionsRequest(task=task), metadata=md),
+                lambda md: stub.GetAdapter(continual_pb2.GetAdapterRequest(task=task), metadata=md),
             ]
-            for method, request in admin_calls:
-                for metadata in ([], [("authorization", "Bearer wrong")]):
+            wrong: Metadata = (("authorization", "Bearer wrong"),)
+            for call in admin_calls:
+                for metadata in ((), wrong):
                     with pytest.raises(grpc.RpcError) as error:
-                        method(request, metadata=metadata)
+                        call(metadata)
                     assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            good = [("authorization", "Bearer s3cret")]
+            good: Metadata = (("authorization", "Bearer s3cret"),)
             assert stub.Promote(continual_pb2.PromoteRequest(task=task), metadata=good).served_version == 1
             # Predictions and the plain listing stay open.
             assert stub.Predict(continual_pb2.PredictRequest(task=task, text="hi")).version == 1
