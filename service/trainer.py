@@ -250,7 +250,8 @@ class Trainer:
 
     def absorb(self, batch: Sequence[Incoming], ingest: Ingest | None = None) -> None:
         """Take a polled batch in: train records are stepped on in micro-batches, eval records kept."""
-        touched: set[str] = set()
+        # Tasks in the order their first training record arrived (a set's order would change with the
+        # interpreter's hash seed, and so would the order of steps and their dropout draws).
         new_train: dict[str, list[tuple[str, int]]] = {}
         for incoming in batch:
             record = incoming.record
@@ -282,13 +283,12 @@ class Trainer:
                 state.pending.append((record.text, index))
                 state.round_examples.append((record.text, index))
                 new_train.setdefault(state.name, []).append((record.text, index))
-                touched.add(state.name)
         for name, examples in new_train.items():
             self._add_to_prototypes(self.tasks[name], examples)
         if self.settings.drift_enabled:
-            for name in touched:
+            for name in new_train:
                 self._judge_training_drift(self.tasks[name])
-        for name in touched:
+        for name in new_train:
             state = self.tasks[name]
             if self._serve_first(state):
                 continue  # its first version goes out untrained (prototype head); training follows

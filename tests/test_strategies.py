@@ -7,6 +7,9 @@ the trainer does. Strategy-specific checks follow the contract.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -201,3 +204,38 @@ def test_a_shared_learner_serves_a_new_task_first_and_trains_it_next_round(
     state = trainer.tasks[second.name]
     assert state.version == 2 and stepped(second.name) >= len(second.train) * settings.epochs
     assert state.accuracy is not None and state.accuracy >= 0.5  # chance: 0.25
+
+
+DIGEST_OF_ONE_ROUND = """
+import hashlib, sys
+from service.datasets import synthetic
+from service.learner import SHARED_ADAPTER
+from service.settings import load_settings
+from tests.helpers import train_in_process
+
+trainer = train_in_process(load_settings(), synthetic(num_tasks=3, labels_per_task=3))
+weights = trainer.model.weights(SHARED_ADAPTER)
+print(hashlib.sha256(b"".join(weights[k].numpy().tobytes() for k in sorted(weights))).hexdigest())
+"""
+
+
+def test_a_batch_of_several_tasks_trains_the_same_under_any_hash_seed(settings: Settings) -> None:
+    """Steps follow the order records arrived in, not a set's order, which changes with the hash seed."""
+    digests = set()
+    for hash_seed in ("1", "2", "3"):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONTINUAL_")}
+        env.update(
+            PYTHONHASHSEED=hash_seed,
+            CONTINUAL_STRATEGY="naive",
+            CONTINUAL_BASE_MODEL=str(settings.base_model),
+            CONTINUAL_REGISTRY_DIR=str(settings.registry_dir / hash_seed),
+            CONTINUAL_BATCH_SIZE=str(settings.batch_size),
+            CONTINUAL_EPOCHS="1",
+            CONTINUAL_FIRST_VERSION_RECORDS="0",
+        )
+        run = subprocess.run(
+            [sys.executable, "-c", DIGEST_OF_ONE_ROUND], env=env, capture_output=True, text=True, check=False
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        digests.add(run.stdout.strip().splitlines()[-1])
+    assert len(digests) == 1, digests
