@@ -196,7 +196,7 @@ class TrainerLearner:
         self.trainer = Trainer(
             settings, Registry(settings.registry_dir), TrainerMetrics(CollectorRegistry(), settings.strategy)
         )
-        self.model = self.trainer.model
+        self.model = self.trainer.training.model
         self.offset = 0
 
     def learn(self, task: TaskData) -> None:
@@ -215,12 +215,13 @@ class TrainerLearner:
 
     def answer(self, task: str, texts: Sequence[str]) -> tuple[list[str], list[str] | None]:
         """Per-task adapters answer within the task only; a shared head over every label too."""
-        labels = self.trainer.tasks[task].labels
-        if self.trainer.learner is None:
-            return [labels[i] for i in self.trainer.predict_task(task, texts).argmax(-1).tolist()], None
-        names = {column: label for (_, label), column in self.trainer.columns.items()}
-        scores = self.trainer.predict_columns(SHARED_ADAPTER, texts, range(len(names)))
-        own = [self.trainer.columns[(task, label)] for label in labels]
+        state, training = self.trainer.tasks[task], self.trainer.training
+        labels = state.labels
+        if training.learner is None:
+            return [labels[i] for i in training.predict_task(state, texts).argmax(-1).tolist()], None
+        names = {column: label for (_, label), column in training.columns.items()}
+        scores = training.predict_columns(SHARED_ADAPTER, texts, range(len(names)))
+        own = [training.columns[(task, label)] for label in labels]
         within = [labels[i] for i in scores[:, own].argmax(-1).tolist()]
         return within, [names[i] for i in scores.argmax(-1).tolist()]
 

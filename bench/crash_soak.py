@@ -34,6 +34,7 @@ from pathlib import Path
 from kafka import KafkaConsumer, TopicPartition
 from rich.console import Console
 
+from service.checkpoint import checkpointed_counts
 from service.datasets import records, synthetic
 from service.demo import spawn_role
 from service.ingest import ORIGIN_OFFSET_HEADER, ORIGIN_PARTITION_HEADER, committed_offsets, ensure_topics
@@ -42,7 +43,6 @@ from service.model import save_tiny_model
 from service.producer import ReliableProducer
 from service.registry import Registry
 from service.settings import DEFAULT_BASE_MODEL, Settings, load_settings
-from service.trainer import checkpointed_counts
 
 RESULTS = Path(__file__).resolve().parent / "results" / "crash.json"
 REPO = Path(__file__).resolve().parents[1]

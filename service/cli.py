@@ -87,7 +87,7 @@ def train(config: ConfigOption = None) -> None:
     port = serve_metrics(metrics.registry, settings.metrics_host, settings.trainer_metrics_port)
     trainer = Trainer(settings, Registry(settings.registry_dir), metrics)
     ensure_topics(settings)
-    ingest = Ingest(settings, metrics, trainer.offsets)
+    ingest = Ingest(settings, metrics, trainer.durability.offsets)
     logging.getLogger("continual").info(
         "training from %s topic %s (metrics on :%d)", settings.kafka_bootstrap, settings.kafka_topic, port
     )

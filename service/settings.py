@@ -27,6 +27,11 @@ DEFAULT_BASE_MODEL = "all-MiniLM-L6-v2"
 #: Task names name adapters and registry directories, so they are kept to a safe alphabet.
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
+#: The names ``strategy`` can take. The settings sit below everything, so they declare the names and
+#: ``strategies/`` registers one class under each (its registry refuses a name not listed here); the
+#: settings thus check a name without importing the strategies and the model stack beneath them.
+STRATEGIES = ("lora-per-task", "naive", "replay", "ewc", "lwf", "replay+ewc", "joint")
+
 
 class SettingsError(ValueError):
     """Settings that cannot be used; the message names every offending field."""
@@ -200,10 +205,8 @@ class Settings(BaseSettings):
     @field_validator("strategy")
     @classmethod
     def _strategy_known(cls, value: str) -> str:
-        from strategies import registered
-
-        if value not in registered():
-            raise ValueError(f"unknown strategy {value!r}; registered: {', '.join(sorted(registered()))}")
+        if value not in STRATEGIES:
+            raise ValueError(f"unknown strategy {value!r}; registered: {', '.join(sorted(STRATEGIES))}")
         return value
 
     @field_validator("kafka_topic", "kafka_dead_letter_topic", "kafka_group_id", "kafka_group_instance_id")

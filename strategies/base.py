@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-if TYPE_CHECKING:  # the settings module validates strategy names against this registry
+from service.settings import STRATEGIES, Settings
+
+if TYPE_CHECKING:  # the learner brings the model stack; strategies only need its type here
     from service.learner import Learner
-    from service.settings import Settings
 
 _REGISTRY: dict[str, type[Strategy]] = {}
 
@@ -77,6 +78,9 @@ def register(name: str) -> Callable[[type[Strategy]], type[Strategy]]:
     def decorate(cls: type[Strategy]) -> type[Strategy]:
         if name in _REGISTRY:
             raise ValueError(f"strategy {name!r} is registered twice")
+        if name not in STRATEGIES:
+            # The settings validate names without importing strategies; they must know every one.
+            raise ValueError(f"strategy {name!r} is not among the names settings accept: {STRATEGIES}")
         cls.name = name
         _REGISTRY[name] = cls
         return cls

@@ -11,13 +11,13 @@ from typing import TypeVar
 
 from prometheus_client import CollectorRegistry
 
+from service.checkpoint import checkpointed_counts as trainer_checkpointed_counts
 from service.datasets import TaskData, records
 from service.ingest import Incoming, Ingest, committed_offsets
 from service.metrics import TrainerMetrics
 from service.registry import Registry
 from service.settings import Settings
 from service.trainer import Trainer
-from service.trainer import checkpointed_counts as trainer_checkpointed_counts
 
 T = TypeVar("T")
 
@@ -80,7 +80,7 @@ class RunningTrainer:
 def running_trainer(settings: Settings) -> Iterator[RunningTrainer]:
     """Run ``Trainer.run`` against the settings' broker until the block ends, then stop it gracefully."""
     trainer = new_trainer(settings)
-    ingest = Ingest(settings, trainer.metrics, trainer.offsets)
+    ingest = Ingest(settings, trainer.metrics, trainer.durability.offsets)
     stop = threading.Event()
     thread = threading.Thread(target=trainer.run, args=(ingest, stop), name="trainer")
     thread.start()

@@ -200,7 +200,7 @@ def test_a_rebalance_makes_the_open_round_durable_before_giving_partitions_away(
     (task,) = synthetic(num_tasks=1, train_per_label=10, eval_per_label=2)
     with running_trainer(settings) as running:
         produce(kafka_bootstrap, settings.kafka_topic, records([task]))
-        eventually(lambda: running.trainer.round_records == 48, 60, 0.2, "records absorbed")
+        eventually(lambda: running.trainer.rounds.records == 48, 60, 0.2, "records absorbed")
         assert committed_records(settings) == 0
 
         newcomer = KafkaConsumer(

@@ -159,7 +159,7 @@ def test_a_corrupt_version_is_refused_and_the_old_one_keeps_serving(
     registry = Registry(settings.registry_dir)
     # A second version whose weights file is damaged on disk after it was written.
     manifest = registry.manifest(task.name, 1)
-    registry.publish(task.name, trained.model.weights(task.name), task.eval, manifest)
+    registry.publish(task.name, trained.training.model.weights(task.name), task.eval, manifest)
     weights = settings.registry_dir / "tasks" / task.name / "versions" / "000002" / "adapter.safetensors"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -240,7 +240,7 @@ def test_learning_status_reports_the_trainers_matrix_and_figures(
     assert [row.after_task for row in status.accuracy_matrix] == [first.name, second.name]
     assert {
         row.after_task: {c.task: c.accuracy for c in row.cells} for row in status.accuracy_matrix
-    } == trained.accuracy_matrix
+    } == trained.assessment.matrix
     assert status.acc == pytest.approx(expected.acc)
     assert status.bwt == pytest.approx(expected.bwt)
     assert math.isnan(status.fwt)  # no task was measured before it was learned

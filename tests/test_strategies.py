@@ -57,8 +57,8 @@ def assert_same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
 
 
 def learned_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
-    adapters = [SHARED_ADAPTER] if trainer.learner is not None else list(trainer.tasks)
-    return {f"{a}/{k}": v for a in adapters for k, v in trainer.model.weights(a).items()}
+    adapters = [SHARED_ADAPTER] if trainer.training.learner is not None else list(trainer.tasks)
+    return {f"{a}/{k}": v for a in adapters for k, v in trainer.training.model.weights(a).items()}
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -68,16 +68,19 @@ def test_every_strategy_learns_each_task_and_its_state_round_trips(settings: Set
     trainer = learn_in_rounds(settings, tasks)
     for task in tasks:
         # Right after its round (naive may forget it later: that is what it is for).
-        learned = trainer.accuracy_matrix[task.name][task.name]
+        learned = trainer.assessment.matrix[task.name][task.name]
         assert learned >= 0.5, (task.name, learned)  # chance: 0.25
     restored = new_trainer(settings)
-    assert_same_state(trainer.strategy.state_dict(), restored.strategy.state_dict())
+    assert_same_state(trainer.training.strategy.state_dict(), restored.training.strategy.state_dict())
     before, after = learned_weights(trainer), learned_weights(restored)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert restored.columns == trainer.columns
+    assert restored.training.columns == trainer.training.columns
     for task in tasks:
         texts = [text for text, _ in task.eval]
-        assert torch.equal(trainer.predict_task(task.name, texts), restored.predict_task(task.name, texts))
+        assert torch.equal(
+            trainer.training.predict_task(trainer.tasks[task.name], texts),
+            restored.training.predict_task(restored.tasks[task.name], texts),
+        )
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -87,7 +90,7 @@ def test_every_strategy_gives_the_same_result_for_the_same_seed(settings: Settin
     b = learn_in_rounds(with_strategy(settings, strategy, registry_dir=settings.registry_dir / "b"), tasks)
     wa, wb = learned_weights(a), learned_weights(b)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert_same_state(a.strategy.state_dict(), b.strategy.state_dict())
+    assert_same_state(a.training.strategy.state_dict(), b.training.strategy.state_dict())
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -110,13 +113,15 @@ def test_published_versions_answer_as_the_trainer_does(settings: Settings, strat
         texts = [text for text, _ in task.eval]
         answers = served.predict(task.name, texts)
         assert torch.equal(answers, served.predict(task.name, texts))  # no dropout when serving
-        assert torch.equal(answers.argmax(-1), trainer.predict_task(task.name, texts).argmax(-1))
+        assert torch.equal(
+            answers.argmax(-1), trainer.training.predict_task(trainer.tasks[task.name], texts).argmax(-1)
+        )
 
 
 def test_replay_keeps_a_bounded_memory_balanced_over_labels(settings: Settings) -> None:
     tasks = synthetic(num_tasks=3, labels_per_task=4)
     trainer = learn_in_rounds(with_strategy(settings, "replay"), tasks)
-    memory = trainer.strategy.memory  # type: ignore[attr-defined]
+    memory = trainer.training.strategy.memory  # type: ignore[attr-defined]
     per_column: dict[int, int] = {}
     for _, column in memory:
         per_column[column] = per_column.get(column, 0) + 1
@@ -125,45 +130,45 @@ def test_replay_keeps_a_bounded_memory_balanced_over_labels(settings: Settings) 
     texts = {text for task in tasks for text, _ in task.train}
     assert all(text in texts for text, _ in memory)
     # Every step after the first round trains on as many remembered examples as new ones.
-    replayed = trainer.strategy.replay(16)
+    replayed = trainer.training.strategy.replay(16)
     assert len(replayed) == 16 and all(example in memory for example in replayed)
 
 
 def test_ewc_importance_covers_only_trainable_parameters_and_penalises_moving(settings: Settings) -> None:
     trainer = learn_in_rounds(with_strategy(settings, "ewc"), synthetic(num_tasks=2, labels_per_task=3))
-    strategy: Any = trainer.strategy
-    assert trainer.learner is not None
-    trainable = trainer.learner.named_parameters()
+    strategy: Any = trainer.training.strategy
+    assert trainer.training.learner is not None
+    trainable = trainer.training.learner.named_parameters()
     assert set(strategy.importance) == set(trainable)
     assert all(float(value.sum()) > 0 for value in strategy.importance.values())
-    assert strategy.extra_loss(trainer.learner, [], torch.zeros(0)) == 0  # at the anchor
+    assert strategy.extra_loss(trainer.training.learner, [], torch.zeros(0)) == 0  # at the anchor
     with torch.no_grad():
         trainable["head.weight"].add_(0.1)
-    assert float(strategy.extra_loss(trainer.learner, [], torch.zeros(0)).detach()) > 0
+    assert float(strategy.extra_loss(trainer.training.learner, [], torch.zeros(0)).detach()) > 0
 
 
 def test_replay_and_ewc_combined_each_count_one_round_per_round(settings: Settings) -> None:
     # Their seeds come from their round counts: one object holding both must not count twice.
     tasks = synthetic(num_tasks=2, labels_per_task=3)
     trainer = learn_in_rounds(with_strategy(settings, "replay+ewc"), tasks)
-    state = trainer.strategy.state_dict()
+    state = trainer.training.strategy.state_dict()
     assert (state["replay"]["rounds"], state["ewc.rounds"]) == (2, 2)
 
 
 def test_lwf_distils_from_the_learner_as_the_last_round_left_it(settings: Settings) -> None:
     first, second = synthetic(num_tasks=2, labels_per_task=3)
     trainer = learn_in_rounds(with_strategy(settings, "lwf"), [first])
-    assert trainer.learner is not None
+    assert trainer.training.learner is not None
     texts = [text for text, _ in second.train[:8]]
-    before = trainer.learner.logits(texts).detach()
-    trainer.strategy.before_round(trainer.learner)
+    before = trainer.training.learner.logits(texts).detach()
+    trainer.training.strategy.before_round(trainer.training.learner)
     # Right after the snapshot the teacher answers like the learner, so there is nothing to distil.
-    assert float(trainer.strategy.extra_loss(trainer.learner, texts, before) or 0) == pytest.approx(
-        0, abs=1e-6
-    )
+    assert float(
+        trainer.training.strategy.extra_loss(trainer.training.learner, texts, before) or 0
+    ) == pytest.approx(0, abs=1e-6)
     moved = before.clone()
     moved[:, 0] += 5.0
-    assert float(trainer.strategy.extra_loss(trainer.learner, texts, moved) or 0) > 0.01
+    assert float(trainer.training.strategy.extra_loss(trainer.training.learner, texts, moved) or 0) > 0.01
 
 
 def test_a_registry_is_not_continued_by_a_strategy_that_learns_another_way(settings: Settings) -> None:
@@ -174,7 +179,10 @@ def test_a_registry_is_not_continued_by_a_strategy_that_learns_another_way(setti
     shared = with_strategy(settings, "naive", registry_dir=settings.registry_dir / "shared")
     before = learn_in_rounds(shared, synthetic(num_tasks=1))
     after = new_trainer(shared.model_copy(update={"strategy": "ewc"}))
-    assert after.columns == before.columns and learned_weights(after).keys() == learned_weights(before).keys()
+    assert (
+        after.training.columns == before.training.columns
+        and learned_weights(after).keys() == learned_weights(before).keys()
+    )
 
 
 @pytest.mark.parametrize("strategy", SHARED)
@@ -214,7 +222,7 @@ from service.settings import load_settings
 from tests.helpers import train_in_process
 
 trainer = train_in_process(load_settings(), synthetic(num_tasks=3, labels_per_task=3))
-weights = trainer.model.weights(SHARED_ADAPTER)
+weights = trainer.training.model.weights(SHARED_ADAPTER)
 print(hashlib.sha256(b"".join(weights[k].numpy().tobytes() for k in sorted(weights))).hexdigest())
 """
 

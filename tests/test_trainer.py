@@ -39,7 +39,7 @@ def test_each_task_is_learned_far_above_chance_and_published(settings: Settings)
 def test_a_restarted_trainer_resumes_from_its_checkpoint_exactly(settings: Settings) -> None:
     first = train_in_process(settings, synthetic(num_tasks=2))
     restored = new_trainer(settings)
-    assert restored.offsets == first.offsets
+    assert restored.durability.offsets == first.durability.offsets
     for name, state in first.tasks.items():
         again = restored.tasks[name]
         assert (again.labels, again.train_seen, again.eval_records, again.version) == (
@@ -48,7 +48,7 @@ def test_a_restarted_trainer_resumes_from_its_checkpoint_exactly(settings: Setti
             state.eval_records,
             state.version,
         )
-        before, after = first.model.weights(name), restored.model.weights(name)
+        before, after = first.training.model.weights(name), restored.training.model.weights(name)
         assert before.keys() == after.keys()
         assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -69,7 +69,7 @@ def test_the_same_seed_gives_the_same_weights(settings: Settings) -> None:
     tasks = synthetic(num_tasks=1)
     a = train_in_process(settings, tasks)
     b = train_in_process(settings.model_copy(update={"registry_dir": settings.registry_dir / "b"}), tasks)
-    wa, wb = a.model.weights(tasks[0].name), b.model.weights(tasks[0].name)
+    wa, wb = a.training.model.weights(tasks[0].name), b.training.model.weights(tasks[0].name)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -79,7 +79,7 @@ def test_the_accuracy_matrix_and_backward_transfer(settings: Settings) -> None:
     for offset, task in ((2, second), (3, third)):
         trainer.absorb(incoming([task]))
         trainer.close_round({0: offset * 10_000})
-    matrix = trainer.accuracy_matrix
+    matrix = trainer.assessment.matrix
     assert list(matrix) == [first.name, second.name, third.name]
     assert set(matrix[first.name]) == {first.name}
     assert set(matrix[third.name]) == {first.name, second.name, third.name}
@@ -95,7 +95,7 @@ def test_the_accuracy_matrix_and_backward_transfer(settings: Settings) -> None:
     )
     assert gauge == matrix[second.name][first.name]
     restored = new_trainer(settings)
-    assert restored.accuracy_matrix == matrix
+    assert restored.assessment.matrix == matrix
 
 
 def test_forward_transfer_when_a_tasks_eval_records_come_first(settings: Settings) -> None:
@@ -105,7 +105,7 @@ def test_forward_transfer_when_a_tasks_eval_records_come_first(settings: Setting
     eval_only = TaskData(name=second.name, train=[], eval=second.eval)
     trainer.absorb(incoming([eval_only]))
     trainer.close_round({0: 20_000})
-    before = trainer.accuracy_before_learning[second.name]
+    before = trainer.assessment.before_learning[second.name]
     trainer.absorb(incoming([TaskData(name=second.name, train=second.train, eval=[])]))
     trainer.close_round({0: 30_000})
     # Measured before the task was learned, against chance over its 4 labels.
@@ -122,15 +122,15 @@ def test_forward_transfer_takes_the_last_measurement_before_learning(settings: S
     trainer = train_in_process(settings, [first])
     trainer.absorb(incoming([TaskData(name=second.name, train=[], eval=second.eval)]))
     trainer.close_round({0: 20_000})
-    first_measurement = trainer.accuracy_before_learning[second.name]
+    first_measurement = trainer.assessment.before_learning[second.name]
     trainer.absorb(incoming([third]))
     trainer.close_round({0: 30_000})
-    row_before = trainer.accuracy_matrix[third.name][second.name]
+    row_before = trainer.assessment.matrix[third.name][second.name]
     assert row_before != first_measurement  # learning the third task moved it
-    assert trainer.accuracy_before_learning[second.name] == row_before
+    assert trainer.assessment.before_learning[second.name] == row_before
     trainer.absorb(incoming([TaskData(name=second.name, train=second.train, eval=[])]))
     trainer.close_round({0: 40_000})
-    assert trainer.accuracy_before_learning[second.name] == row_before
+    assert trainer.assessment.before_learning[second.name] == row_before
     assert trainer.learning_summary().fwt == pytest.approx(row_before - 1 / 4)
 
 

@@ -1,0 +1,175 @@
+"""Publishing: a task's new version into the registry, the gate that decides whether it is served,
+and the live-accuracy watch that rolls the served version back when it fails on new eval records.
+
+The served version is measured next to the trainer's own adapter (loaded once under
+``task@served-vN`` and kept while it is served), on the same eval records as the candidate.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from service.drift import PageHinkley
+from service.errors import CorruptVersion
+from service.metrics import TrainerMetrics
+from service.promotion import Decision, LiveAccuracy, gate
+from service.registry import Registry
+from service.settings import Settings
+from service.tasks import TaskState
+from service.training import Training
+
+log = logging.getLogger(__name__)
+
+
+class Publisher:
+    """Writes versions, gates and promotes them, and watches the served ones; owns the loaded
+    served versions, the live-accuracy windows and the accuracy-drift detectors."""
+
+    def __init__(
+        self, settings: Settings, registry: Registry, metrics: TrainerMetrics, training: Training
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.metrics = metrics
+        self.training = training
+        #: Per task, the served version loaded for comparison: (version, adapter name, labels).
+        self._references: dict[str, tuple[int, str, list[str]]] = {}
+        self.live = LiveAccuracy(settings.live_accuracy_window, settings.live_accuracy_floor)
+        self._accuracy_drift: dict[str, tuple[int, PageHinkley]] = {}
+
+    def publish(self, state: TaskState, offsets: dict[int, int], round_number: int) -> tuple[int, Decision]:
+        """Gate the task's trainer state against the served version, write it as a new version; returns
+        the version and whether it may be served (applied by ``apply`` once the round is durable)."""
+        decision = self._gate(state)
+        previous = state.version
+        weights = self.training.version_weights(state)
+        manifest = self._manifest(state, offsets, round_number)
+        version = self.registry.publish(state.name, weights, state.eval_records, manifest)
+        state.version = version
+        strategy = self.training.strategy.name
+        self.metrics.versions_published.labels(task=state.name, strategy=strategy).inc()
+        self.metrics.record_accuracy(
+            state.name, version, previous, state.accuracy if state.accuracy is not None else math.nan
+        )
+        if state.round_losses:
+            self.metrics.training_loss.labels(task=state.name, strategy=strategy).set(
+                sum(state.round_losses) / len(state.round_losses)
+            )
+        return version, decision
+
+    def apply(self, task: str, version: int, decision: Decision) -> None:
+        """Serve ``version`` if the gate let it through (and the task is not pinned), then prune."""
+        if decision.promote and self.registry.promote_unless_pinned(task, version, decision.reason):
+            self.metrics.versions_promoted.labels(task=task).inc()
+        else:
+            reason = decision.reason if not decision.promote else "the task was pinned meanwhile"
+            self.registry.record_event(task, "candidate", version, reason)
+            self.metrics.versions_rejected.labels(task=task).inc()
+            log.warning("task %r: v%d stays a candidate: %s", task, version, reason)
+        protect = {version}
+        if task in self._references:
+            protect.add(self._references[task][0])
+        for deleted in self.registry.prune(task, self.settings.keep_versions, protect):
+            log.info("task %r: pruned v%d", task, deleted)
+
+    def _gate(self, state: TaskState) -> Decision:
+        """Whether the version about to be published may be served (see service.promotion)."""
+        alias = self.registry.alias(state.name)
+        if alias is None:
+            return gate(state.accuracy, None, None, self.settings.promotion_tolerance)
+        if alias.pinned:
+            return Decision(False, f"task is pinned to v{alias.served} ({alias.reason})")
+        try:
+            adapter, labels = self._served_reference(state.name, alias.served)
+        except CorruptVersion as exc:
+            return Decision(True, f"served v{alias.served} cannot be read ({exc}); replacing it")
+        outcomes = self.training.outcomes(adapter, range(len(labels)), labels, state.eval_records)
+        served = sum(outcomes) / len(outcomes) if outcomes else None
+        return gate(state.accuracy, served, alias.served, self.settings.promotion_tolerance)
+
+    def _served_reference(self, task: str, version: int) -> tuple[str, list[str]]:
+        """The served version loaded beside the trainer's own adapter, to measure it on the same records."""
+        cached = self._references.get(task)
+        if cached is not None and cached[0] == version:
+            return cached[1], cached[2]
+        model = self.training.model
+        if cached is not None:
+            model.remove(cached[1])
+        name = f"{task}@served-v{version}"
+        model.load(name, self.registry.load_weights(task, version))
+        labels = list(self.registry.manifest(task, version)["labels"])
+        self._references[task] = (version, name, labels)
+        return name, labels
+
+    def watch_live_accuracy(self, state: TaskState) -> None:
+        """Judge the served version on the eval records that arrived this round; roll back if it fails."""
+        alias = self.registry.alias(state.name)
+        fresh = state.eval_records[state.eval_judged :]
+        if alias is None or not fresh:
+            return
+        try:
+            adapter, labels = self._served_reference(state.name, alias.served)
+        except CorruptVersion as exc:
+            log.error("task %r: cannot judge the served version: %s", state.name, exc)
+            return
+        outcomes = self.training.outcomes(adapter, range(len(labels)), labels, fresh)
+        self.live.observe(state.name, alias.served, outcomes)
+        version, page_hinkley = self._accuracy_drift.get(state.name, (alias.served, PageHinkley()))
+        if version != alias.served:
+            page_hinkley = PageHinkley()  # a new served version is judged from scratch
+        self._accuracy_drift[state.name] = (alias.served, page_hinkley)
+        self.metrics.drift.record(state.name, page_hinkley.add([float(o) for o in outcomes]))
+        live = self.live.accuracy(state.name)
+        if live is not None:
+            self.metrics.live_accuracy.labels(task=state.name).set(live)
+        failing = self.live.below_floor(state.name)
+        if failing is not None:
+            self._roll_back(state.name, alias.served, failing)
+
+    def _roll_back(self, task: str, served: int, failing: float) -> None:
+        """Serve the newest earlier version whose accuracy reached the floor, pinned (if there is one)."""
+        floor = self.settings.live_accuracy_floor
+        good = [
+            v
+            for v in reversed(self.registry.versions(task))
+            if v < served and (self.registry.manifest(task, v)["metrics"]["accuracy"] or 0.0) >= floor
+        ]
+        reason = (
+            f"auto-rollback: live accuracy {failing:.3f} of v{served} on the last "
+            f"{self.live.window} eval records is below the floor {floor}"
+        )
+        if not good:
+            log.error("task %r: %s, but no earlier version reached the floor; still serving it", task, reason)
+            return
+        self.registry.set_alias(task, good[0], pinned=True, reason=reason)
+        self.live.reset(task)
+        self.metrics.auto_rollbacks.labels(task=task).inc()
+        log.error("task %r: rolled back to v%d: %s", task, good[0], reason)
+
+    def _manifest(self, state: TaskState, offsets: dict[int, int], round_number: int) -> dict[str, Any]:
+        model = self.training.model
+        lora = model.lora
+        return {
+            "base_model": self.settings.base_model,
+            "strategy": self.training.strategy.name,
+            "labels": state.labels,
+            "label_counts": state.label_counts,
+            "parent_version": state.version,
+            "lora": {
+                "r": lora.r,
+                "alpha": lora.alpha,
+                "dropout": lora.dropout,
+                "target_modules": list(lora.target_modules),
+            },
+            "max_length": model.max_length,
+            "metrics": {
+                "accuracy": state.accuracy,
+                "best_accuracy": state.best_accuracy,
+                "eval_records": len(state.eval_records),
+                "train_records": state.train_seen,
+            },
+            "kafka": {"topic": self.settings.kafka_topic, "offsets": {str(p): o for p, o in offsets.items()}},
+            "round": round_number,
+        }

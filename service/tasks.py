@@ -1,0 +1,118 @@
+"""What the trainer knows about each task: its labels, eval records, this round's examples, prototypes.
+
+A record meets this module first: ``TaskState.take`` files it under its task (or says why it cannot),
+and the task's label prototypes (mean base-model embeddings per label, what a server routes task-less
+requests by) grow with its training texts. Nothing here touches the model; embeddings come in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from service.model import PROTOTYPE_COUNTS, PROTOTYPE_SUMS
+from service.records import Record, Rejection
+
+#: Training examples: (text, label index within the task).
+Examples = list[tuple[str, int]]
+
+
+@dataclass
+class TaskState:
+    """Everything the trainer knows about one task."""
+
+    name: str
+    labels: list[str] = field(default_factory=list)
+    eval_records: list[tuple[str, str]] = field(default_factory=list)
+    train_seen: int = 0
+    version: int | None = None
+    accuracy: float | None = None
+    #: Training examples (text, label index) waiting for a full micro-batch.
+    pending: Examples = field(default_factory=list)
+    #: This round's training examples, for the round's extra epochs.
+    round_examples: Examples = field(default_factory=list)
+    round_losses: list[float] = field(default_factory=list)
+    #: Training records per label, for prediction drift (the mix the task was trained on).
+    label_counts: dict[str, int] = field(default_factory=dict)
+    changed: bool = False
+    #: Per label index: sum of base-model embeddings of its training texts, and how many (prototypes
+    #: that let a server infer the task of a text that names none).
+    prototype_sums: dict[int, torch.Tensor] = field(default_factory=dict)
+    prototype_counts: dict[int, int] = field(default_factory=dict)
+    #: Best accuracy any version of the task reached (for forgetting).
+    best_accuracy: float | None = None
+    #: How many eval records the live-accuracy watch has already judged.
+    eval_judged: int = 0
+    #: Head rows already started from their label's prototype (or trained before a restart).
+    head_initialized: set[int] = field(default_factory=set)
+
+    def label_index(self, label: str) -> int:
+        """The class index of ``label``, appending it if new (indices never move)."""
+        try:
+            return self.labels.index(label)
+        except ValueError:
+            self.labels.append(label)
+            return len(self.labels) - 1
+
+    def refusal(self, record: Record, max_labels: int) -> Rejection | None:
+        """Why the task cannot take ``record`` (a new label past the task's limit), or None."""
+        if record.label in self.labels or len(self.labels) < max_labels:
+            return None
+        return Rejection(
+            "too_many_labels",
+            f"task {record.task!r} already has {len(self.labels)} labels, the limit is {max_labels}",
+        )
+
+    def take(self, record: Record) -> tuple[str, int] | None:
+        """File an accepted record: an eval record joins the eval set; a training record is returned as
+        the (text, label index) example that waits for a step."""
+        index = self.label_index(record.label)
+        self.changed = True
+        if record.split == "eval":
+            self.eval_records.append((record.text, record.label))
+            return None
+        self.train_seen += 1
+        self.label_counts[record.label] = self.label_counts.get(record.label, 0) + 1
+        example = (record.text, index)
+        self.pending.append(example)
+        self.round_examples.append(example)
+        return example
+
+    def add_to_prototypes(self, examples: Sequence[tuple[str, int]], embeddings: torch.Tensor) -> None:
+        """Add the base-model embeddings of training examples to their labels' prototype sums."""
+        for (_, index), embedding in zip(examples, embeddings, strict=True):
+            self.prototype_sums[index] = self.prototype_sums.get(index, 0) + embedding
+            self.prototype_counts[index] = self.prototype_counts.get(index, 0) + 1
+
+    def prototype_tensors(self, hidden_size: int) -> dict[str, torch.Tensor]:
+        """The prototype sums and counts as stored beside a version's weights (none before training)."""
+        if not self.prototype_counts:
+            return {}
+        size = len(self.labels)
+        sums = torch.zeros(size, hidden_size)
+        counts = torch.zeros(size)
+        for index, total in self.prototype_sums.items():
+            sums[index] = total
+            counts[index] = self.prototype_counts[index]
+        return {PROTOTYPE_SUMS: sums, PROTOTYPE_COUNTS: counts}
+
+    def end_round(self, trained_next_round: bool) -> None:
+        """Forget the closed round's examples and losses; new eval records are judged from here on.
+
+        A task served before training keeps its examples and stays changed: the next round trains it.
+        """
+        if not trained_next_round:
+            self.round_examples = []
+        self.round_losses, self.changed = [], trained_next_round
+        self.eval_judged = len(self.eval_records)
+
+
+def stored_prototypes(weights: dict[str, torch.Tensor]) -> tuple[dict[int, torch.Tensor], dict[int, int]]:
+    """The per-label prototype sums and counts stored with a version (empty for versions without)."""
+    sums, counts = weights.get(PROTOTYPE_SUMS), weights.get(PROTOTYPE_COUNTS)
+    if sums is None or counts is None:
+        return {}, {}
+    seen = [i for i, count in enumerate(counts.tolist()) if count > 0]
+    return {i: sums[i] for i in seen}, {i: int(counts[i]) for i in seen}

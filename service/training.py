@@ -1,0 +1,295 @@
+"""Training steps: the model, what each task trains (its own adapter or the shared learner), the
+optimisers, the strategy's hooks around every step, and the predictions the later stages measure.
+
+Per-task adapters (a strategy that ``isolates_tasks``): each task trains an adapter and head of its
+own, seen as a ``Learner`` over the task's label indices. Shared strategies: one learner whose head
+has a *column* per (task, label), in the order they were first seen; a task's version is the shared
+adapter with the head rows of its columns. The strategy sits on top: it is called, never calls back.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.nn import functional
+
+from service.learner import SHARED_ADAPTER, Learner
+from service.metrics import TrainerMetrics
+from service.model import HEAD_PREFIX, AdapterModel
+from service.settings import Settings
+from service.tasks import TaskState
+from strategies import Example, Strategy
+
+#: Logit scale of head rows started from prototypes: a cosine gap of 0.1 becomes a logit gap of 2.
+PROTOTYPE_LOGIT_SCALE = 20.0
+#: Key prefixes in the learner file: the shared adapter's weights, and the strategy's tensors.
+LEARNER_PREFIX = "learner."
+STRATEGY_PREFIX = "strategy."
+
+
+class Training:
+    """Owns the model, the strategy, the shared learner and its columns, and the optimisers."""
+
+    def __init__(
+        self, settings: Settings, model: AdapterModel, strategy: Strategy, metrics: TrainerMetrics
+    ) -> None:
+        self.settings = settings
+        self.model = model
+        self.strategy = strategy
+        self.metrics = metrics
+        #: Shared-parameter strategies train one learner; its head has a column per (task, label).
+        self.learner: Learner | None = None
+        self.columns: dict[tuple[str, str], int] = {}
+        self._column_tasks: list[str] = []
+        if not strategy.isolates_tasks:
+            model.add(SHARED_ADAPTER, num_labels=2)
+            self.learner = Learner(model)
+        self._optimizers: dict[str, torch.optim.Optimizer] = {}
+        self._round_started = False
+        #: Called during long work (steps, predictions) so the consumer group knows the trainer lives.
+        self.heartbeat: Callable[[], None] = lambda: None
+
+    # --- tasks, columns, learners -------------------------------------------------------------------
+
+    def add_task(self, name: str) -> None:
+        """A task seen for the first time: its own adapter (two outputs to start; the head grows as
+        labels arrive) unless the learner is shared, then the strategy's ``before_task``."""
+        if self.learner is None:
+            self.model.add(name, num_labels=2)
+        self.strategy.before_task(name)
+
+    def column(self, task: str, label: str) -> int:
+        """The shared head's output for ``label`` of ``task``, appended if new (columns never move)."""
+        column = self.columns.get((task, label))
+        if column is None:
+            column = self.columns[(task, label)] = len(self.columns)
+            self._column_tasks.append(task)
+            assert self.learner is not None
+            self.learner.in_use = len(self.columns)
+        return column
+
+    def columns_of(self, state: TaskState) -> list[int]:
+        """The head outputs of the task's labels, in label order."""
+        if self.learner is None:
+            return list(range(len(state.labels)))
+        return [self.columns[(state.name, label)] for label in state.labels]
+
+    def learner_of(self, state: TaskState) -> Learner:
+        """What a task trains: the shared learner, or the task's own adapter seen as one."""
+        if self.learner is not None:
+            return self.learner
+        learner = Learner(self.model, state.name)
+        learner.in_use = len(state.labels)
+        return learner
+
+    def _task_of(self, learner: Learner, column: int) -> str:
+        return learner.adapter if self.learner is None else self._column_tasks[column]
+
+    # --- steps --------------------------------------------------------------------------------------
+
+    def prepare_head(self, state: TaskState) -> None:
+        """One head output per label seen so far; new rows start at their prototypes if so set."""
+        learner = self.learner_of(state)
+        if learner.in_use > self.model.heads[learner.adapter].out_features:
+            self.model.grow_head(learner.adapter, learner.in_use)
+            self._optimizers.pop(learner.adapter, None)  # the head's parameters were replaced
+        if self.settings.head_init == "prototypes":
+            self._init_head_rows(state, learner.adapter)
+
+    def step(self, state: TaskState, examples: Sequence[tuple[str, int]]) -> None:
+        """One training step on new examples of one task (label indices within the task)."""
+        self.prepare_head(state)
+        columns = self.columns_of(state)
+        loss = self._train(self.learner_of(state), [(text, columns[index]) for text, index in examples])
+        state.round_losses.append(loss)
+
+    def step_full_batches(self, state: TaskState) -> None:
+        """Step on the task's pending examples while a full micro-batch waits."""
+        size = self.settings.batch_size
+        while len(state.pending) >= size:
+            batch, state.pending = state.pending[:size], state.pending[size:]
+            self.step(state, batch)
+
+    def finish_round(self, tasks: Sequence[TaskState], early: set[str], rng: random.Random) -> dict[str, int]:
+        """The round's remaining steps and further epochs; returns the examples trained per task.
+
+        Tasks in ``early`` are published untrained (head rows at their label prototypes) and trained
+        next round. A task's own adapter takes its further epochs alone; a shared learner takes every
+        trained task's together (through the strategy's rehearsal), then the strategy's ``after_round``.
+        """
+        size = self.settings.batch_size
+        trained: dict[str, int] = {}
+        for state in tasks:
+            if state.name in early:
+                self.prepare_head(state)
+                continue
+            for i in range(0, len(state.pending), size):
+                self.step(state, state.pending[i : i + size])
+            state.pending = []
+            if not state.round_examples:
+                continue
+            trained[state.name] = len(state.round_examples)
+            for _ in range(self.settings.epochs - 1 if self.learner is None else 0):
+                examples = state.round_examples[:]
+                rng.shuffle(examples)
+                for i in range(0, len(examples), size):
+                    self.step(state, examples[i : i + size])
+        new: list[Example] = []
+        if self.learner is not None:
+            states = [state for state in tasks if state.name in trained]
+            for state in states:
+                columns = self.columns_of(state)
+                new.extend((text, columns[index]) for text, index in state.round_examples)
+            self._rehearse(self.learner, new, states, rng)
+        self.strategy.after_round(self.learner, new)
+        self._round_started = False
+        return trained
+
+    def _train(self, learner: Learner, examples: Sequence[Example]) -> float:
+        """One optimizer step on ``examples`` plus what the strategy replays; returns the loss."""
+        self.heartbeat()
+        if not self._round_started:
+            self._round_started = True
+            self.strategy.before_round(self.learner)
+        batch = list(examples) + (self.strategy.replay(len(examples)) if self.learner is not None else [])
+        optimizer = self._optimizers.get(learner.adapter)
+        if optimizer is None:
+            # No requires_grad to set: the forward pass activates the adapter, which makes it trainable.
+            lora, head = self.model.parameters(learner.adapter)
+            optimizer = self._optimizers[learner.adapter] = torch.optim.AdamW(
+                [
+                    {"params": lora, "lr": self.settings.learning_rate},
+                    {"params": head, "lr": self.settings.head_learning_rate},
+                ],
+                weight_decay=0.01,
+            )
+        texts = [text for text, _ in batch]
+        for task, count in Counter(self._task_of(learner, column) for _, column in batch).items():
+            self.metrics.training_examples.labels(task=task, strategy=self.strategy.name).inc(count)
+        with self.model.training(learner.adapter):
+            # Only the labels seen so far compete; outputs reserved for unseen ones stay out of it.
+            logits = learner.logits(texts)
+            loss = functional.cross_entropy(logits, torch.tensor([column for _, column in batch]))
+            extra = self.strategy.extra_loss(self.learner, texts, logits)
+            if extra is not None:
+                loss = loss + extra
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return float(loss.detach())
+
+    def _rehearse(
+        self, learner: Learner, new: list[Example], tasks: list[TaskState], rng: random.Random
+    ) -> None:
+        """The round's further epochs on the shared learner: every task's examples shuffled together."""
+        for _ in range(self.settings.epochs - 1):
+            examples = self.strategy.rehearsal(new)
+            rng.shuffle(examples)
+            for i in range(0, len(examples), self.settings.batch_size):
+                loss = self._train(learner, examples[i : i + self.settings.batch_size])
+                for state in tasks:
+                    state.round_losses.append(loss)
+
+    def _init_head_rows(self, state: TaskState, adapter: str) -> None:
+        """Start each new label's head row at its normalised mean base embedding.
+
+        A fresh LoRA adapter changes nothing (PEFT starts B at zero), so the task then already
+        classifies like a nearest-label-mean classifier on base embeddings (the argmax of w·x with
+        rows of one norm is the cosine argmax), before its first gradient step; training refines it.
+        """
+        new = [i for i in state.prototype_counts if i not in state.head_initialized and i < len(state.labels)]
+        if not new:
+            return
+        columns = self.columns_of(state)
+        means = {columns[i]: state.prototype_sums[i] / state.prototype_counts[i] for i in new}
+        scale = PROTOTYPE_LOGIT_SCALE / float(torch.stack(list(means.values())).norm(dim=-1).mean())
+        head = self.model.heads[adapter]
+        with torch.no_grad():
+            for column, mean in means.items():
+                head.weight[column] = functional.normalize(mean, dim=0) * scale
+                head.bias[column] = 0.0
+        state.head_initialized.update(new)
+
+    # --- predictions --------------------------------------------------------------------------------
+
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """Base-model embeddings (every adapter off), for prototypes and drift."""
+        return torch.from_numpy(self.model.base_embeddings(texts))
+
+    def predict_task(self, task: TaskState, texts: Sequence[str]) -> torch.Tensor:
+        """The current scores of ``texts`` over ``task``'s labels (in label order)."""
+        return self.predict_columns(self.learner_of(task).adapter, texts, self.columns_of(task))
+
+    def predict_columns(self, adapter: str, texts: Sequence[str], columns: Sequence[int]) -> torch.Tensor:
+        """Probabilities of ``adapter`` for ``texts``, kept to ``columns`` (argmax-ready)."""
+        return self.model.predict(adapter, texts, self.settings.eval_batch_size)[:, list(columns)]
+
+    def outcomes(
+        self, adapter: str, columns: Sequence[int], labels: Sequence[str], rows: Sequence[tuple[str, str]]
+    ) -> list[bool]:
+        """For each (text, label), whether ``adapter`` predicts the label; ``columns`` are its outputs
+        for ``labels`` (the task's columns of a shared head; a published version's are its rows)."""
+        if not rows:
+            return []
+        self.heartbeat()
+        predicted = self.predict_columns(adapter, [text for text, _ in rows], columns).argmax(dim=-1).tolist()
+        return [labels[p] == label for p, (_, label) in zip(predicted, rows, strict=True)]
+
+    def accuracy(self, state: TaskState) -> float | None:
+        """The task's accuracy on its eval records as trained now (None without eval records)."""
+        self.prepare_head(state)  # labels known from eval records only have outputs too
+        outcomes = self.outcomes(
+            self.learner_of(state).adapter, self.columns_of(state), state.labels, state.eval_records
+        )
+        return sum(outcomes) / len(outcomes) if outcomes else None
+
+    # --- what is saved ------------------------------------------------------------------------------
+
+    def version_weights(self, state: TaskState) -> dict[str, torch.Tensor]:
+        """The adapter and head, plus the label prototypes a server routes task-less requests with."""
+        weights = self.model.weights(self.learner_of(state).adapter)
+        if self.learner is not None:
+            # The shared adapter, with the head rows of this task's columns only.
+            columns = self.columns_of(state)
+            for key in (HEAD_PREFIX + "weight", HEAD_PREFIX + "bias"):
+                weights[key] = weights[key][columns].contiguous()
+        weights.update(state.prototype_tensors(self.model.hidden_size))
+        return weights
+
+    def saved_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """The strategy's JSON-serialisable state, and the tensors of the learner file: the shared
+        learner's weights and the strategy's tensors."""
+        state = self.strategy.state_dict()
+        tensors = {
+            STRATEGY_PREFIX + k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)
+        }
+        if self.learner is not None:
+            for key, value in self.model.weights(SHARED_ADAPTER).items():
+                tensors[LEARNER_PREFIX + key] = value
+        return {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}, tensors
+
+    def restore(
+        self,
+        strategy_state: dict[str, Any],
+        tensors: dict[str, torch.Tensor] | None,
+        columns: Sequence[tuple[str, str]],
+    ) -> None:
+        """Put back what ``saved_state`` returned, and the shared head's columns in their order."""
+        strategy_state = dict(strategy_state)
+        if tensors is not None:
+            strategy_state.update(_unprefixed(tensors, STRATEGY_PREFIX))
+            if self.learner is not None:
+                self.model.remove(SHARED_ADAPTER)
+                self.model.load(SHARED_ADAPTER, _unprefixed(tensors, LEARNER_PREFIX))
+        if self.learner is not None:
+            for task, label in columns:
+                self.column(task, label)
+        self.strategy.load_state_dict(strategy_state)
+
+
+def _unprefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

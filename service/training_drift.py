@@ -1,0 +1,71 @@
+"""Drift of the training stream: each task's new training texts against its eval texts (MMD on
+base-model embeddings), a window at a time. The server watches what it is asked; this watches
+what the trainer is taught."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from service.drift import MIN_REFERENCE, MMDDrift
+from service.metrics import TrainerMetrics
+from service.settings import Settings
+from service.tasks import TaskState
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDrift:
+    """Owns each task's input-drift test and the training texts waiting for a full window."""
+
+    def __init__(
+        self, settings: Settings, metrics: TrainerMetrics, embed: Callable[[Sequence[str]], np.ndarray]
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.embed = embed
+        self._detectors: dict[str, MMDDrift] = {}
+        self._pending: dict[str, list[str]] = {}
+        self._sampler = random.Random(settings.seed)
+
+    def add(self, task: str, text: str) -> None:
+        """A new training text of ``task``, judged once a window of them has arrived."""
+        self._pending.setdefault(task, []).append(text)
+
+    def judge(self, state: TaskState) -> bool:
+        """Test the task's newest full window; True when it drifted and the settings say to adapt now."""
+        pending = self._pending.get(state.name, [])
+        if len(pending) < self.settings.drift_window:
+            return False
+        self._pending[state.name] = []
+        detector = self._detectors.get(state.name)
+        if detector is None:
+            reference = [text for text, _ in state.eval_records[: self.settings.drift_reference_size]]
+            if len(reference) < MIN_REFERENCE:
+                return False  # no reference yet: the task's eval records have not arrived
+            detector = MMDDrift(
+                self.embed(reference),
+                self.settings.drift_window,
+                self.settings.drift_permutations,
+                self.settings.drift_alpha,
+                seed=self.settings.seed,
+                detector="training_input",
+            )
+            self._detectors[state.name] = detector
+        rate = self.settings.drift_sample_rate
+        sampled = [text for text in pending if self._sampler.random() < rate]
+        adapt = False
+        for result in detector.add(self.embed(sampled)):
+            self.metrics.drift.record(state.name, result)
+            if result.drifted:
+                log.warning(
+                    "task %r: new training records drifted from its reference (MMD² %.4f, p %.4g)",
+                    state.name,
+                    result.statistic,
+                    result.p_value,
+                )
+                adapt = adapt or self.settings.drift_reaction == "adapt"
+        return adapt
