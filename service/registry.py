@@ -106,6 +106,11 @@ class Registry:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line]
         return [(row["text"], row["label"]) for row in rows]
 
+    def evaluated_on(self, task: str, version: int, records: list[tuple[str, str]]) -> bool:
+        """Whether ``records`` are exactly the records the version was evaluated on (by their sha256)."""
+        digest = hashlib.sha256(b"".join(_eval_lines(records))).hexdigest()
+        return bool(self.manifest(task, version)["files"][EVAL_FILE] == digest)
+
     def alias(self, task: str) -> Alias | None:
         """The task's alias, or None before its first promotion."""
         try:
@@ -142,9 +147,9 @@ class Registry:
             except SafetensorError as exc:
                 # safetensors reports a full or failing disk as its own error; callers handle OSError.
                 raise OSError(f"cannot write {WEIGHTS_FILE}: {exc}") from exc
-            with open(staging / EVAL_FILE, "w", encoding="utf-8") as f:
-                for text, label in eval_records:
-                    f.write(json.dumps({"text": text, "label": label}, ensure_ascii=False) + "\n")
+            with open(staging / EVAL_FILE, "wb") as f:
+                for line in _eval_lines(eval_records):
+                    f.write(line)
             files = {name: _sha256(staging / name) for name in (WEIGHTS_FILE, EVAL_FILE)}
             versions_dir = self._task_dir(task) / "versions"
             versions_dir.mkdir(parents=True, exist_ok=True)
@@ -294,6 +299,12 @@ class Registry:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _eval_lines(records: list[tuple[str, str]]) -> Iterator[bytes]:
+    """A version's eval file, line by line: one JSON object per (text, label)."""
+    for text, label in records:
+        yield (json.dumps({"text": text, "label": label}, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 def _sha256(path: Path) -> str:

@@ -100,12 +100,12 @@ class Trainer:
                 self.training.column(state.name, record.label)
             self.rounds.records += 1
             if example is not None:
-                self.drift.add(state.name, record.text)
                 new_train.setdefault(state.name, []).append(example)
         for name, examples in new_train.items():
-            self.tasks[name].add_to_prototypes(examples, self.training.embed([text for text, _ in examples]))
-        if self.settings.drift_enabled:
-            for name in new_train:
+            embeddings = self.training.embed([text for text, _ in examples])
+            self.tasks[name].add_to_prototypes(examples, embeddings)
+            if self.settings.drift_enabled:
+                self.drift.add(name, embeddings.numpy())
                 self.rounds.adapt_now |= self.drift.judge(self.tasks[name])
         for name in new_train:
             state = self.tasks[name]

@@ -28,12 +28,14 @@ class TrainingDrift:
         self.metrics = metrics
         self.embed = embed
         self._detectors: dict[str, MMDDrift] = {}
-        self._pending: dict[str, list[str]] = {}
+        #: Per task, the base-model embeddings of training texts waiting for a full window.
+        self._pending: dict[str, list[np.ndarray]] = {}
         self._sampler = random.Random(settings.seed)
 
-    def add(self, task: str, text: str) -> None:
-        """A new training text of ``task``, judged once a window of them has arrived."""
-        self._pending.setdefault(task, []).append(text)
+    def add(self, task: str, embeddings: np.ndarray) -> None:
+        """Base-model embeddings of new training texts of ``task`` (the ones its prototypes were just
+        given: embedding them again here cost 5-9% of a round), judged once a window has arrived."""
+        self._pending.setdefault(task, []).extend(embeddings)
 
     def judge(self, state: TaskState) -> bool:
         """Test the task's newest full window; True when it drifted and the settings say to adapt now."""
@@ -56,9 +58,9 @@ class TrainingDrift:
             )
             self._detectors[state.name] = detector
         rate = self.settings.drift_sample_rate
-        sampled = [text for text in pending if self._sampler.random() < rate]
+        sampled = [row for row in pending if self._sampler.random() < rate]
         adapt = False
-        for result in detector.add(self.embed(sampled)):
+        for result in detector.add(np.stack(sampled) if sampled else np.empty((0, pending[0].shape[0]))):
             self.metrics.drift.record(state.name, result)
             if result.drifted:
                 log.warning(

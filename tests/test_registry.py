@@ -106,3 +106,15 @@ def test_retention_keeps_the_newest_the_served_and_the_protected(tmp_path: Path)
     assert registry.versions("banking") == [2, 4, 6, 7, 8]
     assert not any(p.name.startswith("deleted-") for p in (tmp_path / ".tmp").iterdir())
     assert publish(registry) == 9  # numbers are never reused
+
+
+def test_a_version_knows_the_exact_records_it_was_evaluated_on(tmp_path: Path) -> None:
+    """What lets the gate take a served version's accuracy from its manifest instead of measuring again."""
+    registry = Registry(tmp_path)
+    rows = [("what is my balance", "balance"), ("freeze my card ✓", "freeze"), ("", "balance")]
+    version = registry.publish("banking", WEIGHTS, rows, {"labels": ["balance", "freeze"], "metrics": {}})
+    assert registry.evaluated_on("banking", version, rows)
+    assert registry.eval_records("banking", version) == rows
+    assert not registry.evaluated_on("banking", version, rows[:2])
+    assert not registry.evaluated_on("banking", version, [rows[1], rows[0], rows[2]])
+    assert not registry.evaluated_on("banking", version, [*rows[:2], ("", "freeze")])
