@@ -105,8 +105,7 @@ class Trainer:
             embeddings = self.training.embed([text for text, _ in examples])
             self.tasks[name].add_to_prototypes(examples, embeddings)
             if self.settings.drift_enabled:
-                self.drift.add(name, embeddings.numpy())
-                self.rounds.adapt_now |= self.drift.judge(self.tasks[name])
+                self.rounds.adapt_now |= self.drift.judge(self.tasks[name], embeddings.numpy())
         for name in new_train:
             state = self.tasks[name]
             if not self.rounds.serve_first(state):  # else its first version goes out untrained first

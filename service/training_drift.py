@@ -32,14 +32,12 @@ class TrainingDrift:
         self._pending: dict[str, list[np.ndarray]] = {}
         self._sampler = random.Random(settings.seed)
 
-    def add(self, task: str, embeddings: np.ndarray) -> None:
-        """Base-model embeddings of new training texts of ``task`` (the ones its prototypes were just
-        given: embedding them again here cost 5-9% of a round), judged once a window has arrived."""
-        self._pending.setdefault(task, []).extend(embeddings)
-
-    def judge(self, state: TaskState) -> bool:
-        """Test the task's newest full window; True when it drifted and the settings say to adapt now."""
-        pending = self._pending.get(state.name, [])
+    def judge(self, state: TaskState, embeddings: np.ndarray) -> bool:
+        """Add the base-model embeddings of the task's new training texts (the ones its prototypes were
+        just given: embedding them again here cost 5-9% of a round) and test every full window; True
+        when one drifted and the settings say to adapt now."""
+        pending = self._pending.setdefault(state.name, [])
+        pending.extend(embeddings)
         if len(pending) < self.settings.drift_window:
             return False
         self._pending[state.name] = []

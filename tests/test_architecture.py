@@ -4,6 +4,7 @@ module or class outgrows one job. Read from the source (ast), so it holds for ev
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ MAX_MODULE_LINES = 400
 MAX_CLASS_LINES = 300
 
 
+@functools.cache
 def modules() -> dict[str, Path]:
     """Every hand-written module of the service and the strategies (generated code left out)."""
     found = {}
@@ -28,7 +30,8 @@ def modules() -> dict[str, Path]:
     return found
 
 
-def imports(path: Path, everywhere: bool) -> set[str]:
+@functools.cache
+def imports(path: Path, everywhere: bool) -> frozenset[str]:
     """Our modules that ``path`` imports: at module level (type-only imports included), or anywhere
     (imports inside functions too)."""
     known = modules()
@@ -43,7 +46,7 @@ def imports(path: Path, everywhere: bool) -> set[str]:
         else:
             continue
         found.update(name for name in names if name in known)
-    return found
+    return frozenset(found)
 
 
 def _module_level(body: list[ast.stmt]) -> list[ast.stmt]:
