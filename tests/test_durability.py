@@ -139,7 +139,9 @@ def test_dead_letters_the_broker_refuses_hold_back_the_commit(
         raw.close()
         eventually(lambda: metric(running.trainer, "continual_persist_blocked") == 1, 60, 0.2, "blocked")
         assert metric(running.trainer, "continual_persist_failures_total", cause="dead_letters") >= 1
-        assert metric(running.trainer, "continual_dead_letter_failures_total") >= 5
+        # The five may come out of two polls; the trainer consumes nothing while blocked, so only the
+        # first poll's dead letters are sure to have been refused by now.
+        assert metric(running.trainer, "continual_dead_letter_failures_total") >= 1
         time.sleep(2)
         assert committed_records(settings) == len(good)
         assert running.thread.is_alive()
