@@ -25,6 +25,7 @@ from torch import nn
 
 from service.datasets import TaskData
 from service.model import AdapterModel, build_model
+from service.router import Router
 from service.settings import Settings
 
 #: The adapter name the template trains.
@@ -99,7 +100,9 @@ class AvalancheLearner:
         )
         #: Class ids in order of arrival (the head grows to the largest id seen).
         self.classes: dict[str, int] = {}
-        self.labels: dict[str, list[str]] = {}
+        self.task_labels: dict[str, list[str]] = {}
+        #: Avalanche learners fit no task router: task-less texts go by label prototypes.
+        self.router: Router | None = None
 
     def learn(self, task: TaskData) -> None:
         """One experience: the domain's training examples, ``epochs`` passes."""
@@ -109,7 +112,7 @@ class AvalancheLearner:
         """One experience of every domain's training examples (joint training)."""
         rows = [row for task in tasks for row in task.train]
         for task in tasks:
-            labels = self.labels.setdefault(task.name, [])
+            labels = self.task_labels.setdefault(task.name, [])
             for _, label in task.train:
                 if label not in self.classes:
                     self.classes[label] = len(self.classes)
@@ -131,13 +134,21 @@ class AvalancheLearner:
             rows.append(self.network(self._tokens(texts[i : i + self.settings.eval_batch_size])))
         return torch.cat(rows)
 
-    def answer(self, task: str, texts: Sequence[str]) -> tuple[list[str], list[str]]:
-        """Each text's label among ``task``'s labels, and among every label learned so far."""
+    def labels(self, task: str) -> list[str]:
+        """``task``'s labels, in the order of ``within``'s columns."""
+        return self.task_labels[task]
+
+    def within(self, task: str, texts: Sequence[str]) -> tuple[list[str], torch.Tensor]:
+        """``task``'s labels and each text's probabilities over them (a softmax over its columns)."""
+        labels = self.task_labels[task]
+        scores = self.scores(texts)[:, [self.classes[label] for label in labels]]
+        return labels, torch.softmax(scores, dim=-1)
+
+    def global_answers(self, texts: Sequence[str]) -> list[str]:
+        """Each text's label among every label learned so far."""
         scores = self.scores(texts)[:, : len(self.classes)]
-        labels = self.labels[task]
-        within = scores[:, [self.classes[label] for label in labels]].argmax(-1).tolist()
         names = {column: label for label, column in self.classes.items()}
-        return [labels[i] for i in within], [names[i] for i in scores.argmax(-1).tolist()]
+        return [names[i] for i in scores.argmax(-1).tolist()]
 
     def _tokens(self, texts: Sequence[str]) -> torch.Tensor:
         batch = self.model.tokenizer(

@@ -41,6 +41,7 @@ import resource
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -59,6 +60,7 @@ from service.metrics import TrainerMetrics
 from service.model import AdapterModel, build_model
 from service.records import Record
 from service.registry import Registry
+from service.router import Router, answer_without_task
 from service.serving import nearest_task
 from service.settings import Settings, load_settings
 from service.trainer import Trainer
@@ -73,9 +75,27 @@ ORDERS = ("given", "reversed", "shuffled")
 #: The settings that shape what is learned, stored with every run (the rest: ports, topics, paths).
 LEARNING_SETTINGS = {
     "base_model", "max_length", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "strategy",
-    "learning_rate", "head_learning_rate", "batch_size", "epochs", "head_init", "replay_memory_size",
+    "learning_rate", "head_learning_rate", "base_dropout", "label_smoothing", "batch_size", "epochs",
+    "head_init", "replay_memory_size",
     "ewc_lambda", "ewc_decay", "ewc_fisher_examples", "lwf_alpha", "lwf_temperature", "seed",
 }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Stream:
+    """Where a stream's records are (``data_full.json``) and how its labels group into tasks."""
+
+    data: Path
+    tasks_file: Path
+
+    def tasks(self) -> list[str]:
+        """The task names, in the stream's order."""
+        return list(json.loads(self.tasks_file.read_text()))
+
+    def load(self, order: Sequence[str], train_per_label: int | None, split: str) -> dict[str, TaskData]:
+        """The tasks in ``order``, with ``split`` as their eval records."""
+        tasks = clinc150(self.data, order, train_per_label, eval_splits=(split,), tasks_file=self.tasks_file)
+        return {task.name: task for task in tasks}
 
 
 def orders(domains: list[str], names: Sequence[str]) -> dict[str, list[str]]:
@@ -87,6 +107,7 @@ def orders(domains: list[str], names: Sequence[str]) -> dict[str, list[str]]:
 
 
 def run_order(
+    stream: Stream,
     strategy: str,
     order: list[str],
     train_per_label: int | None,
@@ -97,8 +118,8 @@ def run_order(
     """Learn the domains in ``order`` with ``strategy`` (settings ``overrides`` on top of the defaults);
     the matrices and figures (in a child process)."""
     started = time.monotonic()
-    val = {t.name: t for t in clinc150(CLINC150, order, train_per_label, eval_splits=("val",))}
-    test = {t.name: t for t in clinc150(CLINC150, order, eval_splits=(measure_on,))}
+    val = stream.load(order, train_per_label, "val")
+    test = stream.load(order, None, measure_on)
     settings = load_settings(
         registry_dir=Path(workdir) / "registry",
         strategy=strategy if strategy not in TEMPLATES else "naive",
@@ -123,19 +144,29 @@ def run_order(
     aware: dict[str, dict[str, float]] = {}
     agnostic: dict[str, dict[str, float]] = {}
     global_head: dict[str, dict[str, float]] = {}
+    routed: dict[str, dict[str, float]] = {}
+    #: Task-agnostic accuracy answered other ways, beside the default (see ``_task_agnostic``).
+    matrices: dict[str, dict[str, dict[str, float]]] = {}
     for seen in steps:
         name = seen[-1]
         if strategy != "joint":
             learner.learn(val[name])
         routing = [prototypes[d] for d in seen]
-        aware[name], agnostic[name], global_head[name] = {}, {}, {}
+        aware[name], agnostic[name], global_head[name], routed[name] = {}, {}, {}, {}
         for d in seen:
             texts, labels = [t for t, _ in test[d].eval], [label for _, label in test[d].eval]
-            within, answers = learner.answer(d, texts)
-            right = torch.tensor([a == b for a, b in zip(within, labels, strict=True)])
-            routed, _ = nearest_task(test_embeddings[d], routing)
+            own_labels, own = learner.within(d, texts)
+            right = torch.tensor(
+                [own_labels[i] == b for i, b in zip(own.argmax(-1).tolist(), labels, strict=True)]
+            )
             aware[name][d] = float(right.float().mean())
-            agnostic[name][d] = float(((routed == seen.index(d)) & right).float().mean())
+            ways, routed[name][d] = _task_agnostic(
+                learner, settings, seen, d, test_embeddings[d], (texts, labels, own), routing
+            )
+            for way, value in ways.items():
+                matrices.setdefault(way, {}).setdefault(name, {})[d] = value
+            agnostic[name][d] = ways["default"]
+            answers = learner.global_answers(texts)
             if answers is not None:
                 global_head[name][d] = sum(a == b for a, b in zip(answers, labels, strict=True)) / len(labels)
         console.print(
@@ -158,12 +189,72 @@ def run_order(
         "order": order,
         "measured_on": measure_on,
         "train_per_label": train_per_label,
+        "tasks_file": stream.tasks_file.name,
         # The strategy run, not the one the trainer's settings name (Avalanche's templates run as naive).
         "settings": {**settings.model_dump(mode="json", include=LEARNING_SETTINGS), "strategy": strategy},
         "matrix_task_agnostic": agnostic,
         "matrix_task_aware": aware,
         "matrix_global_head": global_head if glb else None,
+        # The share of each domain's texts whose first candidate task is the right one.
+        "matrix_routing": routed,
+        "routing": "router" if learner.router is not None else "prototypes",
+        "acc_task_agnostic_ways": {
+            way: _figures(matrix).acc for way, matrix in matrices.items() if way != "default"
+        },
+        "matrix_task_agnostic_ways": {way: m for way, m in matrices.items() if way != "default"},
     }
+
+
+def _task_agnostic(
+    learner: Learned,
+    settings: Settings,
+    seen: list[str],
+    domain: str,
+    embeddings: torch.Tensor,
+    truth: tuple[list[str], list[str], torch.Tensor],
+    prototypes: list[torch.Tensor],
+) -> tuple[dict[str, float], float]:
+    """Accuracy on ``domain``'s texts when no domain is named, and the share routed first to it.
+
+    ``default`` is answered the way a server answers: the router over the learned domains when there
+    is one, else the nearest label prototype. The other ways are measured beside it on the same learner
+    (``prototypes``; ``router-top1``: the router's first task alone), to compare them in one run.
+    ``truth``: the texts, their labels, and the domain's own answer to each.
+    """
+    texts, labels, own = truth
+    right_task = seen.index(domain)
+    own_labels = learner.labels(domain)
+    choices, _ = nearest_task(embeddings, prototypes)
+    by_prototype = [
+        int(c) == right_task and own_labels[int(p)] == label
+        for c, p, label in zip(choices, own.argmax(-1), labels, strict=True)
+    ]
+    accuracy = {"prototypes": sum(by_prototype) / len(labels)}
+    router = learner.router
+    if router is None or not set(seen) <= router.tasks():
+        accuracy["default"] = accuracy["prototypes"]
+        return accuracy, float((choices == right_task).float().mean())
+    answered: dict[tuple[int, int], torch.Tensor] = {}
+
+    def answer(task: int, rows: list[int]) -> torch.Tensor:
+        if task == right_task:
+            return own[rows]
+        missing = [r for r in rows if (task, r) not in answered]
+        if missing:
+            found = learner.within(seen[task], [texts[r] for r in missing])[1]
+            answered.update({(task, r): p for r, p in zip(missing, found, strict=True)})
+        return torch.stack([answered[(task, r)] for r in rows])
+
+    probabilities = router.task_probabilities(embeddings, seen)
+    ways = {"default": settings.routing_max_candidates, "router-top1": 1}
+    for way, most in ways.items():
+        answers = answer_without_task(probabilities, answer, settings.routing_coverage, most)
+        right = [
+            a.task == right_task and own_labels[int(a.label_probabilities.argmax())] == label
+            for a, label in zip(answers, labels, strict=True)
+        ]
+        accuracy[way] = sum(right) / len(labels)
+    return accuracy, float((probabilities.argmax(-1) == right_task).float().mean())
 
 
 def _figures(matrix: dict[str, dict[str, float]]) -> LearningSummary:
@@ -180,12 +271,26 @@ class Learned(Protocol):
 
     model: AdapterModel
 
+    @property
+    def router(self) -> Router | None:
+        """The task router, for learners that fit one (else task-less texts go by label prototypes)."""
+        ...
+
     def learn(self, task: TaskData) -> None: ...
 
     def learn_all(self, tasks: list[TaskData]) -> None: ...
 
-    def answer(self, task: str, texts: Sequence[str]) -> tuple[list[str], list[str] | None]:
-        """Each text's label among ``task``'s labels, and among every label learned (if it can say)."""
+    def global_answers(self, texts: Sequence[str]) -> list[str] | None:
+        """Each text's label among every label learned so far (None without one shared head)."""
+        ...
+
+    def labels(self, task: str) -> list[str]:
+        """``task``'s labels, in the order of ``within``'s columns."""
+        ...
+
+    def within(self, task: str, texts: Sequence[str]) -> tuple[list[str], torch.Tensor]:
+        """``task``'s labels and each text's probabilities over them (rows sum to 1), as its served
+        version would answer."""
         ...
 
 
@@ -198,6 +303,10 @@ class TrainerLearner:
         )
         self.model = self.trainer.training.model
         self.offset = 0
+
+    @property
+    def router(self) -> Router | None:
+        return self.trainer.router
 
     def learn(self, task: TaskData) -> None:
         self._round(list(records([task])))
@@ -213,17 +322,22 @@ class TrainerLearner:
         self.trainer.absorb(batch)
         self.trainer.close_round({0: self.offset})
 
-    def answer(self, task: str, texts: Sequence[str]) -> tuple[list[str], list[str] | None]:
-        """Per-task adapters answer within the task only; a shared head over every label too."""
-        state, training = self.trainer.tasks[task], self.trainer.training
-        labels = state.labels
+    def global_answers(self, texts: Sequence[str]) -> list[str] | None:
+        training = self.trainer.training
         if training.learner is None:
-            return [labels[i] for i in training.predict_task(state, texts).argmax(-1).tolist()], None
+            return None
         names = {column: label for (_, label), column in training.columns.items()}
         scores = training.predict_columns(SHARED_ADAPTER, texts, range(len(names)))
-        own = [training.columns[(task, label)] for label in labels]
-        within = [labels[i] for i in scores[:, own].argmax(-1).tolist()]
-        return within, [names[i] for i in scores.argmax(-1).tolist()]
+        return [names[i] for i in scores.argmax(-1).tolist()]
+
+    def labels(self, task: str) -> list[str]:
+        return self.trainer.tasks[task].labels
+
+    def within(self, task: str, texts: Sequence[str]) -> tuple[list[str], torch.Tensor]:
+        state = self.trainer.tasks[task]
+        probabilities = self.trainer.training.predict_task(state, texts)
+        # A published version's head has the task's rows only: its softmax is over them alone.
+        return state.labels, probabilities / probabilities.sum(-1, keepdim=True)
 
 
 def _unit_label_means(embed: Callable[[list[str]], np.ndarray], rows: list[tuple[str, str]]) -> torch.Tensor:
@@ -235,13 +349,13 @@ def _unit_label_means(embed: Callable[[list[str]], np.ndarray], rows: list[tuple
     return torch.nn.functional.normalize(means, dim=-1)
 
 
-def references(domains: list[str]) -> dict[str, float]:
+def references(stream: Stream) -> dict[str, float]:
     """Frozen-embedding reference points, measured here: joint head, StreamingLDA, routing."""
     from avalanche.training.supervised.deep_slda import StreamingLDA
 
     settings = load_settings()
     model = build_model(settings)
-    train = clinc150(CLINC150, domains, eval_splits=("test",))
+    train = list(stream.load(stream.tasks(), None, "test").values())
     labels = sorted({label for task in train for _, label in task.train})
     index = {label: i for i, label in enumerate(labels)}
     domain_of = {label: d for d, task in enumerate(train) for _, label in task.train}
@@ -301,6 +415,15 @@ def main() -> None:
     parser.add_argument("--train-per-label", type=int, default=None, help="fewer records, for a quick look")
     parser.add_argument("--domains", type=int, default=None, help="only the first N domains of each order")
     parser.add_argument("--out", type=Path, default=RESULTS / "cl_clinc150.json")
+    parser.add_argument(
+        "--data", type=Path, default=CLINC150, help="a folder with data_full.json and domains.json"
+    )
+    parser.add_argument(
+        "--tasks",
+        type=Path,
+        help="task name → labels, in stream order (default: the data's domains.json); "
+        "CLINC150's within-domain stream: bench/streams/clinc150_within_domain.json",
+    )
     parser.add_argument("--skip-references", action="store_true", help="keep the references already there")
     parser.add_argument(
         "--measure-on", choices=("test", "val"), default="test", help="val: for choosing hyper-parameters"
@@ -324,7 +447,7 @@ def main() -> None:
         parser.error("--label names the results of one strategy")
     if any("=" not in item for item in args.overrides):
         parser.error("--set takes FIELD=VALUE")
-    overrides = dict(item.split("=", 1) for item in args.overrides)
+    overrides = {field: _value(text) for field, text in (item.split("=", 1) for item in args.overrides)}
     if args.table:
         print(table(json.loads(args.out.read_text())))
         return
@@ -336,18 +459,25 @@ def main() -> None:
             for order, run in entry["orders"].items():
                 plot_run(strategy, order, run, args.out)
         return
-    domains = list(json.loads((CLINC150 / "domains.json").read_text()))
+    stream = Stream(args.data, args.tasks or args.data / "domains.json")
+    domains = stream.tasks()
     # Runs are merged into the results file one order at a time, so a long run that stops keeps
     # what it finished and strategies can be run (or rerun) separately.
     results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
     # Figures chosen on val must never sit beside (or be published as) figures measured on test.
-    this_run = (args.measure_on, args.train_per_label, min(args.domains or len(domains), len(domains)))
+    this_run = (
+        args.measure_on,
+        args.train_per_label,
+        min(args.domains or len(domains), len(domains)),
+        stream.tasks_file.name,
+    )
     for key, entry in results.get("strategies", {}).items():
         for order, run in entry["orders"].items():
-            if (run.get("measured_on", "test"), run.get("train_per_label"), len(run["order"])) != this_run:
+            measured = (run.get("measured_on", "test"), run.get("train_per_label"), len(run["order"]))
+            if (*measured, run.get("tasks_file", "domains.json")) != this_run:
                 parser.error(f"{args.out} holds {key} {order} measured another way: choose another --out")
     if not args.skip_references:
-        results["references"] = references(domains)
+        results["references"] = references(stream)
         console.print(results["references"])
     context = multiprocessing.get_context("spawn")
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -358,7 +488,8 @@ def main() -> None:
             order = order[: args.domains]
             with tempfile.TemporaryDirectory(prefix="cl-bench-") as workdir, context.Pool(1) as pool:
                 run = pool.apply(
-                    run_order, (strategy, order, args.train_per_label, workdir, args.measure_on, overrides)
+                    run_order,
+                    (stream, strategy, order, args.train_per_label, workdir, args.measure_on, overrides),
                 )
             plot_run(key, name, run, args.out)
             entry["orders"][name] = run
@@ -465,6 +596,14 @@ def update_readme(results: dict[str, Any], out: Path, readme: Path) -> None:
             raise SystemExit(f"{readme} lacks the {start} ... {end} markers")
         text = f"{head}{start}\n{body}\n{end}{tail}"
     readme.write_text(text)
+
+
+def _value(text: str) -> Any:
+    """A ``--set`` value: JSON where it parses (numbers, booleans, lists), else the text itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def _ratio(value: float | None) -> str:

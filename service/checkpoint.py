@@ -1,9 +1,10 @@
 """Durability: a closed round made durable in the one order that loses nothing, and the last durable
 round restored after a restart.
 
-Order: dead letters acknowledged → every task's version published → the learner file → the trainer
-checkpoint (versions + Kafka offsets), replaced atomically → aliases moved → offsets committed to
-Kafka. A crash anywhere loses nothing: the restarted trainer reads again from the last checkpoint.
+Order: dead letters acknowledged → every task's version published → the learner file (with the
+feature memory) → the task router → the trainer checkpoint (versions + Kafka offsets), replaced
+atomically → aliases moved → offsets committed to Kafka. A crash anywhere loses nothing: the restarted
+trainer reads again from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.assessment import Assessment
+from service.feature_memory import FeatureMemory
 from service.ingest import Ingest
 from service.metrics import TrainerMetrics
 from service.producer import Unacknowledged
 from service.promotion import Decision
 from service.publishing import Publisher
 from service.registry import Registry
+from service.router import Router
 from service.settings import Settings
 from service.tasks import Examples, TaskState, stored_prototypes
 from service.training import Training
@@ -43,6 +46,8 @@ class PendingRound:
     decisions: dict[str, Decision] = field(default_factory=dict)
     published: dict[str, int] = field(default_factory=dict)
     applied: set[str] = field(default_factory=set)
+    #: The router refit this round (None: the last one written still holds).
+    router: Router | None = None
 
 
 class Durability:
@@ -56,6 +61,7 @@ class Durability:
         training: Training,
         publisher: Publisher,
         assessment: Assessment,
+        memory: FeatureMemory,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -63,6 +69,7 @@ class Durability:
         self.training = training
         self.publisher = publisher
         self.assessment = assessment
+        self.memory = memory
         #: The Kafka offsets of the last durable checkpoint.
         self.offsets: dict[int, int] = {}
         #: The latest closed round while it is not yet durable.
@@ -94,8 +101,21 @@ class Durability:
                     pending.decisions[state.name] = decision
                     pending.published[state.name] = version
             plain, tensors = self.training.saved_state()
+            memory, memory_tensors = self.memory.saved_state()
+            progress, progress_tensors = self.training.progress_state()
+            tensors.update(memory_tensors)
+            tensors.update(progress_tensors)
             learner_file = self.registry.write_learner(pending.number, tensors) if tensors else None
-            self.registry.write_checkpoint(self._body(pending, tasks, plain, learner_file))
+            if pending.router is not None:
+                manifest = {
+                    "rows": [list(row) for row in pending.router.rows],
+                    "round": pending.number,
+                    "base_model": self.settings.base_model,
+                }
+                self.registry.write_router(pending.number, pending.router.tensors(), manifest)
+                pending.router = None  # written: a retry does not write it again
+            body = self._body(pending, tasks, plain, learner_file)
+            self.registry.write_checkpoint({**body, "memory": memory, "progress": progress})
             self.registry.prune_learners(keep=learner_file)
             self.offsets = pending.offsets
             for name, version in pending.published.items():
@@ -191,11 +211,17 @@ class Durability:
             state.round_examples = list(state.pending)
             state.changed = True
         learner_file = checkpoint.get("learner")
+        tensors = self.registry.read_learner(learner_file) if learner_file else None
         self.training.restore(
             dict(checkpoint.get("strategy_state", {})),
-            self.registry.read_learner(learner_file) if learner_file else None,
+            tensors,
             [(str(task), str(label)) for task, label in checkpoint.get("columns", [])],
         )
+        if "memory" in checkpoint:
+            self.memory.restore(checkpoint["memory"], tensors or {})
+        if "progress" in checkpoint:
+            # Last: loading the adapters above draws from torch's generator too.
+            self.training.restore_progress(checkpoint["progress"], tensors or {})
         log.info("restored round %d: %d task(s), offsets %s", checkpoint["round"], len(tasks), self.offsets)
         return int(checkpoint["round"]), tasks
 

@@ -29,8 +29,12 @@ def clinc150(
     train_per_label: int | None = None,
     seed: int = 0,
     eval_splits: Sequence[str] = ("val", "test"),
+    tasks_file: Path | None = None,
 ) -> list[TaskData]:
     """CLINC150 as one task per domain, in the order of ``domains.json``; ``eval_splits`` become eval.
+
+    ``tasks_file`` groups the labels into tasks another way (the same layout: task name → labels);
+    ``path`` may hold any data of CLINC150's layout (``data_full.json``: split → [text, label] lists).
 
     The file lists examples grouped by intent; within a task both splits are shuffled (seeded), as a
     real stream of one domain's requests would arrive. ``train_per_label`` keeps only the first N training
@@ -38,11 +42,11 @@ def clinc150(
     """
     rng = random.Random(seed)
     data = json.loads((path / "data_full.json").read_text())
-    domain_intents: dict[str, list[str]] = json.loads((path / "domains.json").read_text())
+    domain_intents: dict[str, list[str]] = json.loads((tasks_file or path / "domains.json").read_text())
     chosen = list(domains) if domains is not None else list(domain_intents)
     unknown = [d for d in chosen if d not in domain_intents]
     if unknown:
-        raise ValueError(f"unknown CLINC150 domain(s): {', '.join(unknown)}")
+        raise ValueError(f"unknown task(s): {', '.join(unknown)}")
     tasks = []
     for domain in chosen:
         intents = set(domain_intents[domain])

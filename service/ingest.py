@@ -108,6 +108,7 @@ class _RebalanceListener(ConsumerRebalanceListener):
         # After a rebalance (a broker restart, say) the group may hand back partitions whose records
         # this trainer already absorbed but has not committed: continue after them, not at the commit.
         for tp in assigned:
+            self._ingest.forget_peeked(tp)  # the seek below puts it where a rewind would
             start = self._ingest.positions.get(tp.partition, self._ingest.start_offsets.get(tp.partition))
             if start is not None:
                 self._ingest.consumer.seek(tp, start)
@@ -133,6 +134,8 @@ class Ingest:
         self.in_rebalance = False
         self._last_poll = time.monotonic()
         self._keepalive_s = settings.kafka_max_poll_interval_s / 4
+        #: Per partition read ahead by ``peek``: the first offset read ahead (where ``rewind`` goes).
+        self._peeked_from: dict[TopicPartition, int] = {}
         self.consumer = KafkaConsumer(
             bootstrap_servers=settings.kafka_bootstrap,
             group_id=settings.kafka_group_id,
@@ -166,6 +169,36 @@ class Ingest:
                     )
                 self.positions[tp.partition] = message.offset + 1
         return accepted
+
+    def peek(self, timeout_s: float) -> list[Record]:
+        """Valid records read ahead, without handing them over: nothing is dead-lettered and no
+        position moves. ``rewind`` then puts the consumer back, so the next ``poll`` reads them again.
+        Also keeps the group membership alive, like any poll. Reads nothing inside a rebalance."""
+        if self.in_rebalance:
+            return []
+        batches = self.consumer.poll(timeout_ms=int(timeout_s * 1000))
+        self._last_poll = time.monotonic()
+        valid: list[Record] = []
+        for tp, messages in batches.items():
+            if messages:
+                self._peeked_from.setdefault(tp, messages[0].offset)
+            for message in messages:
+                result = decode(message.key, message.value, self.settings.max_text_chars)
+                if not isinstance(result, Rejection):
+                    valid.append(result)
+        return valid
+
+    def rewind(self) -> None:
+        """Back to where ``poll`` left off, on the partitions ``peek`` read ahead (still assigned)."""
+        assigned = self.consumer.assignment()
+        for tp, offset in self._peeked_from.items():
+            if tp in assigned:
+                self.consumer.seek(tp, offset)
+        self._peeked_from = {}
+
+    def forget_peeked(self, tp: TopicPartition) -> None:
+        """A partition's read-ahead no longer needs rewinding (it was just positioned anew)."""
+        self._peeked_from.pop(tp, None)
 
     def keepalive(self) -> None:
         """Poll with every partition paused, if a quarter of the poll interval has passed.

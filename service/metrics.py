@@ -180,6 +180,12 @@ class TrainerMetrics:
             buckets=(1, 2, 5, 10, 30, 60, 120, 300, 600),
             registry=registry,
         )
+        self.router_fit_seconds = Histogram(
+            "continual_router_fit_seconds",
+            "Wall time of refitting the task router on the feature memory (part of a round).",
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60),
+            registry=registry,
+        )
 
     def start_task(self, task: str) -> None:
         """Create the task's series at zero, so dashboards and alerts see them before the first event."""

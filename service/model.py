@@ -54,11 +54,15 @@ class LoraSpec:
 class AdapterModel:
     """A frozen base encoder, mean pooling, and per-name LoRA adapters with classification heads."""
 
-    def __init__(self, base_path: Path, lora: LoraSpec, max_length: int, seed: int = 0) -> None:
+    def __init__(
+        self, base_path: Path, lora: LoraSpec, max_length: int, seed: int = 0, base_dropout: bool = True
+    ) -> None:
         self.base_path = base_path
         self.lora = lora
         self.max_length = max_length
         self.seed = seed
+        #: Whether the frozen base model's own dropout is on while an adapter trains.
+        self.base_dropout = base_dropout
         self.tokenizer = AutoTokenizer.from_pretrained(str(base_path))
         base: PreTrainedModel = AutoModel.from_pretrained(str(base_path))
         for parameter in base.parameters():
@@ -192,9 +196,14 @@ class AdapterModel:
 
     @contextmanager
     def training(self, name: str) -> Iterator[None]:
-        """Dropout on for ``name``'s adapter and head; the frozen base stays as it is."""
+        """Dropout on for ``name``'s adapter and head, and in the frozen base if ``base_dropout``."""
         assert self._peft is not None
         self._peft.train()
+        if not self.base_dropout:
+            # The base's weights never change; its dropout only adds noise to what the adapter sees.
+            for module_name, module in self._peft.named_modules():
+                if isinstance(module, nn.Dropout) and "lora_dropout" not in module_name:
+                    module.eval()
         self.heads[name].train()
         try:
             yield
@@ -256,6 +265,7 @@ def build_model(settings: Settings) -> AdapterModel:
         ),
         max_length=settings.max_length,
         seed=settings.seed,
+        base_dropout=settings.base_dropout,
     )
 
 

@@ -15,10 +15,11 @@ from service.drift import PageHinkley
 from service.errors import CorruptVersion
 from service.metrics import TrainerMetrics
 from service.promotion import Decision, LiveAccuracy, gate
+from service.records import Record
 from service.registry import Registry
 from service.settings import Settings
 from service.tasks import TaskState
-from service.training import Training
+from service.training import Training, first_version_weights
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,24 @@ class Publisher:
                 sum(state.round_losses) / len(state.round_losses)
             )
         return version, decision
+
+    def publish_first(self, task: str, records: list[Record]) -> int:
+        """Serve a task the trainer has not taken in yet at once: an untrained first version whose head
+        rows are the label prototypes of ``records`` (its first training records). Its records are
+        absorbed, trained and checkpointed as usual afterwards; this version only goes ahead of them."""
+        state = TaskState(name=task)
+        limit = self.settings.max_labels_per_task
+        examples = [
+            example
+            for record in records
+            if state.refusal(record, limit) is None and (example := state.take(record)) is not None
+        ]
+        state.add_to_prototypes(examples, self.training.embed([text for text, _ in examples]))
+        manifest = self._manifest(state, {}, 0)
+        version = self.registry.publish(task, first_version_weights(self.training.model, state), [], manifest)
+        self.metrics.versions_published.labels(task=task, strategy=self.training.strategy.name).inc()
+        self.apply(task, version, gate(None, None, None, self.settings.promotion_tolerance))
+        return version
 
     def apply(self, task: str, version: int, decision: Decision) -> None:
         """Serve ``version`` if the gate let it through (and the task is not pinned), then prune."""

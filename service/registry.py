@@ -9,6 +9,8 @@ Layout under the root directory::
     tasks/<task>/events.jsonl                           promotions, rejections, rollbacks, pruning
     trainer/checkpoint.json                             which versions the trainer holds + offsets
     trainer/learner-<round>.safetensors                 the shared learner and strategy tensors it names
+    router/router.json                                  the current task router: its rows and file
+    router/router-<round>.safetensors                   the router's weights
     .tmp/                                               versions being written
 
 A version is written in a temporary directory, fsynced, then renamed into place, so a reader sees
@@ -258,14 +260,7 @@ class Registry:
         """
         (self.root / "trainer").mkdir(exist_ok=True)
         name = f"learner-{round_number:06d}.safetensors"
-
-        def write(temporary: Path) -> None:
-            try:
-                save_file(tensors, str(temporary))
-            except SafetensorError as exc:
-                raise OSError(f"cannot write {name}: {exc}") from exc
-
-        _replace_atomically(self.root / "trainer" / name, write)
+        _save_tensors(self.root / "trainer" / name, tensors)
         return name
 
     def read_learner(self, name: str) -> dict[str, torch.Tensor]:
@@ -277,6 +272,41 @@ class Registry:
         for path in (self.root / "trainer").glob("learner-*.safetensors"):
             if path.name != keep:
                 path.unlink(missing_ok=True)
+
+    # --- task router --------------------------------------------------------------------------------
+
+    def write_router(
+        self, round_number: int, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]
+    ) -> None:
+        """Write a router's weights, then point ``router.json`` at them; keep the previous file only."""
+        directory = self.root / "router"
+        directory.mkdir(exist_ok=True)
+        name = f"router-{round_number:06d}.safetensors"
+        _save_tensors(directory / name, tensors)
+        # The previous file stays: a server may have read the old manifest and be loading it now.
+        previous = self.router_manifest()
+        keep = {name, previous["file"] if previous else name}
+        body = {**manifest, "file": name, "sha256": _sha256(directory / name), "created_at": time.time()}
+        _write_json(directory / "router.json", body)
+        for path in directory.glob("router-*.safetensors"):
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
+
+    def router_manifest(self) -> dict[str, Any] | None:
+        """The current router's manifest, or None before the first router."""
+        try:
+            return json.loads((self.root / "router" / "router.json").read_text())
+        except FileNotFoundError:
+            return None
+        except json.JSONDecodeError as exc:
+            raise CorruptVersion(f"router manifest is not JSON: {exc}") from None
+
+    def load_router(self, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The weights a router manifest names, checked against its sha256."""
+        path = self.root / "router" / str(manifest["file"])
+        if not path.is_file() or _sha256(path) != manifest["sha256"]:
+            raise CorruptVersion(f"{path.name} is missing or does not match its sha256 in router.json")
+        return load_file(str(path))
 
     # --- helpers ------------------------------------------------------------------------------------
 
@@ -321,6 +351,18 @@ def _write_json(path: Path, body: dict[str, Any]) -> None:
     def write(temporary: Path) -> None:
         with open(temporary, "w", encoding="utf-8") as f:
             json.dump(body, f, indent=2, sort_keys=True)
+
+    _replace_atomically(path, write)
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a safetensors file atomically; a full or failing disk is an OSError like any other."""
+
+    def write(temporary: Path) -> None:
+        try:
+            save_file(tensors, str(temporary))
+        except SafetensorError as exc:
+            raise OSError(f"cannot write {path.name}: {exc}") from exc
 
     _replace_atomically(path, write)
 

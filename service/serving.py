@@ -21,6 +21,7 @@ from service.errors import CorruptVersion, FailedPrecondition, InvalidArgument, 
 from service.metrics import ServerMetrics
 from service.model import AdapterModel, unit_prototypes
 from service.registry import Registry
+from service.router import Router, answer_without_task, load_router
 from service.settings import TASK_NAME, Settings
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,9 @@ class AdapterPool:
         self._served: dict[str, LoadedVersion] = {}
         self._previous: dict[str, LoadedVersion] = {}
         self._failed: set[tuple[str, int]] = set()
+        #: The task router and the file it came from (None before the trainer wrote one).
+        self._router: Router | None = None
+        self._router_file: str | None = None
 
     def served(self) -> dict[str, LoadedVersion]:
         """The version each task is answered with right now."""
@@ -97,6 +101,26 @@ class AdapterPool:
                 self.sync_task(task)
             except CorruptVersion as exc:
                 log.error("refusing a version, still serving what was loaded: %s", exc)
+        if self.settings.task_inference == "router":
+            try:
+                self._sync_router()
+            except CorruptVersion as exc:
+                log.error("refusing a router, still routing with the one loaded: %s", exc)
+
+    def _sync_router(self) -> None:
+        """Load the trainer's newest router when it changed (the one in use stays until then)."""
+        manifest = self.registry.router_manifest()
+        if manifest is None or manifest["file"] == self._router_file:
+            return
+        if manifest.get("base_model") != self.settings.base_model:
+            raise CorruptVersion(
+                f"router {manifest['file']} was fitted on base model {manifest.get('base_model')!r}, "
+                f"this server runs {self.settings.base_model!r}"
+            )
+        router = load_router(self.registry)
+        with self._lock:
+            self._router, self._router_file = router, str(manifest["file"])
+        log.info("task router %s loaded (%d labels)", manifest["file"], len(router.rows) if router else 0)
 
     def sync_task(self, task: str) -> LoadedVersion | None:
         """Serve the task's alias target, loading it if needed. Raises CorruptVersion if it cannot."""
@@ -173,13 +197,16 @@ class AdapterPool:
         inferred, confidence = False, 1.0
         with self._lock:
             if not task:
-                task, confidence = self._infer_task(text)
+                loaded, probabilities, confidence = self._answer_without_task(text)
                 inferred = True
-            loaded = self._served.get(task)
-            if loaded is None:
-                known = ", ".join(sorted(self._served)) or "none yet"
-                raise NotFound(f"no adapter is served for task {task!r} (served tasks: {known})")
-            probabilities = self.model.predict(loaded.adapter, [text])[0, : len(loaded.labels)]
+            else:
+                served = self._served.get(task)
+                if served is None:
+                    known = ", ".join(sorted(self._served)) or "none yet"
+                    raise NotFound(f"no adapter is served for task {task!r} (served tasks: {known})")
+                loaded = served
+                probabilities = self._probabilities(loaded, [text])[0]
+        task = loaded.task
         k = min(max(top_k, 1), len(loaded.labels))
         scores, indices = torch.topk(probabilities, k)
         ranked = [
@@ -195,17 +222,34 @@ class AdapterPool:
             task_confidence=confidence,
         )
 
-    def _infer_task(self, text: str) -> tuple[str, float]:
-        """The served task whose nearest label prototype is closest to the text (call with the lock held).
+    def _probabilities(self, loaded: LoadedVersion, texts: Sequence[str]) -> torch.Tensor:
+        return self.model.predict(loaded.adapter, texts)[:, : len(loaded.labels)]
 
-        Confidence is a softmax over the tasks' best cosine similarities, sharpened by a temperature.
+    def _answer_without_task(self, text: str) -> tuple[LoadedVersion, torch.Tensor, float]:
+        """The version that answers a text naming no task, its label probabilities and the task's
+        confidence (call with the lock held).
+
+        The router when it knows every served task (see ``service.router``); otherwise, e.g. while a
+        new task's first version is served before its first trained round, the served task whose
+        nearest label prototype is closest, its confidence a softmax over the tasks' best cosine
+        similarities sharpened by a temperature.
         """
         candidates = [loaded for loaded in self._served.values() if len(loaded.prototypes)]
         if not candidates:
             raise NotFound("no served version has label prototypes yet, so a request must name its task")
         embeddings = torch.from_numpy(self.model.base_embeddings([text]))
+        router = self._router
+        if router is not None and {loaded.task for loaded in candidates} <= router.tasks():
+            (answer,) = answer_without_task(
+                router.task_probabilities(embeddings, [loaded.task for loaded in candidates]),
+                lambda task, _: self._probabilities(candidates[task], [text]),
+                self.settings.routing_coverage,
+                self.settings.routing_max_candidates,
+            )
+            return candidates[answer.task], answer.label_probabilities, answer.task_probability
         choices, confidences = nearest_task(embeddings, [loaded.prototypes for loaded in candidates])
-        return candidates[int(choices[0])].task, float(confidences[0])
+        loaded = candidates[int(choices[0])]
+        return loaded, self._probabilities(loaded, [text])[0], float(confidences[0])
 
     def _base_embeddings(self, texts: Sequence[str]) -> np.ndarray:
         with self._lock:

@@ -114,6 +114,11 @@ class Settings(BaseSettings):
     learning_rate: float = Field(default=2e-3, gt=0, description="For the LoRA weights.")
     head_learning_rate: float = Field(default=1e-2, gt=0, description="For the classification heads.")
     batch_size: int = Field(default=32, ge=1)
+    base_dropout: bool = Field(
+        default=True,
+        description="Dropout inside the frozen base model while training (LoRA's: lora_dropout).",
+    )
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0, description="Of the training loss.")
     epochs: int = Field(default=3, ge=1, description="Passes over each round's new training records.")
     round_max_records: int = Field(
         default=2000, ge=1, description="A round closes after this many new records..."
@@ -150,6 +155,20 @@ class Settings(BaseSettings):
     lwf_temperature: float = Field(default=2.0, gt=0, description="Softmax temperature of the distillation.")
     seed: int = 0
     torch_threads: int = Field(default=0, ge=0, description="0 leaves torch's default.")
+
+    # Task inference (requests that name no task; see service/router.py)
+    task_inference: Literal["router", "prototypes"] = Field(
+        default="router",
+        description="router: a linear classifier over every label on base embeddings, refit each round; "
+        "prototypes: the nearest label mean.",
+    )
+    router_memory_size: int = Field(
+        default=20_000, ge=1, description="Base embeddings the router is fitted on, evenly per label."
+    )
+    routing_coverage: float = Field(
+        default=0.99, gt=0, le=1, description="Candidate tasks answer until they cover this probability..."
+    )
+    routing_max_candidates: int = Field(default=3, ge=1, description="...or this many have answered.")
 
     # Serving
     grpc_host: str = "127.0.0.1"

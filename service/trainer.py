@@ -21,12 +21,15 @@ from kafka.errors import KafkaError
 from service.assessment import Assessment
 from service.checkpoint import Durability, PendingRound
 from service.evaluation import LearningSummary
+from service.feature_memory import FeatureMemory
 from service.ingest import Incoming, Ingest
+from service.look_ahead import LookAhead
 from service.metrics import TrainerMetrics
 from service.model import AdapterModel, build_model
 from service.publishing import Publisher
 from service.registry import Registry
 from service.rounds import RoundPolicy, RoundReport
+from service.router import Router, fit_router, load_router
 from service.settings import Settings
 from service.tasks import Examples, TaskState
 from service.training import Training
@@ -65,10 +68,17 @@ class Trainer:
         self.rounds = RoundPolicy(settings)
         self.assessment = Assessment(metrics)
         self.publisher = Publisher(settings, registry, metrics, self.training)
+        #: Base embeddings of training texts, evenly per label, that the task router is fitted on.
+        self.memory = FeatureMemory(settings.router_memory_size, settings.seed)
         self.durability = Durability(
-            settings, registry, metrics, self.training, self.publisher, self.assessment
+            settings, registry, metrics, self.training, self.publisher, self.assessment, self.memory
         )
         self.rounds.number, self.tasks = self.durability.restore()
+        #: Serves new tasks from records read ahead while a round trains.
+        self.look_ahead = LookAhead(settings, self.publisher)
+        #: The task router as last fitted (None before two labels, or with prototype routing).
+        self.router: Router | None = load_router(registry) if self._routes() else None
+        self._memory_fitted = self.memory.added
         #: The ingest being polled; long work keeps the group membership alive through it.
         self._ingest: Ingest | None = None
         #: True while a round closes: a rebalance then must not start another one.
@@ -103,7 +113,10 @@ class Trainer:
                 new_train.setdefault(state.name, []).append(example)
         for name, examples in new_train.items():
             embeddings = self.training.embed([text for text, _ in examples])
-            self.tasks[name].add_to_prototypes(examples, embeddings)
+            state = self.tasks[name]
+            state.add_to_prototypes(examples, embeddings)
+            if self._routes():
+                self.memory.add(name, [state.labels[index] for _, index in examples], embeddings)
             if self.settings.drift_enabled:
                 self.rounds.adapt_now |= self.drift.judge(self.tasks[name], embeddings.numpy())
         for name in new_train:
@@ -112,7 +125,8 @@ class Trainer:
                 self.training.step_full_batches(state)
 
     def _new_task(self, name: str) -> TaskState:
-        state = self.tasks[name] = TaskState(name=name)
+        # A task served from records read ahead is trained at once: its first version is out.
+        state = self.tasks[name] = TaskState(name=name, version=self.look_ahead.served.pop(name, None))
         self.metrics.start_task(name)
         self.training.add_task(name)
         log.info("new task %r", name)
@@ -140,6 +154,8 @@ class Trainer:
             return self._close_round(positions, ingest)
         finally:
             self._closing = False
+            if ingest is not None:
+                self.look_ahead.rewind(ingest)
 
     def _close_round(self, positions: dict[int, int], ingest: Ingest | None) -> RoundReport:
         started = time.monotonic()
@@ -148,6 +164,7 @@ class Trainer:
         # training runs in the next round.
         early = {state.name for state in self.tasks.values() if self.rounds.first_version_due(state)}
         trained = self.training.finish_round(list(self.tasks.values()), early, rng)
+        router = self._refit_router() if trained else None
 
         changed = [s for s in self.tasks.values() if s.changed]
         to_evaluate = changed if self.training.strategy.isolates_tasks else list(self.tasks.values())
@@ -164,7 +181,11 @@ class Trainer:
         # them, so a restart trains them instead of skipping them.
         untrained = {name: list(self.tasks[name].round_examples) for name in early}
         offsets = {**self.durability.offsets, **positions}
-        pending = self.durability.pending = PendingRound(self.rounds.number, tasks, offsets, untrained)
+        if router is None and waiting is not None:
+            router = waiting.router  # not written yet: goes out with this round
+        pending = self.durability.pending = PendingRound(
+            self.rounds.number, tasks, offsets, untrained, router=router
+        )
         self.durability.persist(self.tasks, ingest)
 
         for state in self.tasks.values():
@@ -177,6 +198,25 @@ class Trainer:
         report = RoundReport(self.rounds.number, trained, dict(pending.published), accuracy, seconds)
         log.info("%s", report)
         return report
+
+    def _routes(self) -> bool:
+        return self.settings.task_inference == "router"
+
+    def _refit_router(self) -> Router | None:
+        """The router refit on the memory if it changed since the last fit (else None: nothing new).
+
+        Only rounds that train refit it: a round that only serves new tasks' first versions stays
+        seconds long, and those tasks are routed by their prototypes until their first trained round.
+        """
+        if not self._routes() or self._memory_fitted == self.memory.added:
+            return None
+        started = time.monotonic()
+        router = fit_router(self.memory)
+        self._memory_fitted = self.memory.added
+        if router is not None:
+            self.router = router
+            self.metrics.router_fit_seconds.observe(time.monotonic() - started)
+        return router
 
     # --- the loop -----------------------------------------------------------------------------------
 
@@ -231,8 +271,13 @@ class Trainer:
             ingest.close()
 
     def _keep_group(self) -> None:
-        """During long work, tell the consumer group this trainer is alive (nothing is fetched)."""
-        if self._ingest is not None:
+        """During long work, tell the consumer group this trainer is alive; while a round closes, read
+        ahead for new tasks to serve at once (see service.look_ahead)."""
+        if self._ingest is None:
+            return
+        if self._closing and self.settings.first_version_records > 0:
+            self.look_ahead.look(self._ingest, self.tasks)
+        else:
             self._ingest.keepalive()
 
     def _flush_before_revoke(self) -> bool:

@@ -29,6 +29,11 @@ PROTOTYPE_LOGIT_SCALE = 20.0
 #: Key prefixes in the learner file: the shared adapter's weights, and the strategy's tensors.
 LEARNER_PREFIX = "learner."
 STRATEGY_PREFIX = "strategy."
+#: ...the optimisers' moments, and the state of torch's generator (dropout draws from it).
+OPTIMIZER_PREFIX = "optimizer."
+RNG_STATE = "rng.torch"
+#: The adapter a first version served while other tasks train is made under (then removed).
+FIRST_VERSION_ADAPTER = "_first"
 
 
 class Training:
@@ -156,24 +161,18 @@ class Training:
             self._round_started = True
             self.strategy.before_round(self.learner)
         batch = list(examples) + (self.strategy.replay(len(examples)) if self.learner is not None else [])
-        optimizer = self._optimizers.get(learner.adapter)
-        if optimizer is None:
-            # No requires_grad to set: the forward pass activates the adapter, which makes it trainable.
-            lora, head = self.model.parameters(learner.adapter)
-            optimizer = self._optimizers[learner.adapter] = torch.optim.AdamW(
-                [
-                    {"params": lora, "lr": self.settings.learning_rate},
-                    {"params": head, "lr": self.settings.head_learning_rate},
-                ],
-                weight_decay=0.01,
-            )
+        optimizer = self._optimizer(learner.adapter)
         texts = [text for text, _ in batch]
         for task, count in Counter(self._task_of(learner, column) for _, column in batch).items():
             self.metrics.training_examples.labels(task=task, strategy=self.strategy.name).inc(count)
         with self.model.training(learner.adapter):
             # Only the labels seen so far compete; outputs reserved for unseen ones stay out of it.
             logits = learner.logits(texts)
-            loss = functional.cross_entropy(logits, torch.tensor([column for _, column in batch]))
+            loss = functional.cross_entropy(
+                logits,
+                torch.tensor([column for _, column in batch]),
+                label_smoothing=self.settings.label_smoothing,
+            )
             extra = self.strategy.extra_loss(self.learner, texts, logits)
             if extra is not None:
                 loss = loss + extra
@@ -181,6 +180,21 @@ class Training:
             loss.backward()
             optimizer.step()
         return float(loss.detach())
+
+    def _optimizer(self, adapter: str) -> torch.optim.Optimizer:
+        """The adapter's optimiser, made on its first step (and again after its head grew)."""
+        optimizer = self._optimizers.get(adapter)
+        if optimizer is None:
+            # No requires_grad to set: the forward pass activates the adapter, which makes it trainable.
+            lora, head = self.model.parameters(adapter)
+            optimizer = self._optimizers[adapter] = torch.optim.AdamW(
+                [
+                    {"params": lora, "lr": self.settings.learning_rate},
+                    {"params": head, "lr": self.settings.head_learning_rate},
+                ],
+                weight_decay=0.01,
+            )
+        return optimizer
 
     def _rehearse(
         self, learner: Learner, new: list[Example], tasks: list[TaskState], rng: random.Random
@@ -206,12 +220,7 @@ class Training:
             return
         columns = self.columns_of(state)
         means = {columns[i]: state.prototype_sums[i] / state.prototype_counts[i] for i in new}
-        scale = PROTOTYPE_LOGIT_SCALE / float(torch.stack(list(means.values())).norm(dim=-1).mean())
-        head = self.model.heads[adapter]
-        with torch.no_grad():
-            for column, mean in means.items():
-                head.weight[column] = functional.normalize(mean, dim=0) * scale
-                head.bias[column] = 0.0
+        _set_prototype_rows(self.model.heads[adapter], means)
         state.head_initialized.update(new)
 
     # --- predictions --------------------------------------------------------------------------------
@@ -272,6 +281,33 @@ class Training:
                 tensors[LEARNER_PREFIX + key] = value
         return {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}, tensors
 
+    def progress_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """What a restarted trainer needs to go on exactly where this one is: every optimiser's state
+        (AdamW's moments and step counts) and torch's generator (the next dropout masks)."""
+        adapters = list(self._optimizers)
+        plain: dict[str, Any] = {"adapters": adapters, "param_groups": []}
+        tensors = {RNG_STATE: torch.get_rng_state()}
+        for a, adapter in enumerate(adapters):
+            saved = self._optimizers[adapter].state_dict()
+            plain["param_groups"].append(saved["param_groups"])
+            for parameter, values in saved["state"].items():
+                for key, value in values.items():
+                    tensors[f"{OPTIMIZER_PREFIX}{a}.{parameter}.{key}"] = value.contiguous()
+        return plain, tensors
+
+    def restore_progress(self, plain: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Put back what ``progress_state`` returned (after the adapters themselves are back)."""
+        for a, (adapter, groups) in enumerate(zip(plain["adapters"], plain["param_groups"], strict=True)):
+            prefix = f"{OPTIMIZER_PREFIX}{a}."
+            state: dict[int, dict[str, torch.Tensor]] = {}
+            for name, value in _unprefixed(tensors, prefix).items():
+                parameter, key = name.split(".", 1)
+                state.setdefault(int(parameter), {})[key] = value
+            self._optimizers.pop(adapter, None)
+            self._optimizer(adapter).load_state_dict({"state": state, "param_groups": groups})
+        if RNG_STATE in tensors:
+            torch.set_rng_state(tensors[RNG_STATE])
+
     def restore(
         self,
         strategy_state: dict[str, Any],
@@ -289,6 +325,30 @@ class Training:
             for task, label in columns:
                 self.column(task, label)
         self.strategy.load_state_dict(strategy_state)
+
+
+def first_version_weights(model: AdapterModel, state: TaskState) -> dict[str, torch.Tensor]:
+    """A new task's version before any training, made aside while other tasks train: a fresh adapter
+    (the identity: LoRA's B starts at zero) with head rows at the label prototypes. The model is left
+    as it was, and no random number is drawn from torch's generator."""
+    model.add(FIRST_VERSION_ADAPTER, num_labels=len(state.labels))
+    try:
+        means = {i: state.prototype_sums[i] / count for i, count in state.prototype_counts.items()}
+        _set_prototype_rows(model.heads[FIRST_VERSION_ADAPTER], means)
+        weights = model.weights(FIRST_VERSION_ADAPTER)
+    finally:
+        model.remove(FIRST_VERSION_ADAPTER)
+    weights.update(state.prototype_tensors(model.hidden_size))
+    return weights
+
+
+def _set_prototype_rows(head: torch.nn.Linear, means: dict[int, torch.Tensor]) -> None:
+    """Set head rows to unit label means, all scaled so that cosine gaps become logit gaps."""
+    scale = PROTOTYPE_LOGIT_SCALE / float(torch.stack(list(means.values())).norm(dim=-1).mean())
+    with torch.no_grad():
+        for row, mean in means.items():
+            head.weight[row] = functional.normalize(mean, dim=0) * scale
+            head.bias[row] = 0.0
 
 
 def _unprefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

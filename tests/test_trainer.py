@@ -6,8 +6,11 @@ import pytest
 import torch
 
 from service.datasets import TaskData, synthetic
+from service.ingest import Incoming
+from service.learner import SHARED_ADAPTER
 from service.registry import Alias, Registry
 from service.settings import Settings
+from service.trainer import Trainer
 from tests.helpers import incoming, new_trainer, train_in_process
 
 
@@ -196,3 +199,39 @@ def test_records_served_before_training_survive_a_restart(settings: Settings) ->
     assert examples == 100 * settings.epochs
     assert restarted.tasks[task.name].version == 2
     assert restarted.learning_summary().acc is not None
+
+
+@pytest.mark.parametrize("strategy", ["lora-per-task", "replay+ewc"])
+def test_a_restart_between_rounds_changes_no_weight(settings: Settings, strategy: str) -> None:
+    # Dropout on in the base model: the generator's state must come back as well as AdamW's moments.
+    settings = settings.model_copy(update={"strategy": strategy, "base_dropout": True})
+    first, second = synthetic(num_tasks=2, train_per_label=30, eval_per_label=5)
+
+    def part(task: TaskData, i: int) -> TaskData:
+        return TaskData(name=task.name, train=task.train[i::3], eval=task.eval if i == 0 else [])
+
+    rounds = [[part(first, 0)], [part(first, 1), part(second, 0)], [part(second, 1), part(first, 2)]]
+
+    def learn(registry_dir: str, restart_after: int | None) -> Trainer:
+        trained = settings.model_copy(update={"registry_dir": settings.registry_dir / registry_dir})
+        trainer = new_trainer(trained)
+        offset = 0
+        for number, tasks in enumerate(rounds):
+            batch = [
+                Incoming(0, offset + i, item.record, item.raw_key, item.raw_value)
+                for i, item in enumerate(incoming(tasks))
+            ]
+            offset += len(batch)
+            trainer.absorb(batch)
+            trainer.close_round({0: offset})
+            if number == restart_after:
+                trainer = new_trainer(trained)  # as if killed after the round was durable
+        return trainer
+
+    straight, restarted = learn("straight", None), learn("restarted", 1)
+    for adapter in [first.name, second.name] if strategy == "lora-per-task" else [SHARED_ADAPTER]:
+        before = straight.training.model.weights(adapter)
+        after = restarted.training.model.weights(adapter)
+        assert before.keys() == after.keys()
+        for key in before:
+            assert torch.allclose(before[key], after[key], atol=1e-6), (adapter, key)

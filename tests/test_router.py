@@ -1,0 +1,185 @@
+"""Task inference: the feature memory, the router fitted on it, answering without a task, and the
+router's life in the trainer (fitted, written, restored) and in a gRPC server (loaded, used, refused)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from service.api import continual_pb2, continual_pb2_grpc
+from service.datasets import synthetic
+from service.errors import CorruptVersion
+from service.feature_memory import FeatureMemory
+from service.local_kafka import free_port
+from service.registry import Registry
+from service.router import Router, answer_without_task, candidates, fit_router, load_router
+from service.server import start_server
+from service.settings import Settings
+from tests.helpers import eventually, new_trainer, train_in_process
+
+
+def same(a: FeatureMemory, b: FeatureMemory) -> bool:
+    """Whether two memories hold the same rows for the same keys."""
+    (xa, ya, ka), (xb, yb, kb) = a.features(), b.features()
+    return ka == kb and torch.equal(ya, yb) and torch.equal(xa, xb)
+
+
+def clusters(labels: int, per_label: int, seed: int = 0) -> tuple[torch.Tensor, list[int]]:
+    """Points around one random centre per label, in 16 dimensions."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(labels, 16, generator=generator) * 3
+    y = [label for label in range(labels) for _ in range(per_label)]
+    return centres[y] + torch.randn(len(y), 16, generator=generator), y
+
+
+def test_the_memory_keeps_an_even_sample_per_label_however_the_stream_is_cut() -> None:
+    x, y = clusters(labels=3, per_label=100)
+    keys = [("task", f"label-{label}") for label in y]
+    whole, pieces = FeatureMemory(size=30, seed=0), FeatureMemory(size=30, seed=0)
+    whole.add("task", [k[1] for k in keys], x)
+    for start in range(0, len(keys), 7):  # polls of 7 records
+        pieces.add("task", [k[1] for k in keys[start : start + 7]], x[start : start + 7])
+    features, rows, names = whole.features()
+    assert len(whole) == 30 and names == [("task", f"label-{i}") for i in range(3)]
+    assert torch.bincount(rows).tolist() == [10, 10, 10]
+    # A reservoir keeps a sample of the whole stream, not its first records.
+    kept = {tuple(row.tolist()) for row in features}
+    assert any(tuple(x[i].tolist()) in kept for i in range(50, 100))
+    assert same(whole, pieces)
+    # A new label takes its share from the others.
+    whole.add("other", ["new"] * 20, torch.zeros(20, 16))
+    assert torch.bincount(whole.features()[1]).tolist() == [7, 7, 7, 7]
+
+    plain, tensors = whole.saved_state()
+    restored = FeatureMemory(size=30, seed=0)
+    restored.restore(json.loads(json.dumps(plain)), tensors)
+    assert restored.added == whole.added == 320
+    assert same(restored, whole)
+
+
+def test_the_router_gives_each_task_the_probability_of_its_labels() -> None:
+    x, y = clusters(labels=6, per_label=40)
+    memory = FeatureMemory(size=10_000, seed=0)
+    task_of = ["a", "a", "b", "b", "c", "c"]
+    for label in range(6):
+        chosen = [i for i, v in enumerate(y) if v == label]
+        memory.add(task_of[label], [f"l{label}"] * len(chosen), x[chosen])
+    router = fit_router(memory)
+    assert router is not None and router.tasks() == {"a", "b", "c"}
+    test, truth = clusters(labels=6, per_label=20)  # the same centres, new points
+    probabilities = router.task_probabilities(test, ["a", "b", "c"])
+    assert torch.allclose(probabilities.sum(-1), torch.ones(len(test)))
+    routed = probabilities.argmax(-1).tolist()
+    assert sum(r == "abc".index(task_of[t]) for r, t in zip(routed, truth, strict=True)) / len(truth) >= 0.98
+    # Tasks left out are left out of the softmax: the rest share all of the probability.
+    two = router.task_probabilities(test, ["c", "a"])
+    assert torch.allclose(two.sum(-1), torch.ones(len(test)))
+    with pytest.raises(ValueError, match="rows"):
+        Router.from_tensors([("a", "l0")], router.tensors())
+    assert fit_router(FeatureMemory(size=10, seed=0)) is None  # nothing to tell apart yet
+
+
+def test_a_text_is_answered_by_the_candidate_with_the_best_joint_probability() -> None:
+    asked: list[tuple[int, list[int]]] = []
+    own = {0: torch.tensor([[0.5, 0.5]]), 1: torch.tensor([[0.05, 0.95]]), 2: torch.tensor([[1.0, 0.0]])}
+
+    def answer(task: int, rows: list[int]) -> torch.Tensor:
+        asked.append((task, rows))
+        return own[task][[0] * len(rows)]
+
+    routed = torch.tensor([[0.6, 0.38, 0.02]])
+    (best,) = answer_without_task(routed, answer, coverage=0.99, most=3)
+    # 0.6 x 0.5 = 0.30 against 0.38 x 0.95 = 0.36: the second task's version is surer of its answer.
+    assert (best.task, best.task_probability) == (1, pytest.approx(0.38))
+    assert torch.equal(best.label_probabilities, own[1][0])
+    assert sorted(task for task, _ in asked) == [0, 1, 2]
+    asked.clear()
+    (best,) = answer_without_task(routed, answer, coverage=0.5, most=3)
+    assert best.task == 0 and [task for task, _ in asked] == [0]  # a sure route asks one version
+    assert candidates(torch.tensor([0.1, 0.3, 0.6]), coverage=0.99, most=2) == [2, 1]
+
+
+def test_the_registry_keeps_the_current_router_and_the_one_before(tmp_path: Path) -> None:
+    registry = Registry(tmp_path)
+    assert registry.router_manifest() is None and load_router(registry) is None
+    router = Router((("a", "x"), ("b", "y")), torch.randn(2, 4), torch.zeros(2))
+    for round_number in (1, 2, 3):
+        registry.write_router(round_number, router.tensors(), {"rows": [list(r) for r in router.rows]})
+    assert sorted(p.name for p in (tmp_path / "router").glob("*.safetensors")) == [
+        "router-000002.safetensors",
+        "router-000003.safetensors",
+    ]
+    loaded = load_router(registry)
+    assert loaded is not None and loaded.rows == router.rows and torch.equal(loaded.weight, router.weight)
+    (tmp_path / "router" / "router-000003.safetensors").write_bytes(b"not a router")
+    with pytest.raises(CorruptVersion, match="sha256"):
+        load_router(registry)
+
+
+def test_the_trainer_fits_writes_and_restores_its_router(settings: Settings) -> None:
+    tasks = synthetic(num_tasks=2)
+    trainer = train_in_process(settings, tasks)
+    registry = Registry(settings.registry_dir)
+    router = load_router(registry)
+    labels = {(task.name, label) for task in tasks for _, label in task.train}
+    assert router is not None and set(router.rows) == labels
+    assert trainer.router is not None and torch.equal(trainer.router.weight, router.weight)
+    # The memory comes back with the checkpoint, so the restarted trainer refits the same router.
+    restarted = new_trainer(settings)
+    assert same(restarted.memory, trainer.memory)
+    refit = fit_router(restarted.memory)
+    assert refit is not None and torch.allclose(refit.weight, router.weight, atol=1e-6)
+    assert restarted.router is not None and restarted.router.rows == router.rows
+
+
+def test_a_server_routes_by_the_newest_router_and_refuses_a_corrupt_one(settings: Settings) -> None:
+    settings = settings.model_copy(update={"promotion_tolerance": 1.0, "server_metrics_port": 0})
+    tasks = synthetic(num_tasks=2)
+    train_in_process(settings, tasks)
+    registry = Registry(settings.registry_dir)
+    fitted = load_router(registry)
+    assert fitted is not None
+
+    def write(round_number: int, favoured: str) -> None:
+        # A router that sends every text to one task: a bias that outweighs anything the text says.
+        bias = torch.tensor([100.0 if task == favoured else 0.0 for task, _ in fitted.rows])
+        router = Router(fitted.rows, torch.zeros_like(fitted.weight), bias)
+        manifest = {"rows": [list(r) for r in fitted.rows], "base_model": settings.base_model}
+        registry.write_router(round_number, router.tensors(), manifest)
+
+    texts = [text for task in tasks for text, _ in task.eval[:10]]
+    write(100, tasks[1].name)
+    server = start_server(settings)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = continual_pb2_grpc.ContinualStub(channel)
+
+            def tasks_named() -> set[str]:
+                return {stub.Predict(continual_pb2.PredictRequest(text=t)).task for t in texts}
+
+            assert tasks_named() == {tasks[1].name}
+            write(101, tasks[0].name)
+            eventually(lambda: tasks_named() == {tasks[0].name}, 10, 0.2, "the new router in use")
+            # A corrupt router is refused; the one in use keeps routing.
+            write(102, tasks[1].name)
+            (settings.registry_dir / "router" / "router-000102.safetensors").write_bytes(b"broken")
+            time.sleep(20 * settings.registry_poll_s)  # the server has polled it several times
+            assert tasks_named() == {tasks[0].name}
+    finally:
+        server.stop()
+
+    # With prototype routing the router is not read at all.
+    settings = settings.model_copy(update={"task_inference": "prototypes", "grpc_port": free_port()})
+    server = start_server(settings)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = continual_pb2_grpc.ContinualStub(channel)
+            named = {stub.Predict(continual_pb2.PredictRequest(text=t)).task for t in texts}
+    finally:
+        server.stop()
+    assert named == {task.name for task in tasks}
