@@ -55,7 +55,7 @@ class LookAhead:
         for task, held in list(self._held.items()):
             if len(held) >= self.settings.first_version_records:
                 del self._held[task]
-                self.served[task] = self.publisher.publish_first(task, held)
+                self.served[task] = self.publisher.publish_first_from(task, held)
                 log.info("task %r served (v%d) from records read ahead of a round", task, self.served[task])
 
     def rewind(self, ingest: Ingest) -> None:

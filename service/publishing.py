@@ -60,10 +60,19 @@ class Publisher:
             )
         return version, decision
 
-    def publish_first(self, task: str, records: list[Record]) -> int:
-        """Serve a task the trainer has not taken in yet at once: an untrained first version whose head
-        rows are the label prototypes of ``records`` (its first training records). Its records are
-        absorbed, trained and checkpointed as usual afterwards; this version only goes ahead of them."""
+    def publish_first(self, state: TaskState) -> int:
+        """Serve a new task at once, ahead of the round that will checkpoint it: an untrained first
+        version whose head rows are the label prototypes of its training records so far. ``state`` is
+        left as it is: the task's records are trained, published and checkpointed as usual after."""
+        manifest = self._manifest(state, {}, 0)
+        weights = first_version_weights(self.training.model, state)
+        version = self.registry.publish(state.name, weights, [], manifest)
+        self.metrics.versions_published.labels(task=state.name, strategy=self.training.strategy.name).inc()
+        self.apply(state.name, version, gate(None, None, None, self.settings.promotion_tolerance))
+        return version
+
+    def publish_first_from(self, task: str, records: list[Record]) -> int:
+        """``publish_first`` for a task the trainer has not taken in yet, from its first records."""
         state = TaskState(name=task)
         limit = self.settings.max_labels_per_task
         examples = [
@@ -72,11 +81,7 @@ class Publisher:
             if state.refusal(record, limit) is None and (example := state.take(record)) is not None
         ]
         state.add_to_prototypes(examples, self.training.embed([text for text, _ in examples]))
-        manifest = self._manifest(state, {}, 0)
-        version = self.registry.publish(task, first_version_weights(self.training.model, state), [], manifest)
-        self.metrics.versions_published.labels(task=task, strategy=self.training.strategy.name).inc()
-        self.apply(task, version, gate(None, None, None, self.settings.promotion_tolerance))
-        return version
+        return self.publish_first(state)
 
     def apply(self, task: str, version: int, decision: Decision) -> None:
         """Serve ``version`` if the gate let it through (and the task is not pinned), then prune."""

@@ -163,6 +163,11 @@ class Trainer:
         # New tasks served early go out untrained (head rows at the label prototypes); all their
         # training runs in the next round.
         early = {state.name for state in self.tasks.values() if self.rounds.first_version_due(state)}
+        if early and any(s.changed and s.name not in early for s in self.tasks.values()):
+            # Other tasks' epochs come first in this round: serve the new tasks now, not after them
+            # (the round publishes them again with their eval records, and checkpoints them).
+            for name in sorted(early):
+                self.publisher.publish_first(self.tasks[name])
         trained = self.training.finish_round(list(self.tasks.values()), early, rng)
         router = self._refit_router() if trained else None
 

@@ -235,3 +235,25 @@ def test_a_restart_between_rounds_changes_no_weight(settings: Settings, strategy
         assert before.keys() == after.keys()
         for key in before:
             assert torch.allclose(before[key], after[key], atol=1e-6), (adapter, key)
+
+
+def test_a_new_task_is_served_before_a_round_trains_other_tasks(settings: Settings) -> None:
+    settings = settings.model_copy(update={"first_version_records": 20})
+    first, second = synthetic(num_tasks=2, train_per_label=20, eval_per_label=5)
+    trainer = new_trainer(settings)
+    trainer.absorb(incoming([TaskData(first.name, first.train[:20], [])]))
+    trainer.close_round({0: 20})  # the first task's untrained first version
+    # The rest of the first task and the start of the second close one round together.
+    batch = incoming(
+        [TaskData(first.name, first.train[20:], first.eval), TaskData(second.name, second.train[:20], [])]
+    )
+    batch = [Incoming(0, 20 + i, item.record, item.raw_key, item.raw_value) for i, item in enumerate(batch)]
+    trainer.absorb(batch)
+    report = trainer.close_round({0: 20 + len(batch)})
+    assert report.trained == {first.name: len(first.train)}
+    registry = Registry(settings.registry_dir)
+    assert registry.versions(second.name) == [1, 2]
+    early, trained = registry.manifest(second.name, 1), registry.manifest(first.name, 2)
+    # Served before the first task's epochs, not after them.
+    assert early["created_at"] < trained["created_at"]
+    assert registry.alias(second.name) is not None
