@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.nn import functional
@@ -92,9 +93,10 @@ def fit_router(memory: FeatureMemory) -> Router | None:
     return Router(tuple(keys), head.weight.detach().clone(), head.bias.detach().clone())
 
 
-def load_router(registry: Registry) -> Router | None:
-    """The registry's current router (None before the first); CorruptVersion if it does not check."""
-    manifest = registry.router_manifest()
+def load_router(registry: Registry, manifest: dict[str, Any] | None = None) -> Router | None:
+    """The router ``manifest`` names (default: the registry's current one; None before the first);
+    CorruptVersion if it does not check."""
+    manifest = manifest or registry.router_manifest()
     if manifest is None:
         return None
     try:

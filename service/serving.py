@@ -117,7 +117,8 @@ class AdapterPool:
                 f"router {manifest['file']} was fitted on base model {manifest.get('base_model')!r}, "
                 f"this server runs {self.settings.base_model!r}"
             )
-        router = load_router(self.registry)
+        # The manifest just checked, not a newer one the trainer may have written meanwhile.
+        router = load_router(self.registry, manifest)
         with self._lock:
             self._router, self._router_file = router, str(manifest["file"])
         log.info("task router %s loaded (%d labels)", manifest["file"], len(router.rows) if router else 0)
