@@ -75,7 +75,9 @@ ORDERS = ("given", "reversed", "shuffled")
 #: The settings that shape what is learned, stored with every run (the rest: ports, topics, paths).
 LEARNING_SETTINGS = {
     "base_model", "max_length", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "strategy",
-    "learning_rate", "head_learning_rate", "base_dropout", "label_smoothing", "batch_size", "epochs",
+    "learning_rate", "head_learning_rate", "learning_rate_decay", "base_dropout", "label_smoothing",
+    "batch_size", "epochs", "task_inference", "router_memory_size", "routing_coverage",
+    "routing_max_candidates",
     "head_init", "replay_memory_size",
     "ewc_lambda", "ewc_decay", "ewc_fisher_examples", "lwf_alpha", "lwf_temperature", "seed",
 }  # fmt: skip

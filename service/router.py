@@ -76,21 +76,22 @@ def fit_router(memory: FeatureMemory) -> Router | None:
     x, y, keys = memory.features()
     if len(keys) < 2:
         return None
-    head = torch.nn.Linear(x.shape[1], len(keys))
-    with torch.no_grad():
-        head.weight.zero_()
-        head.bias.zero_()
-    optimizer = torch.optim.LBFGS(head.parameters(), max_iter=ROUTER_MAX_ITERATIONS)
+    # Zeros made directly: an nn.Linear would draw its initial weights from torch's global generator,
+    # and that would shift the dropout masks of every training step after the fit.
+    weight = torch.zeros(len(keys), x.shape[1], requires_grad=True)
+    bias = torch.zeros(len(keys), requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=ROUTER_MAX_ITERATIONS)
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = functional.cross_entropy(head(x), y) + ROUTER_WEIGHT_DECAY * head.weight.pow(2).sum()
+        logits = functional.linear(x, weight, bias)
+        loss = functional.cross_entropy(logits, y) + ROUTER_WEIGHT_DECAY * weight.pow(2).sum()
         loss.backward()
         return loss
 
     with torch.enable_grad():
         optimizer.step(closure)
-    return Router(tuple(keys), head.weight.detach().clone(), head.bias.detach().clone())
+    return Router(tuple(keys), weight.detach().clone(), bias.detach().clone())
 
 
 def load_router(registry: Registry, manifest: dict[str, Any] | None = None) -> Router | None:

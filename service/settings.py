@@ -120,6 +120,11 @@ class Settings(BaseSettings):
     )
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0, description="Of the training loss.")
     epochs: int = Field(default=3, ge=1, description="Passes over each round's new training records.")
+    learning_rate_decay: Literal["none", "linear"] = Field(
+        default="none",
+        description="The learning rates over a round's further epochs: constant, or down linearly to "
+        "zero by the round's last step (its first epoch, trained as records stream in, is at full rate).",
+    )
     round_max_records: int = Field(
         default=2000, ge=1, description="A round closes after this many new records..."
     )

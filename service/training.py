@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -105,11 +105,12 @@ class Training:
         if self.settings.head_init == "prototypes":
             self._init_head_rows(state, learner.adapter)
 
-    def step(self, state: TaskState, examples: Sequence[tuple[str, int]]) -> None:
-        """One training step on new examples of one task (label indices within the task)."""
+    def step(self, state: TaskState, examples: Sequence[tuple[str, int]], rate: float = 1.0) -> None:
+        """One training step on new examples of one task (label indices within the task), at
+        ``rate`` times the set learning rates."""
         self.prepare_head(state)
         columns = self.columns_of(state)
-        loss = self._train(self.learner_of(state), [(text, columns[index]) for text, index in examples])
+        loss = self._train(self.learner_of(state), [(text, columns[index]) for text, index in examples], rate)
         state.round_losses.append(loss)
 
     def step_full_batches(self, state: TaskState) -> None:
@@ -138,11 +139,13 @@ class Training:
             if not state.round_examples:
                 continue
             trained[state.name] = len(state.round_examples)
-            for _ in range(self.settings.epochs - 1 if self.learner is None else 0):
+            further = self.settings.epochs - 1 if self.learner is None else 0
+            decay = self._decay(further * -(-len(state.round_examples) // size))
+            for _ in range(further):
                 examples = state.round_examples[:]
                 rng.shuffle(examples)
                 for i in range(0, len(examples), size):
-                    self.step(state, examples[i : i + size])
+                    self.step(state, examples[i : i + size], rate=next(decay))
         new: list[Example] = []
         if self.learner is not None:
             states = [state for state in tasks if state.name in trained]
@@ -154,14 +157,23 @@ class Training:
         self._round_started = False
         return trained
 
-    def _train(self, learner: Learner, examples: Sequence[Example]) -> float:
-        """One optimizer step on ``examples`` plus what the strategy replays; returns the loss."""
+    def _decay(self, steps: int) -> Iterator[float]:
+        """The rate of each of ``steps`` further-epoch steps: 1 throughout, or down linearly to 1/steps."""
+        for step in range(steps):
+            yield 1.0 if self.settings.learning_rate_decay == "none" else (steps - step) / steps
+
+    def _train(self, learner: Learner, examples: Sequence[Example], rate: float = 1.0) -> float:
+        """One optimizer step on ``examples`` plus what the strategy replays, at ``rate`` times the
+        set learning rates; returns the loss."""
         self.heartbeat()
         if not self._round_started:
             self._round_started = True
             self.strategy.before_round(self.learner)
         batch = list(examples) + (self.strategy.replay(len(examples)) if self.learner is not None else [])
         optimizer = self._optimizer(learner.adapter)
+        rates = (self.settings.learning_rate, self.settings.head_learning_rate)
+        for group, base in zip(optimizer.param_groups, rates, strict=True):
+            group["lr"] = base * rate
         texts = [text for text, _ in batch]
         for task, count in Counter(self._task_of(learner, column) for _, column in batch).items():
             self.metrics.training_examples.labels(task=task, strategy=self.strategy.name).inc(count)
@@ -200,11 +212,15 @@ class Training:
         self, learner: Learner, new: list[Example], tasks: list[TaskState], rng: random.Random
     ) -> None:
         """The round's further epochs on the shared learner: every task's examples shuffled together."""
-        for _ in range(self.settings.epochs - 1):
+        size, further = self.settings.batch_size, self.settings.epochs - 1
+        decay: Iterator[float] | None = None
+        for _ in range(further):
             examples = self.strategy.rehearsal(new)
             rng.shuffle(examples)
-            for i in range(0, len(examples), self.settings.batch_size):
-                loss = self._train(learner, examples[i : i + self.settings.batch_size])
+            # A strategy rehearses as many examples in every epoch of a round.
+            decay = decay or self._decay(further * -(-len(examples) // size))
+            for i in range(0, len(examples), size):
+                loss = self._train(learner, examples[i : i + size], next(decay, 1.0))
                 for state in tasks:
                     state.round_losses.append(loss)
 

@@ -84,6 +84,17 @@ def test_the_router_gives_each_task_the_probability_of_its_labels() -> None:
     assert fit_router(FeatureMemory(size=10, seed=0)) is None  # nothing to tell apart yet
 
 
+def test_fitting_the_router_leaves_the_global_generator_alone() -> None:
+    """Training's dropout draws from torch's global generator: a fit that drew from it too would
+    change every training step after it, and a restart (which refits) would train differently."""
+    x, y = clusters(labels=4, per_label=10)
+    memory = FeatureMemory(size=100, seed=0)
+    memory.add("task", [f"l{label}" for label in y], x)
+    before = torch.get_rng_state()
+    assert fit_router(memory) is not None
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_a_text_is_answered_by_the_candidate_with_the_best_joint_probability() -> None:
     asked: list[tuple[int, list[int]]] = []
     own = {0: torch.tensor([[0.5, 0.5]]), 1: torch.tensor([[0.05, 0.95]]), 2: torch.tensor([[1.0, 0.0]])}
