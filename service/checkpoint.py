@@ -102,7 +102,7 @@ class Durability:
                     pending.published[state.name] = version
             plain, tensors = self.training.saved_state()
             memory, memory_tensors = self.memory.saved_state()
-            progress, progress_tensors = self.training.progress_state()
+            progress, progress_tensors = self.training.optimisers.state()
             tensors.update(memory_tensors)
             tensors.update(progress_tensors)
             learner_file = self.registry.write_learner(pending.number, tensors) if tensors else None
@@ -221,7 +221,7 @@ class Durability:
             self.memory.restore(checkpoint["memory"], tensors or {})
         if "progress" in checkpoint:
             # Last: loading the adapters above draws from torch's generator too.
-            self.training.restore_progress(checkpoint["progress"], tensors or {})
+            self.training.optimisers.restore(checkpoint["progress"], tensors or {})
         log.info("restored round %d: %d task(s), offsets %s", checkpoint["round"], len(tasks), self.offsets)
         return int(checkpoint["round"]), tasks
 

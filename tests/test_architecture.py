@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import functools
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,3 +114,16 @@ def test_the_registry_refuses_a_second_or_an_undeclared_name(name: str) -> None:
     with pytest.raises(ValueError, match=name):
         register(name)(Another)
     assert registered()[STRATEGIES[1]] is not Another
+
+
+def test_the_client_commands_load_no_model_stack() -> None:
+    """`continual predict`, `status` and `adapters` are thin gRPC clients: importing torch, scipy or
+    transformers first would make each call take seconds, even one that only fails to connect."""
+    probe = (
+        "import sys, service.cli, service.client; "
+        "print(sorted(m for m in ('torch', 'scipy', 'transformers', 'peft', 'kafka') if m in sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert loaded.stdout.strip() == "[]"

@@ -264,12 +264,12 @@ def test_linear_decay_brings_each_round_down_to_its_last_step_rate(settings: Set
     settings = settings.model_copy(update={"strategy": strategy, "learning_rate_decay": "linear"})
     (task,) = synthetic(num_tasks=1, labels_per_task=2, train_per_label=20, eval_per_label=4)
     trainer = train_in_process(settings, [task])
-    plain, _ = trainer.training.progress_state()
+    plain, _ = trainer.training.optimisers.state()
     (lora, head), steps = plain["param_groups"][0], 4 * -(-len(task.train) // settings.batch_size)
     # The four further epochs (of five) decay to 1/steps of the set rates; the next round starts again.
     assert lora["lr"] == pytest.approx(settings.learning_rate / steps)
     assert head["lr"] == pytest.approx(settings.head_learning_rate / steps)
     trainer.absorb(incoming([task])[:16])
     trainer.close_round({0: 10_000})
-    (lora, _), *_ = trainer.training.progress_state()[0]["param_groups"]
+    (lora, _), *_ = trainer.training.optimisers.state()[0]["param_groups"]
     assert lora["lr"] == pytest.approx(settings.learning_rate / 4)
