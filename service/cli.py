@@ -100,6 +100,11 @@ def serve(config: ConfigOption = None) -> None:
     from service.server import start_server
 
     settings = _settings(config)
+    try:
+        settings.check_serving()
+    except SettingsError as exc:
+        console.print(f"[red]settings error:[/red] {exc}")
+        raise typer.Exit(2) from None
     stop = _stop_on_signals()
     server = start_server(settings)
     stop.wait()

@@ -283,7 +283,9 @@ class RunningServer:
 
 
 def start_server(settings: Settings, model: AdapterModel | None = None) -> RunningServer:
-    """Load what the registry serves, then start gRPC (with health and reflection) and /metrics."""
+    """Load what the registry serves, then start gRPC (with health and reflection) and /metrics.
+    SettingsError, before anything loads, if the admin calls would be open beyond loopback."""
+    settings.check_serving()
     registry = Registry(settings.registry_dir)
     metrics_registry = CollectorRegistry()
     metrics = ServerMetrics(metrics_registry)

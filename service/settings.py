@@ -6,6 +6,7 @@ explicit overrides) and passed down; no other module reads the environment.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,6 +195,11 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(
         default=None, description="When set, ListVersions, GetAdapter, Promote and Rollback require it."
     )
+    allow_unauthenticated_admin: bool = Field(
+        default=False,
+        description="Serve admin calls without admin_token on a grpc_host beyond loopback "
+        "(a server refuses to start so otherwise).",
+    )
     tls_cert_file: Path | None = Field(default=None, description="Server certificate (PEM); enables TLS.")
     tls_key_file: Path | None = Field(default=None, description="Server private key (PEM).")
     tls_ca_file: Path | None = Field(default=None, description="CA the CLI trusts when calling a TLS server.")
@@ -267,6 +273,20 @@ class Settings(BaseSettings):
             body["admin_token"] = self.admin_token.get_secret_value()
         return yaml.safe_dump(body)
 
+    def check_serving(self) -> None:
+        """SettingsError if a server on these settings would let anyone who reaches it roll back or
+        promote: bound beyond loopback with no admin_token, and not explicitly allowed."""
+        if (
+            self.admin_token is None
+            and not self.allow_unauthenticated_admin
+            and not _loopback(self.grpc_host)
+        ):
+            raise SettingsError(
+                f"admin_token: the server binds grpc_host {self.grpc_host!r}, beyond loopback, where anyone "
+                "could call Rollback and Promote; set admin_token (CONTINUAL_ADMIN_TOKEN), or set "
+                "allow_unauthenticated_admin: true to serve admin calls to everyone"
+            )
+
     def drift(self) -> DriftSettings:
         """The drift detectors' settings."""
         return DriftSettings(
@@ -321,3 +341,13 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
             field = ".".join(str(part) for part in error["loc"]) or "(settings)"
             problems.append(f"{field}: {error['msg']}")
         raise SettingsError("invalid settings: " + "; ".join(problems)) from None
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, IPv6 with or without brackets) is this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # any other name may resolve beyond this machine

@@ -24,7 +24,7 @@ from service.datasets import TaskData, synthetic
 from service.local_kafka import free_port
 from service.registry import Registry
 from service.server import SERVICE_NAME, RunningServer, start_server
-from service.settings import Settings
+from service.settings import Settings, SettingsError
 from service.trainer import Trainer
 from tests.helpers import eventually, incoming, train_in_process
 
@@ -387,3 +387,28 @@ def test_the_adapters_cli_drives_a_running_server(settings: Settings, trained: T
         assert "accuracy matrix" in status.stdout and TASKS[1].name in status.stdout
     finally:
         running.stop()
+
+
+def test_a_server_beyond_loopback_needs_an_admin_token(settings: Settings) -> None:
+    """Without a token, anyone who reaches a server bound beyond loopback could roll back or promote."""
+    exposed = settings.model_copy(update={"grpc_host": "0.0.0.0"})
+    with pytest.raises(SettingsError, match=r"admin_token: the server binds grpc_host '0\.0\.0\.0'"):
+        start_server(exposed)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTINUAL_")}
+    env.update({"CONTINUAL_GRPC_HOST": "0.0.0.0", "CONTINUAL_REGISTRY_DIR": str(settings.registry_dir)})
+    refused = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode == 2 and "allow_unauthenticated_admin" in refused.stderr, refused.stderr
+    for allowed in ({"admin_token": SecretStr("s3cret")}, {"allow_unauthenticated_admin": True}):
+        running = start_server(exposed.model_copy(update={**allowed, "grpc_port": free_port()}))
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+                health = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=10
+                )
+                assert health.status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            running.stop()
+    for loopback in ("127.0.0.1", "localhost", "[::1]"):
+        settings.model_copy(update={"grpc_host": loopback}).check_serving()
