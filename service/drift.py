@@ -181,10 +181,11 @@ class PageHinkley:
 class DriftMonitor:
     """Per-task input and prediction drift, computed off the request path on a background thread.
 
-    ``observe`` only enqueues (and drops, counted, when the queue is full); the thread embeds texts in
-    batches with ``embed`` and feeds the detectors. ``reference`` gives a task's reference: a key (the
-    served version), its texts and its training label counts. When the key changes the detectors are
-    rebuilt on the new reference, keeping the inputs not judged yet.
+    ``observe`` takes an input's base-model embedding, which serving computes anyway (a routing pass,
+    or a base row added to the request's batch), and only enqueues it (dropped, counted, when the queue
+    is full); the thread feeds the detectors. ``reference`` gives a task's reference: a key (the served
+    version), its texts and its training label counts; ``embed`` embeds those texts. When the key
+    changes the detectors are rebuilt on the new reference, keeping the inputs not judged yet.
     """
 
     def __init__(
@@ -200,7 +201,9 @@ class DriftMonitor:
         self._reference = reference
         self._on_result = on_result
         self._on_dropped = on_dropped
-        self._queue: queue.Queue[tuple[str, str, str | None]] = queue.Queue(maxsize=settings.queue_size)
+        self._queue: queue.Queue[tuple[str, np.ndarray, str | None]] = queue.Queue(
+            maxsize=settings.queue_size
+        )
         self._inputs: dict[str, MMDDrift] = {}
         self._predictions: dict[str, PredictionDrift] = {}
         self._keys: dict[str, object] = {}
@@ -217,10 +220,10 @@ class DriftMonitor:
         self._stop.set()
         self._thread.join(timeout=10)
 
-    def observe(self, task: str, text: str, predicted: str | None) -> None:
-        """Note one input (and the label predicted for it, if any); never blocks."""
+    def observe(self, task: str, embedding: np.ndarray, predicted: str | None) -> None:
+        """Note one input's base-model embedding (and the label predicted for it, if any); never blocks."""
         try:
-            self._queue.put_nowait((task, text, predicted))
+            self._queue.put_nowait((task, embedding, predicted))
         except queue.Full:
             self._on_dropped()
 
@@ -248,14 +251,14 @@ class DriftMonitor:
                 for _ in batch:
                     self._queue.task_done()
 
-    def _judge(self, batch: list[tuple[str, str, str | None]]) -> None:
-        by_task: dict[str, list[tuple[str, str | None]]] = {}
-        for task, text, predicted in batch:
-            by_task.setdefault(task, []).append((text, predicted))
+    def _judge(self, batch: list[tuple[str, np.ndarray, str | None]]) -> None:
+        by_task: dict[str, list[tuple[np.ndarray, str | None]]] = {}
+        for task, embedding, predicted in batch:
+            by_task.setdefault(task, []).append((embedding, predicted))
         for task, items in by_task.items():
             if not self._prepare(task):
                 continue
-            results = self._inputs[task].add(self._embed([text for text, _ in items]))
+            results = self._inputs[task].add(np.stack([embedding for embedding, _ in items]))
             labels = [label for _, label in items if label is not None]
             if task in self._predictions and labels:
                 results += self._predictions[task].add(labels)

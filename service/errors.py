@@ -41,6 +41,18 @@ class CorruptVersion(ContinualError):
     code = grpc.StatusCode.DATA_LOSS
 
 
+class ResourceExhausted(ContinualError):
+    """The server cannot take the request now (its queue is full); the client should back off."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(ContinualError):
+    """The client's deadline passed before the request was run."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status code and message for an exception raised while handling a call."""
     if isinstance(exc, ContinualError):

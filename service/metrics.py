@@ -296,6 +296,28 @@ class ServerMetrics:
             ["task"],
             registry=registry,
         )
+        self.batch_rows = Histogram(
+            "continual_inference_batch_rows",
+            "Rows (texts) per batch the inference engine ran.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=registry,
+        )
+        self.batch_seconds = Histogram(
+            "continual_inference_batch_seconds",
+            "Time the inference engine spent on one batch (forwards and heads).",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_rejections = Counter(
+            "continual_inference_queue_rejections",
+            "Requests refused with RESOURCE_EXHAUSTED because the inference queue was full.",
+            registry=registry,
+        )
+        self.deadline_drops = Counter(
+            "continual_inference_deadline_drops",
+            "Requests dropped before their forward because the client's deadline had passed.",
+            registry=registry,
+        )
 
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> int:

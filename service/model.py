@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 LORA_PREFIX = "lora."
 HEAD_PREFIX = "head."
+#: PEFT's adapter name for rows of a mixed-adapter batch that go through the base model alone.
+BASE_ROWS = "__base__"
 #: Label prototypes stored beside an adapter's weights (base-model embedding sums and counts per label).
 PROTOTYPE_SUMS = "prototype.sums"
 PROTOTYPE_COUNTS = "prototype.counts"
@@ -237,6 +239,36 @@ class AdapterModel:
             for i in range(0, len(texts), batch_size)
         ]
         return torch.cat(rows) if rows else torch.empty(0, self.heads[name].out_features)
+
+    @torch.inference_mode()
+    def mixed_pooled(self, texts: Sequence[str], adapters: Sequence[str | None]) -> torch.Tensor:
+        """Mean-pooled encoder outputs of ``texts`` in one forward, each through its own adapter (None:
+        the base model alone): PEFT's mixed-adapter batch, or a plain forward when all rows agree."""
+        batch = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        names = set(adapters)
+        if self._peft is None or names == {None}:
+            with self._peft.disable_adapter() if self._peft is not None else nullcontext():
+                hidden = self._base(input_ids=ids, attention_mask=mask).last_hidden_state
+        elif len(names) == 1:
+            return self.pooled(str(adapters[0]), ids, mask)
+        else:
+            rows = [adapter or BASE_ROWS for adapter in adapters]
+            hidden = self._peft(input_ids=ids, attention_mask=mask, adapter_names=rows).last_hidden_state
+        return _mean_pool(hidden, mask)
+
+    @torch.inference_mode()
+    def head_probabilities(self, pooled: torch.Tensor, adapters: Sequence[str | None]) -> list[torch.Tensor]:
+        """Per row, the probabilities of its adapter's head over the pooled output (a base row's
+        pooled output itself, its base-model embedding)."""
+        out = list(pooled)
+        for adapter in {adapter for adapter in adapters if adapter is not None}:
+            rows = [i for i, name in enumerate(adapters) if name == adapter]
+            for i, row in zip(rows, torch.softmax(self.heads[adapter](pooled[rows]), dim=-1), strict=True):
+                out[i] = row
+        return out
 
 
 def unit_prototypes(weights: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -9,18 +9,20 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from service.answering import Answerer, Prediction, Request
 from service.api import continual_pb2, continual_pb2_grpc
-from service.errors import Unauthenticated, status_of
+from service.errors import ContinualError, InvalidArgument, Unauthenticated, status_of
 from service.evaluation import learning_status
 from service.metrics import ServerMetrics, serve_metrics
 from service.model import AdapterModel, build_model
@@ -43,6 +45,7 @@ class ContinualServicer(continual_pb2_grpc.ContinualServicer):
 
     def __init__(self, pool: AdapterPool, metrics: ServerMetrics, admin_token: str | None) -> None:
         self.pool = pool
+        self.answerer = Answerer(pool)
         self.metrics = metrics
         self._admin_token = admin_token
 
@@ -84,19 +87,45 @@ class ContinualServicer(continual_pb2_grpc.ContinualServicer):
         """Classify one text with the task's served adapter."""
 
         def handle() -> continual_pb2.PredictResponse:
-            prediction = self.pool.predict(request.task, request.text, request.top_k)
-            best_label, best_score = prediction.ranked[0]
-            return continual_pb2.PredictResponse(
-                task=prediction.task,
-                label=best_label,
-                score=best_score,
-                top_k=[continual_pb2.ScoredLabel(label=lbl, score=s) for lbl, s in prediction.ranked],
-                version=prediction.version,
-                task_inferred=prediction.task_inferred,
-                task_confidence=prediction.task_confidence,
-            )
+            return _response(self.answerer.predict(_request(request), _deadline(context)))
 
         return self._call("Predict", context, handle)
+
+    def PredictBatch(
+        self, request: continual_pb2.PredictBatchRequest, context: grpc.ServicerContext
+    ) -> continual_pb2.PredictBatchResponse:
+        """Classify many texts; an item that fails carries its error, the others are answered."""
+
+        def handle() -> continual_pb2.PredictBatchResponse:
+            limit = self.pool.settings.max_batch_items
+            if not 0 < len(request.items) <= limit:
+                raise InvalidArgument(
+                    f"a batch holds 1 to {limit} items (max_batch_items), got {len(request.items)}"
+                )
+            items = [_request(item) for item in request.items]
+            results = self.answerer.predict_many(items, _deadline(context))
+            return continual_pb2.PredictBatchResponse(results=[_result(r) for r in results])
+
+        return self._call("PredictBatch", context, handle)
+
+    def PredictStream(
+        self, request_iterator: Iterator[continual_pb2.PredictRequest], context: grpc.ServicerContext
+    ) -> Iterator[continual_pb2.PredictResult]:
+        """Answer a stream of requests in order, up to ``stream_window`` of them in flight at once."""
+        started, code = time.perf_counter(), grpc.StatusCode.OK
+        requests = (_request(request) for request in request_iterator)
+        try:
+            window = self.pool.settings.stream_window
+            for result in self.answerer.predict_stream(requests, _deadline(context), window):
+                yield _result(result)
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("PredictStream failed")
+            raise
+        finally:
+            self.metrics.requests.labels(method="PredictStream", code=code.name).inc()
+            elapsed = time.perf_counter() - started
+            self.metrics.latency.labels(method="PredictStream", code=code.name).observe(elapsed)
 
     def ListAdapters(
         self, request: continual_pb2.ListAdaptersRequest, context: grpc.ServicerContext
@@ -253,6 +282,36 @@ class ContinualServicer(continual_pb2_grpc.ContinualServicer):
         return info
 
 
+def _request(request: continual_pb2.PredictRequest) -> Request:
+    return Request(task=request.task, text=request.text, top_k=request.top_k)
+
+
+def _response(prediction: Prediction) -> continual_pb2.PredictResponse:
+    best_label, best_score = prediction.ranked[0]
+    return continual_pb2.PredictResponse(
+        task=prediction.task,
+        label=best_label,
+        score=best_score,
+        top_k=[continual_pb2.ScoredLabel(label=label, score=score) for label, score in prediction.ranked],
+        version=prediction.version,
+        task_inferred=prediction.task_inferred,
+        task_confidence=prediction.task_confidence,
+    )
+
+
+def _result(result: Prediction | ContinualError) -> continual_pb2.PredictResult:
+    if isinstance(result, ContinualError):
+        code, message = status_of(result)
+        return continual_pb2.PredictResult(error=continual_pb2.ItemError(code=code.value[0], message=message))
+    return continual_pb2.PredictResult(prediction=_response(result))
+
+
+def _deadline(context: grpc.ServicerContext) -> float | None:
+    """The client's deadline on time.monotonic()'s clock (None: it set none)."""
+    remaining = context.time_remaining()
+    return time.monotonic() + remaining if remaining is not None else None
+
+
 def _or_nan(value: object) -> float:
     """NaN stands for "undefined" in replies (protobuf doubles have no null)."""
     return float(value) if isinstance(value, int | float) else float("nan")
@@ -274,6 +333,7 @@ class RunningServer:
         self.health.enter_graceful_shutdown()
         self.watcher.stop_event.set()
         self.grpc_server.stop(grace_s).wait()
+        self.pool.engine.stop()
         if self.pool.drift is not None:
             self.pool.drift.stop()
 
@@ -290,7 +350,10 @@ def start_server(settings: Settings, model: AdapterModel | None = None) -> Runni
     metrics_registry = CollectorRegistry()
     metrics = ServerMetrics(metrics_registry)
     model = model or build_model(settings)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     pool = AdapterPool(settings, registry, model, metrics)
+    pool.engine.start()
     pool.sync()
     watcher = RegistryWatcher(pool, settings.registry_poll_s)
     watcher.start()

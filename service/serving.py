@@ -1,27 +1,31 @@
-"""The adapters a server has loaded, kept in step with the registry's aliases.
+"""The adapters a server has loaded, kept in step with the registry's aliases, and answering.
 
 Each task's served version is loaded under the name ``task@vN``; a new version is loaded next to the
-old one and switched in under the model lock, so a request runs entirely on the version it started
-with. The previous version stays loaded, which makes a rollback to it instant.
+old one (by the inference engine, between batches) and switched in. A request takes its version and
+queues its rows in one step under the serving lock, and a switch retires the old version under the
+same lock; the engine unloads a retired version only once no queued row needs it, so a request runs
+entirely on the version it started with. The previous version stays loaded, which makes a rollback
+to it instant.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from service.drift import DriftMonitor
+from service.engine import InferenceEngine, Row
 from service.errors import CorruptVersion, FailedPrecondition, InvalidArgument, NotFound
 from service.metrics import ServerMetrics
 from service.model import AdapterModel, unit_prototypes
 from service.registry import Registry
-from service.router import Router, answer_without_task, load_router
+from service.router import Router, load_router
 from service.settings import TASK_NAME, Settings
 
 log = logging.getLogger(__name__)
@@ -46,17 +50,6 @@ class LoadedVersion:
         return f"{self.task}@v{self.version}"
 
 
-@dataclass(frozen=True)
-class Prediction:
-    """Labels best first with their probabilities, and the version that produced them."""
-
-    task: str
-    version: int
-    ranked: list[tuple[str, float]]
-    task_inferred: bool = False
-    task_confidence: float = 1.0
-
-
 class AdapterPool:
     """Loads, swaps and unloads adapter versions as the registry's aliases move."""
 
@@ -67,7 +60,9 @@ class AdapterPool:
         self.registry = registry
         self.model = model
         self.metrics = metrics
-        self._sampler = random.Random(settings.seed)
+        self.engine = InferenceEngine(
+            model, metrics, settings.max_batch_size, settings.max_batch_wait_ms, settings.inference_queue_size
+        )
         self._drift_references: dict[str, tuple[int, list[str], dict[str, int]]] = {}
         self.drift: DriftMonitor | None = None
         if settings.drift_enabled:
@@ -78,8 +73,8 @@ class AdapterPool:
                 on_result=metrics.drift.record,
                 on_dropped=metrics.drift.dropped.inc,
             )
-        # Guards the model: PEFT's active adapter is global state, so forwards and loads take turns.
-        self._lock = threading.Lock()
+        # Which version serves each task: taken, with the request's rows queued, in one step (see above).
+        self._serving = threading.Lock()
         # Serialises alias syncs (watcher thread and admin calls), so a version is loaded once.
         self._sync_lock = threading.RLock()
         self._loaded: dict[tuple[str, int], LoadedVersion] = {}
@@ -119,7 +114,7 @@ class AdapterPool:
             )
         # The manifest just checked, not a newer one the trainer may have written meanwhile.
         router = load_router(self.registry, manifest)
-        with self._lock:
+        with self._serving:
             self._router, self._router_file = router, str(manifest["file"])
         log.info("task router %s loaded (%d labels)", manifest["file"], len(router.rows) if router else 0)
 
@@ -140,7 +135,7 @@ class AdapterPool:
             return target
 
     def _switch(self, task: str, target: LoadedVersion) -> None:
-        with self._lock:
+        with self._serving:
             current = self._served.get(task)
             self._served[task] = target
             if current is not None and current != target:
@@ -148,7 +143,7 @@ class AdapterPool:
             keep = {target, self._previous.get(task)}
             for key, loaded in list(self._loaded.items()):
                 if key[0] == task and loaded not in keep:
-                    self.model.remove(loaded.adapter)
+                    self.engine.retire(loaded.adapter)
                     del self._loaded[key]
         self.metrics.adapters_loaded.set(len(self._loaded))
 
@@ -170,11 +165,16 @@ class AdapterPool:
                 labels=tuple(manifest["labels"]),
                 prototypes=unit_prototypes(weights),
             )
-            with self._lock:
+
+            def install() -> None:
+                if self.engine.reclaim(loaded.adapter):
+                    return  # retired but still in memory (a queued request needed it): kept instead
                 try:
                     self.model.load(loaded.adapter, weights)
                 except (KeyError, ValueError, RuntimeError) as exc:
                     raise CorruptVersion(f"{task} v{version}: weights do not load: {exc}") from None
+
+            self.engine.between_batches(install)
         except CorruptVersion:
             self._failed.add((task, version))
             self.metrics.load_failures.labels(task=task).inc()
@@ -183,78 +183,17 @@ class AdapterPool:
         self.metrics.adapters_loaded.set(len(self._loaded))
         return loaded
 
-    def predict(self, task: str, text: str, top_k: int) -> Prediction:
-        """Classify one text with the task's served version, inferring the task when none is named."""
-        if task and not TASK_NAME.fullmatch(task):
-            raise InvalidArgument(f"task {task[:80]!r} is not a valid task name ({TASK_NAME.pattern})")
-        if not text.strip():
-            raise InvalidArgument("text is empty")
-        if len(text) > self.settings.max_text_chars:
-            raise InvalidArgument(
-                f"text has {len(text)} characters, the limit is {self.settings.max_text_chars}"
-            )
-        if top_k < 0:
-            raise InvalidArgument(f"top_k must not be negative, got {top_k}")
-        inferred, confidence = False, 1.0
-        with self._lock:
-            if not task:
-                loaded, probabilities, confidence = self._answer_without_task(text)
-                inferred = True
-            else:
-                served = self._served.get(task)
-                if served is None:
-                    known = ", ".join(sorted(self._served)) or "none yet"
-                    raise NotFound(f"no adapter is served for task {task!r} (served tasks: {known})")
-                loaded = served
-                probabilities = self._probabilities(loaded, [text])[0]
-        task = loaded.task
-        k = min(max(top_k, 1), len(loaded.labels))
-        scores, indices = torch.topk(probabilities, k)
-        ranked = [
-            (loaded.labels[i], float(s)) for s, i in zip(scores.tolist(), indices.tolist(), strict=True)
-        ]
-        if self.drift is not None and self._sampler.random() < self.settings.drift_sample_rate:
-            self.drift.observe(task, text, ranked[0][0])
-        return Prediction(
-            task=task,
-            version=loaded.version,
-            ranked=ranked,
-            task_inferred=inferred,
-            task_confidence=confidence,
-        )
-
-    def _probabilities(self, loaded: LoadedVersion, texts: Sequence[str]) -> torch.Tensor:
-        return self.model.predict(loaded.adapter, texts)[:, : len(loaded.labels)]
-
-    def _answer_without_task(self, text: str) -> tuple[LoadedVersion, torch.Tensor, float]:
-        """The version that answers a text naming no task, its label probabilities and the task's
-        confidence (call with the lock held).
-
-        The router when it knows every served task (see ``service.router``); otherwise, e.g. while a
-        new task's first version is served before its first trained round, the served task whose
-        nearest label prototype is closest, its confidence a softmax over the tasks' best cosine
-        similarities sharpened by a temperature.
-        """
-        candidates = [loaded for loaded in self._served.values() if len(loaded.prototypes)]
-        if not candidates:
-            raise NotFound("no served version has label prototypes yet, so a request must name its task")
-        embeddings = torch.from_numpy(self.model.base_embeddings([text]))
-        router = self._router
-        if router is not None and {loaded.task for loaded in candidates} <= router.tasks():
-            (answer,) = answer_without_task(
-                router.task_probabilities(embeddings, [loaded.task for loaded in candidates]),
-                lambda task, _: self._probabilities(candidates[task], [text]),
-                self.settings.routing_coverage,
-                self.settings.routing_max_candidates,
-            )
-            return candidates[answer.task], answer.label_probabilities, answer.task_probability
-        choices, confidences = nearest_task(embeddings, [loaded.prototypes for loaded in candidates])
-        loaded = candidates[int(choices[0])]
-        return loaded, self._probabilities(loaded, [text])[0], float(confidences[0])
+    @contextmanager
+    def serving(self) -> Iterator[tuple[dict[str, LoadedVersion], Router | None]]:
+        """The version serving each task and the router, held still: rows queued with the engine
+        inside stay answerable (a version switched out meanwhile is unloaded only after them)."""
+        with self._serving:
+            yield self._served, self._router
 
     def _base_embeddings(self, texts: Sequence[str]) -> np.ndarray:
-        with self._lock:
-            return self.model.base_embeddings(texts)
+        """Base-model embeddings of ``texts`` (drift's references), through the engine like requests."""
+        outputs = self.engine.run([Row(text) for text in texts])
+        return torch.stack(outputs).numpy() if outputs else np.empty((0, self.model.hidden_size), np.float32)
 
     def _drift_reference(self, task: str) -> tuple[object, list[str], dict[str, int]]:
         """A key that changes when the reference does, the served version's eval texts, its label mix.

@@ -171,7 +171,11 @@ class Settings(BaseSettings):
     lwf_alpha: float = Field(default=1.0, ge=0, description="Weight of LwF's distillation loss.")
     lwf_temperature: float = Field(default=2.0, gt=0, description="Softmax temperature of the distillation.")
     seed: int = 0
-    torch_threads: int = Field(default=0, ge=0, description="0 leaves torch's default.")
+    torch_threads: int = Field(
+        default=0,
+        ge=0,
+        description="torch's intra-op threads, in the trainer and in a server (0: torch's default).",
+    )
 
     # Task inference (requests that name no task; see service/router.py)
     task_inference: Literal["router", "prototypes"] = Field(
@@ -190,7 +194,28 @@ class Settings(BaseSettings):
     # Serving
     grpc_host: str = "127.0.0.1"
     grpc_port: int = Field(default=50051, ge=0, le=65535)
-    grpc_workers: int = Field(default=8, ge=1)
+    grpc_workers: int = Field(
+        default=64,
+        ge=1,
+        description="Threads taking gRPC calls; they wait on the inference queue, not the CPU.",
+    )
+    max_batch_size: int = Field(
+        default=32, ge=1, description="Texts the inference engine runs in one forward."
+    )
+    max_batch_wait_ms: float = Field(
+        default=2.0,
+        ge=0,
+        description="How long a batch that is filling waits for more requests (a lone one never waits).",
+    )
+    max_batch_items: int = Field(default=256, ge=1, description="Items one PredictBatch call may hold.")
+    stream_window: int = Field(
+        default=64, ge=1, description="Requests of one PredictStream answered at once (the rest wait)."
+    )
+    inference_queue_size: int = Field(
+        default=1024,
+        ge=1,
+        description="Requests waiting for the engine; more are refused (RESOURCE_EXHAUSTED).",
+    )
     registry_poll_s: float = Field(default=0.5, gt=0, description="How often servers look for new versions.")
     admin_token: SecretStr | None = Field(
         default=None, description="When set, ListVersions, GetAdapter, Promote and Rollback require it."

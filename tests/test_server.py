@@ -118,6 +118,45 @@ def test_bad_requests_get_a_status_and_a_reason(
     assert details is not None and message in details
 
 
+BAD_ITEMS = [("synthetic-0", ""), ("synthetic-0", "x" * 3000), ("../x", "hello"), ("no-such-task", "hello")]
+
+
+def test_batches_and_streams_answer_each_item_as_predict_does(stub: continual_pb2_grpc.ContinualStub) -> None:
+    """Good items get Predict's answer, bad ones Predict's status and message, and neither kind stops
+    the other; a stream longer than the server's window keeps its order."""
+    good = [(task.name, text) for task in TASKS for text, _ in task.eval[:12]] + [("", TASKS[1].eval[0][0])]
+    items = [continual_pb2.PredictRequest(task=t, text=x, top_k=2) for t, x in good + BAD_ITEMS] * 3
+    expected: list[continual_pb2.PredictResponse | tuple[int, str]] = []
+    for item in items:
+        try:
+            expected.append(stub.Predict(item))
+        except grpc.RpcError as error:
+            expected.append((error.code().value[0], str(error.details())))
+    batch = stub.PredictBatch(continual_pb2.PredictBatchRequest(items=items)).results
+    stream = list(stub.PredictStream(iter(items)))
+    assert len(batch) == len(stream) == len(items) > 64  # the stream outgrows stream_window (64)
+    for want, *results in zip(expected, batch, stream, strict=True):
+        for result in results:
+            if isinstance(want, tuple):
+                assert (result.error.code, result.error.message) == want
+                continue
+            got = result.prediction
+            assert (got.task, got.label, got.version, got.task_inferred) == (
+                want.task,
+                want.label,
+                want.version,
+                want.task_inferred,
+            )
+            assert [s.label for s in got.top_k] == [s.label for s in want.top_k]
+            assert [s.score for s in got.top_k] == pytest.approx([s.score for s in want.top_k], abs=1e-5)
+    assert {w[0] for w in expected if isinstance(w, tuple)} == {3, 5}  # INVALID_ARGUMENT, NOT_FOUND
+    for size in (0, 257):
+        with pytest.raises(grpc.RpcError) as error:
+            stub.PredictBatch(continual_pb2.PredictBatchRequest(items=items[:1] * size))
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "max_batch_items" in str(error.value.details())
+
+
 def test_a_new_version_is_served_without_a_restart_and_rollback_pins(
     stub: continual_pb2_grpc.ContinualStub, trained: Trainer, server: RunningServer
 ) -> None:

@@ -1,0 +1,215 @@
+"""Answering predictions: validate a request, queue its rows with the inference engine, rank labels.
+
+A request goes through three steps, so that many can be in flight at once (PredictBatch, PredictStream)
+and share the engine's batches: ``start`` validates it and queues its first rows (its task's served
+version; for a request naming no task, a base-model row for the router); ``advance`` queues a
+task-less request's candidate tasks once its embedding is back; ``finish`` waits for the answers and
+ranks the labels. Errors are ContinualErrors, raised by the step that meets them.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import torch
+
+from service.engine import Row
+from service.errors import ContinualError, InvalidArgument, NotFound
+from service.router import answer_without_task, candidates
+from service.serving import AdapterPool, LoadedVersion, nearest_task
+from service.settings import TASK_NAME
+
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One text to classify; ``task`` empty to infer it."""
+
+    task: str
+    text: str
+    top_k: int = 1
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Labels best first with their probabilities, and the version that produced them."""
+
+    task: str
+    version: int
+    ranked: list[tuple[str, float]]
+    task_inferred: bool = False
+    task_confidence: float = 1.0
+
+
+@dataclass
+class Pending:
+    """A request on its way: the rows it waits for and what they will be read against."""
+
+    request: Request
+    deadline: float | None
+    #: Whether drift sees this request (its base-model embedding comes with the answer).
+    observed: bool
+    future: Future[list[torch.Tensor]]
+    #: The versions whose rows ``future`` answers, in order; empty while a task-less request is routed.
+    versions: list[LoadedVersion] = field(default_factory=list)
+    #: For a task-less request: every candidate's probability under the router (None: by prototypes).
+    routed: torch.Tensor | None = None
+    confidence: float = 1.0
+    embedding: torch.Tensor | None = None
+
+
+class Answerer:
+    """Answers Predict, PredictBatch and PredictStream with the pool's served versions."""
+
+    def __init__(self, pool: AdapterPool) -> None:
+        self.pool = pool
+        self.settings = pool.settings
+        self._sampler = random.Random(pool.settings.seed)
+
+    def predict(self, request: Request, deadline: float | None = None) -> Prediction:
+        """One request, start to finish. ``deadline`` (time.monotonic()) drops it if still queued then."""
+        return self._complete(self.start(request, deadline))
+
+    def predict_many(
+        self, requests: Sequence[Request], deadline: float | None = None
+    ) -> list[Prediction | ContinualError]:
+        """Many requests at once, each step for all of them before the next, so their rows share
+        batches; an item's error is its answer and the others go on."""
+        started = [attempt(self.start, request, deadline) for request in requests]
+        advanced = [attempt(self.advance, p) if isinstance(p, Pending) else p for p in started]
+        return [attempt(self.finish, p) if isinstance(p, Pending) else p for p in advanced]
+
+    def predict_stream(
+        self, requests: Iterable[Request], deadline: float | None, window: int
+    ) -> Iterator[Prediction | ContinualError]:
+        """Answers in the order the requests come. Each is started as it arrives, on a reader thread,
+        while earlier ones are answered; at most ``window`` are started and not yet answered (the
+        reading waits). Ends when the requests do, or when the consumer stops taking answers."""
+        started: queue.Queue[Pending | ContinualError | None] = queue.Queue(window)
+        done = threading.Event()
+
+        def read() -> None:
+            try:
+                for request in requests:
+                    if not _put(started, attempt(self.start, request, deadline), done):
+                        return
+            except Exception:  # the requests failed (a client that went away): the stream ends
+                log.info("a prediction stream's requests ended with an error", exc_info=True)
+            finally:
+                _put(started, None, done)
+
+        threading.Thread(target=read, name="predict-stream-reader", daemon=True).start()
+        try:
+            while (item := started.get()) is not None:
+                yield attempt(self._complete, item) if isinstance(item, Pending) else item
+        finally:
+            done.set()
+
+    def _complete(self, pending: Pending) -> Prediction:
+        return self.finish(self.advance(pending))
+
+    def start(self, request: Request, deadline: float | None = None) -> Pending:
+        """Validate ``request`` and queue its first rows."""
+        task, text = request.task, request.text
+        if task and not TASK_NAME.fullmatch(task):
+            raise InvalidArgument(f"task {task[:80]!r} is not a valid task name ({TASK_NAME.pattern})")
+        if not text.strip():
+            raise InvalidArgument("text is empty")
+        if len(text) > self.settings.max_text_chars:
+            raise InvalidArgument(
+                f"text has {len(text)} characters, the limit is {self.settings.max_text_chars}"
+            )
+        if request.top_k < 0:
+            raise InvalidArgument(f"top_k must not be negative, got {request.top_k}")
+        observed = self.pool.drift is not None and self._sampler.random() < self.settings.drift_sample_rate
+        if not task:
+            return Pending(request, deadline, observed, self.pool.engine.submit([Row(text)], deadline))
+        with self.pool.serving() as (served, _):
+            loaded = served.get(task)
+            if loaded is None:
+                known = ", ".join(sorted(served)) or "none yet"
+                raise NotFound(f"no adapter is served for task {task!r} (served tasks: {known})")
+            # A sampled request brings a base row along for drift: the same forward, no other.
+            rows = [Row(text, loaded.adapter)] + ([Row(text)] if observed else [])
+            return Pending(request, deadline, observed, self.pool.engine.submit(rows, deadline), [loaded])
+
+    def advance(self, pending: Pending) -> Pending:
+        """For a request naming no task, once its embedding is back: queue its candidate tasks' rows
+        as one job (the router's most probable tasks, or the nearest prototypes' task)."""
+        if pending.versions:
+            return pending
+        (embedding,) = pending.future.result()
+        coverage, most = self.settings.routing_coverage, self.settings.routing_max_candidates
+        with self.pool.serving() as (served_by_task, router):
+            served = [loaded for loaded in served_by_task.values() if len(loaded.prototypes)]
+            if not served:
+                raise NotFound("no served version has label prototypes yet, so a request must name its task")
+            features, routed, confidence = embedding.unsqueeze(0), None, 1.0
+            if router is not None and {loaded.task for loaded in served} <= router.tasks():
+                routed = router.task_probabilities(features, [loaded.task for loaded in served])
+                chosen = candidates(routed[0], coverage, most)
+            else:
+                choices, confidences = nearest_task(features, [loaded.prototypes for loaded in served])
+                chosen, confidence = [int(choices[0])], float(confidences[0])
+            rows = [Row(pending.request.text, served[i].adapter) for i in chosen]
+            future = self.pool.engine.submit(rows, pending.deadline)
+        versions = [served[i] for i in chosen]
+        if routed is not None:
+            routed = routed[:, chosen]  # the candidates' probabilities under the router, in their order
+        request, deadline, observed = pending.request, pending.deadline, pending.observed
+        return Pending(request, deadline, observed, future, versions, routed, confidence, embedding)
+
+    def finish(self, pending: Pending) -> Prediction:
+        """Wait for the answers; the labels best first, the version that gave them, drift's sample."""
+        outputs = pending.future.result()
+        own = [
+            output[: len(loaded.labels)] for output, loaded in zip(outputs, pending.versions, strict=False)
+        ]
+        loaded, probabilities, confidence = pending.versions[0], own[0], pending.confidence
+        if pending.routed is not None:
+            (answer,) = answer_without_task(
+                pending.routed, lambda task, _: own[task].unsqueeze(0), 1.0, len(pending.versions)
+            )
+            loaded, probabilities, confidence = (
+                pending.versions[answer.task],
+                answer.label_probabilities,
+                answer.task_probability,
+            )
+        k = min(max(pending.request.top_k, 1), len(loaded.labels))
+        scores, indices = torch.topk(probabilities, k)
+        ranked = [
+            (loaded.labels[i], float(s)) for s, i in zip(scores.tolist(), indices.tolist(), strict=True)
+        ]
+        embedding = pending.embedding if pending.embedding is not None else outputs[-1]
+        if self.pool.drift is not None and pending.observed:
+            self.pool.drift.observe(loaded.task, embedding.numpy(), ranked[0][0])
+        return Prediction(loaded.task, loaded.version, ranked, not pending.request.task, confidence)
+
+
+def attempt(step: Callable[..., T], *args: object) -> T | ContinualError:
+    """``step(*args)``, or the ContinualError it raised."""
+    try:
+        return step(*args)
+    except ContinualError as exc:
+        return exc
+
+
+def _put(window: queue.Queue[T], item: T, done: threading.Event) -> bool:
+    """Put ``item``, waiting for room while the stream lasts; False if it ended first."""
+    while not done.is_set():
+        try:
+            window.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False

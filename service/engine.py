@@ -1,0 +1,246 @@
+"""The inference engine: the one thread of a server that runs the model.
+
+Requests put *jobs* (one or more rows: a text and the adapter it goes through, or none for the base
+model) in a bounded queue and wait on a future. The engine thread takes the first job, then the jobs
+already waiting (never holding an idle queue back, so a lone request costs one forward), up to
+``max_batch_size`` rows, waiting at most ``max_batch_wait_ms`` for a batch that is still filling, and
+runs them all in one encoder forward: PEFT's mixed-adapter batch, a row per text with its own adapter
+(``__base__`` for base-model rows). Each adapter row then goes through its version's head.
+
+Everything else that touches the model (loading a version, unloading one) is handed to the engine
+and done between batches, so no lock is ever held around a forward. An adapter is unloaded only when
+no queued job needs it: a request always finishes on the version it was given.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import torch
+
+from service.errors import DeadlineExceeded, ResourceExhausted
+from service.metrics import ServerMetrics
+from service.model import AdapterModel
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One text to run: through ``adapter`` (its head's probabilities come back), or, when None,
+    through the base model alone (its mean-pooled embedding comes back)."""
+
+    text: str
+    adapter: str | None = None
+
+
+@dataclass(eq=False)
+class Job:
+    """Rows that one request needs together, answered all at once (in order) on ``future``."""
+
+    rows: Sequence[Row]
+    deadline: float | None
+    future: Future[list[torch.Tensor]] = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class InferenceEngine:
+    """Owns the model in a server: batches jobs, runs them, applies loads and unloads in between."""
+
+    def __init__(
+        self,
+        model: AdapterModel,
+        metrics: ServerMetrics,
+        max_batch_size: int,
+        max_batch_wait_ms: float,
+        queue_size: int,
+    ) -> None:
+        self.model = model
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_batch_wait_s = max_batch_wait_ms / 1000
+        self._jobs: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
+        self._tasks: queue.SimpleQueue[tuple[Callable[[], object], Future[object]]] = queue.SimpleQueue()
+        # Rows queued or running per adapter, and adapters waiting to be unloaded when that reaches 0.
+        self._needed: Counter[str] = Counter()
+        self._retired: set[str] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._held: Job | None = None  # a job taken from the queue that did not fit the last batch
+        self._thread = threading.Thread(target=self._run, name="inference-engine", daemon=True)
+
+    def start(self) -> None:
+        """Start the engine thread."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop after the batch in progress; queued jobs fail with ResourceExhausted."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            self._finish(job, error=ResourceExhausted("the server is shutting down"))
+
+    # --- from request threads ------------------------------------------------------------------------
+
+    def submit(self, rows: Sequence[Row], deadline: float | None = None) -> Future[list[torch.Tensor]]:
+        """Queue ``rows`` as one job; ResourceExhausted at once when the queue is full.
+
+        ``deadline`` (time.monotonic()) drops the job, with DeadlineExceeded, if it is still queued then.
+        The caller must know every adapter named to be loaded (the pool submits under its serving lock,
+        which is also held while versions are retired).
+        """
+        job = Job(rows, deadline)
+        with self._lock:
+            try:
+                self._jobs.put_nowait(job)
+            except queue.Full:
+                self.metrics.queue_rejections.inc()
+                raise ResourceExhausted(
+                    f"the inference queue is full ({self._jobs.maxsize} requests, inference_queue_size); "
+                    "retry with backoff"
+                ) from None
+            self._needed.update(row.adapter for row in rows if row.adapter is not None)
+        self._wake.set()
+        return job.future
+
+    def run(self, rows: Sequence[Row], deadline: float | None = None) -> list[torch.Tensor]:
+        """Submit and wait for the answers (the job's error is raised here)."""
+        return self.submit(rows, deadline).result()
+
+    def between_batches(self, work: Callable[[], T]) -> T:
+        """Run ``work`` on the engine thread between two batches and return its result (or raise)."""
+        if not self._thread.is_alive():
+            return work()  # not started (or stopped): nothing runs a forward meanwhile
+        done: Future[object] = Future()
+        self._tasks.put((work, done))
+        self._wake.set()
+        return done.result()  # type: ignore[return-value]
+
+    def retire(self, adapter: str) -> None:
+        """Unload ``adapter`` once no queued or running job needs it."""
+        with self._lock:
+            self._retired.add(adapter)
+        self._wake.set()
+
+    def reclaim(self, adapter: str) -> bool:
+        """On the engine thread: keep ``adapter`` if it is retired but still loaded (True), so that a
+        version served again is not loaded twice; False if it is not in memory."""
+        with self._lock:
+            if adapter in self._retired:
+                self._retired.discard(adapter)
+                return True
+        return False
+
+    # --- the engine thread ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._do_tasks()
+            batch = self._next_batch()
+            if not batch:
+                continue
+            try:
+                self._forward(batch)
+            except Exception as exc:  # one bad batch must not end the engine
+                log.exception("a batch of %d job(s) failed", len(batch))
+                for job in batch:
+                    self._finish(job, error=exc)
+
+    def _do_tasks(self) -> None:
+        while True:
+            try:
+                work, done = self._tasks.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                done.set_result(work())
+            except Exception as exc:
+                done.set_exception(exc)
+        with self._lock:
+            unused = {adapter for adapter in self._retired if self._needed[adapter] == 0}
+            self._retired -= unused
+        for adapter in unused:
+            self.model.remove(adapter)
+
+    def _next_batch(self) -> list[Job]:
+        """The first job (waiting for one while idle), then those already queued, up to the batch size.
+
+        A lone request runs at once; only once a second job was waiting does the batch wait, at most
+        ``max_batch_wait_ms``, for more to fill it.
+        """
+        first = self._held or self._take(timeout=0.1)
+        self._held = None
+        if first is None:
+            return []
+        batch, rows = [first], len(first.rows)
+        deadline = time.monotonic() + self.max_batch_wait_s
+        while rows < self.max_batch_size:
+            job = self._take(timeout=0)
+            if job is None and len(batch) > 1:
+                job = self._take(timeout=deadline - time.monotonic())
+            if job is None:
+                break
+            if rows + len(job.rows) > self.max_batch_size:
+                self._held = job  # first in the next batch: order is kept
+                break
+            batch.append(job)
+            rows += len(job.rows)
+        return [job for job in batch if self._alive(job)]
+
+    def _take(self, timeout: float) -> Job | None:
+        try:
+            return self._jobs.get(timeout=timeout) if timeout > 0 else self._jobs.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _alive(self, job: Job) -> bool:
+        """False (and the job failed) if its deadline passed while it waited: no forward for it."""
+        if job.deadline is not None and time.monotonic() > job.deadline:
+            self.metrics.deadline_drops.inc()
+            self._finish(job, error=DeadlineExceeded("the deadline passed while the request was queued"))
+            return False
+        return True
+
+    @torch.inference_mode()
+    def _forward(self, batch: list[Job]) -> None:
+        """Every row of the batch in forwards of at most ``max_batch_size`` rows; then each job's answers."""
+        started = time.perf_counter()
+        rows = [row for job in batch for row in job.rows]
+        outputs: list[torch.Tensor] = []
+        for start in range(0, len(rows), self.max_batch_size):
+            chunk = rows[start : start + self.max_batch_size]
+            pooled = self.model.mixed_pooled([row.text for row in chunk], [row.adapter for row in chunk])
+            outputs.extend(self.model.head_probabilities(pooled, [row.adapter for row in chunk]))
+        self.metrics.batch_rows.observe(len(rows))
+        self.metrics.batch_seconds.observe(time.perf_counter() - started)
+        offset = 0
+        for job in batch:
+            self._finish(job, result=outputs[offset : offset + len(job.rows)])
+            offset += len(job.rows)
+
+    def _finish(
+        self, job: Job, result: list[torch.Tensor] | None = None, error: BaseException | None = None
+    ) -> None:
+        with self._lock:
+            self._needed.subtract(row.adapter for row in job.rows if row.adapter is not None)
+        if not job.future.done():
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(result or [])

@@ -1,0 +1,161 @@
+"""The inference engine on a tiny real BERT with real LoRA adapters: mixed-adapter batches answer as
+single requests do, jobs are batched and answered in order, the queue is bounded, deadlines drop
+requests before their forward, and an adapter is unloaded only once no queued request needs it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from service.engine import InferenceEngine, Row
+from service.errors import DeadlineExceeded, ResourceExhausted
+from service.metrics import ServerMetrics
+from service.model import AdapterModel, build_model
+from service.settings import Settings
+
+TEXTS = [f"text number {i} {'with more words ' * (i % 4)}" for i in range(24)]
+ADAPTERS = ["a@v1", "b@v1", "c@v1"]
+
+
+@pytest.fixture
+def model(settings: Settings) -> AdapterModel:
+    """Three adapters whose LoRA weights (zero at first for B) are moved off zero, so each differs."""
+    model = build_model(settings)
+    generator = torch.Generator().manual_seed(0)
+    for labels, name in enumerate(ADAPTERS, start=2):
+        model.add(name, num_labels=labels)
+        with torch.no_grad():
+            for parameter in model.named_parameters(name).values():
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    return model
+
+
+def make_engine(model: AdapterModel, **limits: float) -> InferenceEngine:
+    settings = {"max_batch_size": 8, "max_batch_wait_ms": 2.0, "queue_size": 64, **limits}
+    return InferenceEngine(
+        model,
+        ServerMetrics(CollectorRegistry()),
+        int(settings["max_batch_size"]),
+        settings["max_batch_wait_ms"],
+        int(settings["queue_size"]),
+    )
+
+
+@pytest.fixture
+def engine(model: AdapterModel) -> Iterator[InferenceEngine]:
+    engine = make_engine(model)
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+class Paused:
+    """Holds the engine between two batches until released, so jobs pile up in its queue."""
+
+    def __init__(self, engine: InferenceEngine) -> None:
+        self.inside, self.release = threading.Event(), threading.Event()
+        threading.Thread(target=engine.between_batches, args=(self._hold,), daemon=True).start()
+        assert self.inside.wait(10)
+
+    def _hold(self) -> None:
+        self.inside.set()
+        self.release.wait(30)
+
+
+def sample(metrics: ServerMetrics, name: str) -> float:
+    return metrics.registry.get_sample_value(name) or 0.0
+
+
+def test_mixed_adapter_batches_answer_as_single_requests_do(
+    model: AdapterModel, engine: InferenceEngine
+) -> None:
+    rows = [Row(text, [*ADAPTERS, None][i % 4]) for i, text in enumerate(TEXTS)]
+    alone = [
+        model.predict(row.adapter, [row.text])[0]
+        if row.adapter
+        else torch.from_numpy(model.base_embeddings([row.text]))[0]
+        for row in rows
+    ]
+    paused = Paused(engine)  # the requests queue up together: every batch mixes adapters and base rows
+    futures = [engine.submit([row]) for row in rows]
+    paused.release.set()
+    answers = [future.result(timeout=30)[0] for future in futures]
+    for row, single, batched in zip(rows, alone, answers, strict=True):
+        assert batched.shape == single.shape, row
+        assert torch.allclose(batched, single, atol=1e-5), (row, (batched - single).abs().max())
+    assert sample(engine.metrics, "continual_inference_batch_rows_count") == 3  # 24 rows, 8 a batch
+    # One job with more rows than a batch holds runs in pieces and keeps its rows in order.
+    many = engine.run(rows)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(many, alone, strict=True))
+
+
+def test_jobs_waiting_together_share_batches_in_their_order(engine: InferenceEngine) -> None:
+    paused = Paused(engine)
+    finished: list[int] = []
+    futures = [engine.submit([Row(text, "a@v1")]) for text in TEXTS[:20]]
+    for i, future in enumerate(futures):
+        future.add_done_callback(lambda _, i=i: finished.append(i))
+    paused.release.set()
+    for future in futures:
+        future.result(timeout=30)
+    assert finished == list(range(20))
+    # 20 one-row jobs, 8 rows a batch: three forwards.
+    assert sample(engine.metrics, "continual_inference_batch_rows_count") == 3
+    assert sample(engine.metrics, "continual_inference_batch_rows_sum") == 20
+
+
+def test_a_lone_request_does_not_wait_for_a_batch_to_fill(model: AdapterModel) -> None:
+    engine = make_engine(model, max_batch_wait_ms=60_000)
+    engine.start()
+    try:
+        engine.run([Row("warm up", "a@v1")])
+        started = time.monotonic()
+        engine.run([Row("alone", "a@v1")])
+        assert time.monotonic() - started < 10  # far below the minute a filling batch may wait
+    finally:
+        engine.stop()
+
+
+def test_a_full_queue_refuses_at_once_and_a_passed_deadline_skips_the_forward(model: AdapterModel) -> None:
+    engine = make_engine(model, queue_size=2)
+    engine.start()
+    try:
+        paused = Paused(engine)
+        late = engine.submit([Row("late", "a@v1")], deadline=time.monotonic() + 0.05)
+        kept = engine.submit([Row("kept", "b@v1")])
+        with pytest.raises(ResourceExhausted, match="inference_queue_size"):
+            engine.submit([Row("one too many", "c@v1")])
+        time.sleep(0.1)
+        paused.release.set()
+        with pytest.raises(DeadlineExceeded):
+            late.result(timeout=30)
+        assert kept.result(timeout=30)[0].shape == (3,)
+        assert sample(engine.metrics, "continual_inference_queue_rejections_total") == 1
+        assert sample(engine.metrics, "continual_inference_deadline_drops_total") == 1
+        assert sample(engine.metrics, "continual_inference_batch_rows_sum") == 1  # no forward for "late"
+    finally:
+        engine.stop()
+
+
+def test_a_retired_adapter_is_unloaded_only_after_the_requests_that_need_it(
+    model: AdapterModel, engine: InferenceEngine
+) -> None:
+    paused = Paused(engine)
+    queued = [engine.submit([Row(text, "a@v1")]) for text in TEXTS[:5]]
+    engine.retire("a@v1")
+    assert "a@v1" in model.names()
+    paused.release.set()
+    assert all(len(future.result(timeout=30)) == 1 for future in queued)
+    engine.run([Row("next batch", "b@v1")])  # retired adapters go between batches
+    assert "a@v1" not in model.names()
+    # A version retired and served again before it went is kept, not loaded twice (an engine not
+    # started runs such work on the caller's thread).
+    idle = make_engine(model)
+    idle.retire("c@v1")
+    assert idle.between_batches(lambda: idle.reclaim("c@v1")) is True
+    assert idle.between_batches(lambda: idle.reclaim("c@v1")) is False
