@@ -19,13 +19,17 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
+from tritonclient.grpc import service_pb2 as oip_pb2
+from tritonclient.grpc import service_pb2_grpc as oip_pb2_grpc
 
+from service import calls
 from service.answering import Answerer, Prediction, Request
 from service.api import continual_pb2, continual_pb2_grpc
 from service.errors import ContinualError, InvalidArgument, Unauthenticated, status_of
 from service.evaluation import learning_status
 from service.metrics import ServerMetrics, serve_metrics
 from service.model import AdapterModel, build_model
+from service.oip import InferenceServicer
 from service.registry import Registry
 from service.serving import AdapterPool, LoadedVersion, RegistryWatcher
 from service.settings import Settings
@@ -33,6 +37,7 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = continual_pb2.DESCRIPTOR.services_by_name["Continual"].full_name
+OIP_SERVICE_NAME = oip_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 Response = TypeVar("Response")
 
@@ -56,22 +61,12 @@ class ContinualServicer(continual_pb2_grpc.ContinualServicer):
         handler: Callable[[], Response],
         admin: bool = False,
     ) -> Response:
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
+        def authorized() -> Response:
             if admin:
                 self._authorize(context)
             return handler()
-        except Exception as exc:
-            code, message = status_of(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", method)
-            context.abort(code, message)
-            raise  # abort raises; this keeps type checkers aware that nothing is returned
-        finally:
-            label = code.name
-            self.metrics.requests.labels(method=method, code=label).inc()
-            self.metrics.latency.labels(method=method, code=label).observe(time.perf_counter() - started)
+
+        return calls.handle(self.metrics, method, context, authorized)
 
     def _authorize(self, context: grpc.ServicerContext) -> None:
         if self._admin_token is None:
@@ -87,7 +82,7 @@ class ContinualServicer(continual_pb2_grpc.ContinualServicer):
         """Classify one text with the task's served adapter."""
 
         def handle() -> continual_pb2.PredictResponse:
-            return _response(self.answerer.predict(_request(request), _deadline(context)))
+            return _response(self.answerer.predict(_request(request), calls.deadline(context)))
 
         return self._call("Predict", context, handle)
 
@@ -103,7 +98,7 @@ class ContinualServicer(continual_pb2_grpc.ContinualServicer):
                     f"a batch holds 1 to {limit} items (max_batch_items), got {len(request.items)}"
                 )
             items = [_request(item) for item in request.items]
-            results = self.answerer.predict_many(items, _deadline(context))
+            results = self.answerer.predict_many(items, calls.deadline(context))
             return continual_pb2.PredictBatchResponse(results=[_result(r) for r in results])
 
         return self._call("PredictBatch", context, handle)
@@ -116,7 +111,7 @@ class ContinualServicer(continual_pb2_grpc.ContinualServicer):
         requests = (_request(request) for request in request_iterator)
         try:
             window = self.pool.settings.stream_window
-            for result in self.answerer.predict_stream(requests, _deadline(context), window):
+            for result in self.answerer.predict_stream(requests, calls.deadline(context), window):
                 yield _result(result)
         except Exception:
             code = grpc.StatusCode.INTERNAL
@@ -306,12 +301,6 @@ def _result(result: Prediction | ContinualError) -> continual_pb2.PredictResult:
     return continual_pb2.PredictResult(prediction=_response(result))
 
 
-def _deadline(context: grpc.ServicerContext) -> float | None:
-    """The client's deadline on time.monotonic()'s clock (None: it set none)."""
-    remaining = context.time_remaining()
-    return time.monotonic() + remaining if remaining is not None else None
-
-
 def _or_nan(value: object) -> float:
     """NaN stands for "undefined" in replies (protobuf doubles have no null)."""
     return float(value) if isinstance(value, int | float) else float("nan")
@@ -362,10 +351,15 @@ def start_server(settings: Settings, model: AdapterModel | None = None) -> Runni
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.grpc_workers))
     token = settings.admin_token.get_secret_value() if settings.admin_token else None
-    continual_pb2_grpc.add_ContinualServicer_to_server(ContinualServicer(pool, metrics, token), server)
+    servicer = ContinualServicer(pool, metrics, token)
+    continual_pb2_grpc.add_ContinualServicer_to_server(servicer, server)
+    oip_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(pool, servicer.answerer, metrics), server
+    )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    names = (SERVICE_NAME, OIP_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
     bind = f"{settings.grpc_host}:{settings.grpc_port}"
     if settings.tls_cert_file is not None and settings.tls_key_file is not None:
         credentials = grpc.ssl_server_credentials(

@@ -13,10 +13,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
+import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pydantic import SecretStr
+from tritonclient.utils import InferenceServerException
 
 from service.api import continual_pb2, continual_pb2_grpc
 from service.client import open_channel
@@ -155,6 +158,42 @@ def test_batches_and_streams_answer_each_item_as_predict_does(stub: continual_pb
             stub.PredictBatch(continual_pb2.PredictBatchRequest(items=items[:1] * size))
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "max_batch_items" in str(error.value.details())
+
+
+def test_kserve_and_triton_clients_call_the_open_inference_protocol(
+    server: RunningServer, stub: continual_pb2_grpc.ContinualStub
+) -> None:
+    """The official Triton client, unchanged, against the Open Inference Protocol v2 service."""
+    client = triton.InferenceServerClient(url=f"127.0.0.1:{server.port}")
+    task = TASKS[0].name
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready(task) and client.is_model_ready(task, "1")
+    assert not client.is_model_ready(task, "7") and not client.is_model_ready("no-such-task")
+    metadata = client.get_model_metadata(task)
+    assert (metadata.name, list(metadata.versions)) == (task, ["1"])
+    assert [(t.name, t.datatype) for t in metadata.outputs] == [("label", "BYTES"), ("score", "FP32")]
+
+    def texts_input(texts: list[str]) -> triton.InferInput:
+        tensor = triton.InferInput("text", [len(texts)], "BYTES")
+        tensor.set_data_from_numpy(np.array([text.encode() for text in texts], dtype=np.object_))
+        return tensor
+
+    texts = [text for text, _ in TASKS[0].eval[:10]] + ["ünïcödé, and a longer text than the others ✓"]
+    outputs = [triton.InferRequestedOutput("label"), triton.InferRequestedOutput("score")]
+    result = client.infer(task, [texts_input(texts)], outputs=outputs)
+    assert result.get_response().model_version == "1"
+    labels, scores = result.as_numpy("label"), result.as_numpy("score")
+    for text, label, score in zip(texts, labels, scores, strict=True):
+        want = stub.Predict(continual_pb2.PredictRequest(task=task, text=text))
+        assert label.decode() == want.label and float(score) == pytest.approx(want.score, abs=1e-5)
+    for model, bad, code, message in [
+        ("no-such-task", texts, "NOT_FOUND", "no-such-task"),
+        (task, ["fine", ""], "INVALID_ARGUMENT", "text is empty"),
+    ]:
+        with pytest.raises(InferenceServerException) as error:
+            client.infer(model, [texts_input(bad)])
+        assert error.value.status() == f"StatusCode.{code}" and message in str(error.value.message())
+    client.close()
 
 
 def test_a_new_version_is_served_without_a_restart_and_rollback_pins(
