@@ -10,6 +10,10 @@ runs them all in one encoder forward: PEFT's mixed-adapter batch, a row per text
 Everything else that touches the model (loading a version, unloading one) is handed to the engine
 and done between batches, so no lock is ever held around a forward. An adapter is unloaded only when
 no queued job needs it: a request always finishes on the version it was given.
+
+Loaded adapters are a cache of ``capacity`` (least recently used out first): a row whose adapter is
+not in the model has it loaded (``weights(adapter)``, checked by the registry) before its batch runs,
+and an adapter that queued rows still need is never the one evicted.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -26,7 +30,7 @@ from typing import TypeVar
 
 import torch
 
-from service.errors import DeadlineExceeded, ResourceExhausted
+from service.errors import CorruptVersion, DeadlineExceeded, ResourceExhausted
 from service.metrics import ServerMetrics
 from service.model import AdapterModel
 
@@ -64,11 +68,17 @@ class InferenceEngine:
         max_batch_size: int,
         max_batch_wait_ms: float,
         queue_size: int,
+        capacity: int = 1_000_000,
+        weights: Callable[[str], dict[str, torch.Tensor]] | None = None,
     ) -> None:
         self.model = model
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_batch_wait_s = max_batch_wait_ms / 1000
+        self.capacity = capacity
+        self._weights = weights
+        # Adapters in the model, least recently used first (adapters loaded by others count too).
+        self._resident: OrderedDict[str, None] = OrderedDict((name, None) for name in model.names())
         self._jobs: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
         self._tasks: queue.SimpleQueue[tuple[Callable[[], object], Future[object]]] = queue.SimpleQueue()
         # Rows queued or running per adapter, and adapters waiting to be unloaded when that reaches 0.
@@ -138,21 +148,28 @@ class InferenceEngine:
             self._retired.add(adapter)
         self._wake.set()
 
-    def reclaim(self, adapter: str) -> bool:
-        """On the engine thread: keep ``adapter`` if it is retired but still loaded (True), so that a
-        version served again is not loaded twice; False if it is not in memory."""
+    def load(self, adapter: str, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """On the engine thread (``between_batches``): have ``adapter`` in the model, the most recently
+        used, from ``weights`` if given; one retired but still loaded is kept rather than loaded twice.
+        CorruptVersion if its weights do not check or do not fit."""
         with self._lock:
-            if adapter in self._retired:
-                self._retired.discard(adapter)
-                return True
-        return False
+            self._retired.discard(adapter)
+        self._make_resident(adapter, keep={adapter}, weights=weights)
+
+    def is_resident(self, adapter: str) -> bool:
+        """Whether ``adapter`` is in the model now (it may be evicted at any later batch)."""
+        return adapter in self._resident
+
+    def has_room(self) -> bool:
+        """Whether one more adapter fits without evicting another."""
+        return len(self._resident) < self.capacity
 
     # --- the engine thread ---------------------------------------------------------------------------
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self._do_tasks()
-            batch = self._next_batch()
+            batch = self._with_adapters(self._next_batch())
             if not batch:
                 continue
             try:
@@ -176,7 +193,43 @@ class InferenceEngine:
             unused = {adapter for adapter in self._retired if self._needed[adapter] == 0}
             self._retired -= unused
         for adapter in unused:
+            self._unload(adapter)
+
+    def _make_resident(
+        self, adapter: str, keep: set[str], weights: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        if adapter in self._resident:
+            self._resident.move_to_end(adapter)
+            self._trim(keep)
+            return
+        if weights is None:
+            if self._weights is None:
+                raise CorruptVersion(f"adapter {adapter} is not loaded and this engine cannot load it")
+            weights = self._weights(adapter)
+        try:
+            self.model.load(adapter, weights)
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise CorruptVersion(f"{adapter}: weights do not load: {exc}") from None
+        self._resident[adapter] = None
+        self.metrics.adapter_loads.inc()
+        self.metrics.adapters_loaded.set(len(self._resident))
+        self._trim(keep)
+
+    def _trim(self, keep: set[str]) -> None:
+        """Evict least recently used adapters down to the capacity, sparing ``keep`` and any adapter
+        that queued rows need (the cache may stay over capacity until they are answered)."""
+        for name in list(self._resident):
+            if len(self._resident) <= self.capacity:
+                break
+            with self._lock:
+                needed = self._needed[name] > 0
+            if name not in keep and not needed:
+                self._unload(name)
+
+    def _unload(self, adapter: str) -> None:
+        if self._resident.pop(adapter, False) is None:
             self.model.remove(adapter)
+            self.metrics.adapters_loaded.set(len(self._resident))
 
     def _next_batch(self) -> list[Job]:
         """The first job (waiting for one while idle), then those already queued, up to the batch size.
@@ -233,6 +286,25 @@ class InferenceEngine:
         for job in batch:
             self._finish(job, result=outputs[offset : offset + len(job.rows)])
             offset += len(job.rows)
+
+    def _with_adapters(self, batch: list[Job]) -> list[Job]:
+        """Load the adapters the batch's rows need and are not in the model; the jobs of one that
+        cannot be loaded fail with its error, the rest go on."""
+        wanted = {row.adapter for job in batch for row in job.rows if row.adapter is not None}
+        failed: dict[str, Exception] = {}
+        for adapter in wanted:
+            try:
+                self._make_resident(adapter, keep=wanted)
+            except Exception as exc:
+                failed[adapter] = exc
+        kept = []
+        for job in batch:
+            error = next((failed[row.adapter] for row in job.rows if row.adapter in failed), None)
+            if error is None:
+                kept.append(job)
+            else:
+                self._finish(job, error=error)
+        return kept
 
     def _finish(
         self, job: Job, result: list[torch.Tensor] | None = None, error: BaseException | None = None

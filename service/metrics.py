@@ -262,7 +262,7 @@ class ServerMetrics:
         self.drift = DriftMetrics(registry)
         self.adapters_loaded = Gauge(
             "continual_adapters_loaded",
-            "Adapter versions in this server's memory (served ones and the previous ones kept for rollback).",
+            "Adapter versions in this server's memory (a cache of max_loaded_adapters, LRU out).",
             registry=registry,
         )
         self.requests = Counter(
@@ -294,6 +294,11 @@ class ServerMetrics:
             "continual_version_load_failures",
             "Versions this server could not load (it keeps serving what it had).",
             ["task"],
+            registry=registry,
+        )
+        self.adapter_loads = Counter(
+            "continual_adapter_loads",
+            "Adapter versions loaded into the model (new versions, and ones evicted then asked for again).",
             registry=registry,
         )
         self.batch_rows = Histogram(

@@ -61,7 +61,13 @@ class AdapterPool:
         self.model = model
         self.metrics = metrics
         self.engine = InferenceEngine(
-            model, metrics, settings.max_batch_size, settings.max_batch_wait_ms, settings.inference_queue_size
+            model,
+            metrics,
+            settings.max_batch_size,
+            settings.max_batch_wait_ms,
+            settings.inference_queue_size,
+            capacity=settings.max_loaded_adapters,
+            weights=self._adapter_weights,
         )
         self._drift_references: dict[str, tuple[int, list[str], dict[str, int]]] = {}
         self.drift: DriftMonitor | None = None
@@ -145,10 +151,10 @@ class AdapterPool:
                 if key[0] == task and loaded not in keep:
                     self.engine.retire(loaded.adapter)
                     del self._loaded[key]
-        self.metrics.adapters_loaded.set(len(self._loaded))
 
     def _load(self, task: str, version: int) -> LoadedVersion:
-        """The version in memory, loading it (after checking it) if it is not there yet."""
+        """The version, checked; its adapter is loaded into the model now if the task's current one is
+        there or there is room (a request for it loads it otherwise, see the engine)."""
         if (task, version) in self._loaded:
             return self._loaded[(task, version)]
         try:
@@ -165,23 +171,23 @@ class AdapterPool:
                 labels=tuple(manifest["labels"]),
                 prototypes=unit_prototypes(weights),
             )
-
-            def install() -> None:
-                if self.engine.reclaim(loaded.adapter):
-                    return  # retired but still in memory (a queued request needed it): kept instead
-                try:
-                    self.model.load(loaded.adapter, weights)
-                except (KeyError, ValueError, RuntimeError) as exc:
-                    raise CorruptVersion(f"{task} v{version}: weights do not load: {exc}") from None
-
-            self.engine.between_batches(install)
+            current = self._served.get(task)
+            if self.engine.has_room() or (current is not None and self.engine.is_resident(current.adapter)):
+                self.engine.between_batches(lambda: self.engine.load(loaded.adapter, weights))
         except CorruptVersion:
             self._failed.add((task, version))
             self.metrics.load_failures.labels(task=task).inc()
             raise
         self._loaded[(task, version)] = loaded
-        self.metrics.adapters_loaded.set(len(self._loaded))
         return loaded
+
+    def _adapter_weights(self, adapter: str) -> dict[str, torch.Tensor]:
+        """The checked weights of ``adapter`` (``task@vN``), for the engine to load on demand."""
+        task, version = adapter.rsplit("@v", 1)
+        try:
+            return self.registry.load_weights(task, int(version))
+        except FileNotFoundError:
+            raise CorruptVersion(f"{task} v{version} is no longer in the registry") from None
 
     @contextmanager
     def serving(self) -> Iterator[tuple[dict[str, LoadedVersion], Router | None]]:

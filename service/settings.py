@@ -207,6 +207,9 @@ class Settings(BaseSettings):
         ge=0,
         description="How long a batch that is filling waits for more requests (a lone one never waits).",
     )
+    max_loaded_adapters: int = Field(
+        default=512, ge=1, description="Adapter versions a server keeps in memory (least recently used out)."
+    )
     max_batch_items: int = Field(default=256, ge=1, description="Items one PredictBatch call may hold.")
     stream_window: int = Field(
         default=64, ge=1, description="Requests of one PredictStream answered at once (the rest wait)."

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
 from service.engine import InferenceEngine, Row
-from service.errors import DeadlineExceeded, ResourceExhausted
+from service.errors import CorruptVersion, DeadlineExceeded, ResourceExhausted
 from service.metrics import ServerMetrics
 from service.model import AdapterModel, build_model
 from service.settings import Settings
@@ -35,7 +35,12 @@ def model(settings: Settings) -> AdapterModel:
     return model
 
 
-def make_engine(model: AdapterModel, **limits: float) -> InferenceEngine:
+def make_engine(
+    model: AdapterModel,
+    weights: Callable[[str], dict[str, torch.Tensor]] | None = None,
+    capacity: int = 100,
+    **limits: float,
+) -> InferenceEngine:
     settings = {"max_batch_size": 8, "max_batch_wait_ms": 2.0, "queue_size": 64, **limits}
     return InferenceEngine(
         model,
@@ -43,6 +48,8 @@ def make_engine(model: AdapterModel, **limits: float) -> InferenceEngine:
         int(settings["max_batch_size"]),
         settings["max_batch_wait_ms"],
         int(settings["queue_size"]),
+        capacity=capacity,
+        weights=weights,
     )
 
 
@@ -153,9 +160,43 @@ def test_a_retired_adapter_is_unloaded_only_after_the_requests_that_need_it(
     assert all(len(future.result(timeout=30)) == 1 for future in queued)
     engine.run([Row("next batch", "b@v1")])  # retired adapters go between batches
     assert "a@v1" not in model.names()
-    # A version retired and served again before it went is kept, not loaded twice (an engine not
-    # started runs such work on the caller's thread).
-    idle = make_engine(model)
-    idle.retire("c@v1")
-    assert idle.between_batches(lambda: idle.reclaim("c@v1")) is True
-    assert idle.between_batches(lambda: idle.reclaim("c@v1")) is False
+    # A version retired and served again before it went is kept, not loaded twice (which would fail).
+    engine.between_batches(lambda: (engine.retire("b@v1"), engine.load("b@v1")))
+    engine.run([Row("after", "b@v1")])
+    assert "b@v1" in model.names()
+
+
+def test_adapters_are_a_cache_loaded_on_demand_and_never_evicted_from_under_a_request(
+    model: AdapterModel,
+) -> None:
+    saved = {name: model.weights(name) for name in ADAPTERS}
+    alone = {name: model.predict(name, TEXTS[:6]) for name in ADAPTERS}
+    for name in ADAPTERS[1:]:
+        model.remove(name)
+
+    def weights(adapter: str) -> dict[str, torch.Tensor]:
+        if adapter == "corrupt@v1":
+            raise CorruptVersion("corrupt v1: weights.safetensors does not match its sha256")
+        return saved[adapter]
+
+    engine = make_engine(model, capacity=1, weights=weights)
+    engine.start()
+    try:
+        for name in [*ADAPTERS, *ADAPTERS]:  # every request for an adapter that was evicted loads it
+            answers = engine.run([Row(text, name) for text in TEXTS[:6]])
+            assert torch.allclose(torch.stack(answers), alone[name], atol=1e-5)
+            assert model.names() == [name]
+        # One batch needs all three: none is evicted while its rows wait, even past the capacity.
+        paused = Paused(engine)
+        queued = [engine.submit([Row(TEXTS[i], name)]) for i, name in enumerate(ADAPTERS)]
+        broken = engine.submit([Row("anything", "corrupt@v1")])
+        paused.release.set()
+        for future, name in zip(queued, ADAPTERS, strict=True):
+            assert torch.allclose(future.result(timeout=30)[0], alone[name][ADAPTERS.index(name)], atol=1e-5)
+        with pytest.raises(CorruptVersion, match="sha256"):
+            broken.result(timeout=30)
+        engine.run([Row("next", "a@v1")])
+        assert model.names() == ["a@v1"]
+        assert engine.metrics.registry.get_sample_value("continual_adapters_loaded") == 1
+    finally:
+        engine.stop()

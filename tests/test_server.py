@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -158,6 +159,31 @@ def test_batches_and_streams_answer_each_item_as_predict_does(stub: continual_pb
             stub.PredictBatch(continual_pb2.PredictBatchRequest(items=items[:1] * size))
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "max_batch_items" in str(error.value.details())
+
+
+def test_a_server_holding_one_adapter_answers_every_task_under_load(
+    settings: Settings, server: RunningServer, stub: continual_pb2_grpc.ContinualStub
+) -> None:
+    """Adapters are a cache: with room for one, concurrent requests over every task (and none) load
+    and evict them as they come, and each gets the answer of a server that holds them all."""
+    small = start_server(settings.model_copy(update={"max_loaded_adapters": 1, "grpc_port": free_port()}))
+    try:
+        items = [(task.name, text) for task in TASKS for text, _ in task.eval[:8]]
+        items += [("", text) for text, _ in TASKS[1].eval[:4]]
+        want = [stub.Predict(continual_pb2.PredictRequest(task=t, text=x, top_k=3)) for t, x in items * 2]
+        with grpc.insecure_channel(f"127.0.0.1:{small.port}") as channel:
+            cached = continual_pb2_grpc.ContinualStub(channel)
+            with futures.ThreadPoolExecutor(8) as pool:
+                asked = (continual_pb2.PredictRequest(task=t, text=x, top_k=3) for t, x in items * 2)
+                got = list(pool.map(cached.Predict, asked))
+        for a, b in zip(got, want, strict=True):
+            assert (a.task, a.label, a.version) == (b.task, b.label, b.version)
+            assert [s.score for s in a.top_k] == pytest.approx([s.score for s in b.top_k], abs=1e-5)
+        # Two tasks through room for one: adapters were evicted and loaded again.
+        loads = small.pool.metrics.registry.get_sample_value("continual_adapter_loads_total")
+        assert loads is not None and loads >= 3, loads  # one at start, then reloads of evicted ones
+    finally:
+        small.stop()
 
 
 def test_kserve_and_triton_clients_call_the_open_inference_protocol(
