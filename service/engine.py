@@ -85,7 +85,6 @@ class InferenceEngine:
         self._needed: Counter[str] = Counter()
         self._retired: set[str] = set()
         self._lock = threading.Lock()
-        self._wake = threading.Event()
         self._stop = threading.Event()
         self._held: Job | None = None  # a job taken from the queue that did not fit the last batch
         self._thread = threading.Thread(target=self._run, name="inference-engine", daemon=True)
@@ -95,15 +94,19 @@ class InferenceEngine:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop after the batch in progress; queued jobs fail with ResourceExhausted."""
-        self._stop.set()
-        self._wake.set()
+        """Stop after the batch in progress; jobs queued, or submitted from now on, fail with
+        ResourceExhausted (no request waits for an engine that is gone)."""
+        with self._lock:
+            self._stop.set()
         self._thread.join(timeout=30)
+        leftover = [self._held] if self._held is not None else []
+        self._held = None
         while True:
             try:
-                job = self._jobs.get_nowait()
+                leftover.append(self._jobs.get_nowait())
             except queue.Empty:
                 break
+        for job in leftover:
             self._finish(job, error=ResourceExhausted("the server is shutting down"))
 
     # --- from request threads ------------------------------------------------------------------------
@@ -117,6 +120,8 @@ class InferenceEngine:
         """
         job = Job(rows, deadline)
         with self._lock:
+            if self._stop.is_set():
+                raise ResourceExhausted("the server is shutting down")
             try:
                 self._jobs.put_nowait(job)
             except queue.Full:
@@ -126,7 +131,6 @@ class InferenceEngine:
                     "retry with backoff"
                 ) from None
             self._needed.update(row.adapter for row in rows if row.adapter is not None)
-        self._wake.set()
         return job.future
 
     def run(self, rows: Sequence[Row], deadline: float | None = None) -> list[torch.Tensor]:
@@ -139,14 +143,12 @@ class InferenceEngine:
             return work()  # not started (or stopped): nothing runs a forward meanwhile
         done: Future[object] = Future()
         self._tasks.put((work, done))
-        self._wake.set()
         return done.result()  # type: ignore[return-value]
 
     def retire(self, adapter: str) -> None:
         """Unload ``adapter`` once no queued or running job needs it."""
         with self._lock:
             self._retired.add(adapter)
-        self._wake.set()
 
     def load(self, adapter: str, weights: dict[str, torch.Tensor] | None = None) -> None:
         """On the engine thread (``between_batches``): have ``adapter`` in the model, the most recently

@@ -200,3 +200,19 @@ def test_adapters_are_a_cache_loaded_on_demand_and_never_evicted_from_under_a_re
         assert engine.metrics.registry.get_sample_value("continual_adapters_loaded") == 1
     finally:
         engine.stop()
+
+
+def test_stopping_fails_what_waits_and_what_comes_later_instead_of_hanging(model: AdapterModel) -> None:
+    engine = make_engine(model)
+    engine.start()
+    paused = Paused(engine)
+    waiting = [engine.submit([Row(text, "a@v1")]) for text in TEXTS[:3]]
+    stopping = threading.Thread(target=engine.stop)
+    stopping.start()
+    paused.release.set()
+    stopping.join(timeout=60)
+    assert not stopping.is_alive()
+    for future in waiting:  # answered before the engine stopped, or refused: never left waiting
+        assert future.done()
+    with pytest.raises(ResourceExhausted, match="shutting down"):
+        engine.submit([Row("too late", "a@v1")])

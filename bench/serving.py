@@ -1,0 +1,273 @@
+"""Serving benchmark: what a real server delivers against what the model can do, on this machine.
+
+1. The in-process limit, same model and adapters: one text's forward (p50), and texts/s in batches
+   of ``max_batch_size`` (mixed adapters, as the server runs them).
+2. A real ``continual serve`` on a registry of CLINC150's 10 domains (adapters in the format the
+   trainer writes, label prototypes, and a task router fitted on training embeddings), loaded by ghz,
+   a gRPC load tool no one here wrote, at 1, 4, 16 and 64 concurrent clients: ``Predict`` naming a
+   task (spread over the 10), then naming none, then ``PredictBatch`` of 32 texts.
+3. 1,000 registered tasks: the server's memory over the 10-task one after requests spread over all of
+   them, and the p50 of a first request to a task (its adapter loaded on demand) and of a second.
+
+    go install github.com/bojand/ghz/cmd/ghz@v0.93.0
+    .venv/bin/python bench/serving.py [--seconds 10] [--ghz ~/go/bin/ghz]
+
+Writes bench/results/serving.json and bench/results/serving.png. Ratios compare figures measured in
+the same run, since this machine is noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import matplotlib
+import torch
+
+from service.api import continual_pb2, continual_pb2_grpc
+from service.datasets import TaskData, clinc150
+from service.demo import spawn_role
+from service.feature_memory import FeatureMemory
+from service.local_kafka import free_port
+from service.model import PROTOTYPE_COUNTS, PROTOTYPE_SUMS, AdapterModel, build_model
+from service.registry import Registry
+from service.router import fit_router
+from service.settings import Settings, load_settings
+
+matplotlib.use("Agg")
+from matplotlib import pyplot
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+PROTO = REPO / "protos" / "continual" / "v1" / "continual.proto"
+LEVELS = (1, 4, 16, 64)
+
+
+def publish_domains(settings: Settings, model: AdapterModel, data: list[TaskData], copies: int = 1) -> None:
+    """Each domain as a served version (fresh LoRA, label prototypes, eval records), ``copies`` times
+    under numbered names; and a router fitted on training embeddings of the first copy."""
+    registry = Registry(settings.registry_dir)
+    memory = FeatureMemory(settings.router_memory_size, settings.seed)
+    for task in data:
+        labels = sorted({label for _, label in task.train})
+        texts = {label: [t for t, lbl in task.train if lbl == label][:20] for label in labels}
+        embedded = {label: torch.from_numpy(model.base_embeddings(texts[label])) for label in labels}
+        model.add(task.name, len(labels))
+        weights = model.weights(task.name)
+        weights[PROTOTYPE_SUMS] = torch.stack([embedded[label].sum(0) for label in labels])
+        weights[PROTOTYPE_COUNTS] = torch.tensor([float(len(texts[label])) for label in labels])
+        for label in labels:
+            memory.add(task.name, [label] * len(embedded[label]), embedded[label])
+        for copy in range(copies):
+            name = task.name if copy == 0 else f"{task.name}-{copy}"
+            manifest = {
+                "base_model": settings.base_model,
+                "labels": labels,
+                "parent_version": None,
+                "strategy": settings.strategy,
+                "metrics": {"accuracy": None, "eval_records": len(task.eval[:50]), "train_records": 0},
+            }
+            version = registry.publish(name, weights, task.eval[:50], manifest)
+            registry.promote_unless_pinned(name, version, "bench: initial version")
+    router = fit_router(memory)
+    assert router is not None
+    registry.write_router(1, router.tensors(), {"base_model": settings.base_model, "rows": list(router.rows)})
+
+
+def offline(model: AdapterModel, data: list[TaskData], batch: int) -> dict[str, float]:
+    """One text's forward p50 (ms), and texts/s in mixed-adapter batches of ``batch``."""
+    texts = [(task.name, text) for task in data for text, _ in task.eval[:40]]
+    random.Random(0).shuffle(texts)
+    with torch.inference_mode():
+        for name, text in texts[:5]:
+            model.head_probabilities(model.mixed_pooled([text], [name]), [name])
+        single = []
+        for name, text in texts[:100]:
+            started = time.perf_counter()
+            model.head_probabilities(model.mixed_pooled([text], [name]), [name])
+            single.append(time.perf_counter() - started)
+        started, done = time.perf_counter(), 0
+        for i in range(0, len(texts) - batch + 1, batch):
+            names = [name for name, _ in texts[i : i + batch]]
+            model.head_probabilities(model.mixed_pooled([t for _, t in texts[i : i + batch]], names), names)
+            done += batch
+        seconds = time.perf_counter() - started
+    return {"offline_single_ms": statistics.median(single) * 1000, "offline_batched_per_s": done / seconds}
+
+
+def ghz(
+    binary: str, port: int, call: str, data: list[dict[str, Any]], clients: int, seconds: float
+) -> dict[str, Any]:
+    """One ghz run; its rps, p50 and p99 (ms) and how many calls failed."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump(data, handle)
+    command = [
+        binary, "--insecure", "--proto", str(PROTO), "--call", f"continual.v1.Continual.{call}",
+        "-c", str(clients), "--connections", str(min(clients, 8)), "-z", f"{seconds}s",
+        "--data-file", handle.name, "--format", "json", f"127.0.0.1:{port}",
+    ]  # fmt: skip
+    report = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+    os.unlink(handle.name)
+    latency = {int(p["percentage"]): p["latency"] / 1e6 for p in report.get("latencyDistribution") or []}
+    codes = report.get("statusCodeDistribution") or {}
+    return {
+        "rps": round(report["rps"], 1),
+        "p50_ms": round(latency.get(50, float("nan")), 2),
+        "p99_ms": round(latency.get(99, float("nan")), 2),
+        # Calls still in flight when the run's time is up are cancelled by ghz itself.
+        "failed": sum(n for code, n in codes.items() if code not in ("OK", "Canceled")),
+    }
+
+
+def serve(settings: Settings, workdir: Path, name: str, tasks: int) -> subprocess.Popen[bytes]:
+    """A `continual serve` process on the settings, once it serves ``tasks`` tasks."""
+    config = workdir / f"{name}.yaml"
+    config.write_text(settings.to_yaml())
+    process = spawn_role("serve", config, workdir / f"{name}.log")
+    with grpc.insecure_channel(f"127.0.0.1:{settings.grpc_port}") as channel:
+        grpc.channel_ready_future(channel).result(timeout=300)
+        stub = continual_pb2_grpc.ContinualStub(channel)
+        deadline = time.monotonic() + 300
+        while len(stub.ListAdapters(continual_pb2.ListAdaptersRequest()).adapters) < tasks:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server {name} did not serve its {tasks} tasks")
+            time.sleep(0.5)
+    return process
+
+
+def rss_mb(process: subprocess.Popen[bytes]) -> float:
+    for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    process.wait(timeout=60)
+
+
+def thousand_adapters(
+    settings: Settings, workdir: Path, model: AdapterModel, data: list[TaskData]
+) -> dict[str, Any]:
+    """A server over 1,000 tasks: memory after requests to all of them, cold and warm p50 (ms)."""
+    settings = settings.model_copy(
+        update={"registry_dir": workdir / "registry-1000", "grpc_port": free_port()}
+    )
+    copies = -(-1000 // len(data))
+    publish_domains(settings, model, data, copies)
+    names = [t.name if c == 0 else f"{t.name}-{c}" for c in range(copies) for t in data][:1000]
+    process = serve(settings, workdir, "server-1000", len(names))
+    try:
+        cold: list[float] = []
+        warm: list[float] = []
+        with grpc.insecure_channel(f"127.0.0.1:{settings.grpc_port}") as channel:
+            stub = continual_pb2_grpc.ContinualStub(channel)
+            text = data[0].eval[0][0]
+            for name in random.Random(0).sample(names, len(names)):
+                for kind in (cold, warm):
+                    started = time.perf_counter()
+                    stub.Predict(continual_pb2.PredictRequest(task=name, text=text), timeout=60)
+                    kind.append(time.perf_counter() - started)
+        return {
+            "tasks": len(names),
+            "max_loaded_adapters": settings.max_loaded_adapters,
+            "rss_mb": round(rss_mb(process), 1),
+            "cold_p50_ms": round(statistics.median(cold) * 1000, 2),
+            "warm_p50_ms": round(statistics.median(warm) * 1000, 2),
+        }
+    finally:
+        stop(process)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    figure, axis = pyplot.subplots(figsize=(7, 4))
+    for kind, levels in result["levels"].items():
+        axis.plot(LEVELS, [levels[str(c)]["rps"] for c in LEVELS], marker="o", label=kind)
+    axis.axhline(
+        result["offline_batched_per_s"], linestyle="--", color="grey", label="in-process batched limit"
+    )
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("concurrent clients (ghz)")
+    axis.set_ylabel("answers per second")
+    axis.set_title("continual serve under load")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--ghz", default=shutil.which("ghz") or str(Path.home() / "go" / "bin" / "ghz"))
+    parser.add_argument("--out", type=Path, default=RESULTS / "serving.json")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    workdir = Path(tempfile.mkdtemp(prefix="serving-"))
+    settings = load_settings(
+        registry_dir=workdir / "registry", grpc_port=free_port(), server_metrics_port=0, drift_enabled=False
+    )
+    data = clinc150(settings.clinc150_dir)
+    model = build_model(settings)
+    publish_domains(settings, model, data)
+    result: dict[str, Any] = offline(model, data, settings.max_batch_size)
+    print("in-process:", result, flush=True)
+
+    texts = [(task.name, text) for task in data for text, _ in task.eval[:50]]
+    random.Random(0).shuffle(texts)
+    named = [{"task": task, "text": text} for task, text in texts]
+    untasked = [{"text": text} for _, text in texts]
+    batches = [{"items": named[i : i + 32]} for i in range(0, len(named) - 31, 32)]
+    process = serve(settings, workdir, "server-10", len(data))
+    base_rss = rss_mb(process)
+    try:
+        ghz(args.ghz, settings.grpc_port, "Predict", named, 4, 3)  # warm-up
+        result["levels"] = {}
+        for kind, call, items in [("named", "Predict", named), ("no task", "Predict", untasked)]:
+            result["levels"][kind] = {}
+            for clients in LEVELS:
+                level = ghz(args.ghz, settings.grpc_port, call, items, clients, args.seconds)
+                result["levels"][kind][str(clients)] = level
+                print(kind, clients, level, flush=True)
+        batch = ghz(args.ghz, settings.grpc_port, "PredictBatch", batches, 4, args.seconds)
+        result["predict_batch_32_c4"] = {**batch, "texts_per_s": round(batch["rps"] * 32, 1)}
+        print("PredictBatch", result["predict_batch_32_c4"], flush=True)
+    finally:
+        stop(process)
+    adapters = thousand_adapters(settings, workdir, model, data)
+    adapters["rss_over_base_mb"] = round(adapters.pop("rss_mb") - base_rss, 1)
+    result["adapters_1000"] = adapters
+    levels = result["levels"]
+    result.update(
+        throughput_ratio_c16=round(levels["named"]["16"]["rps"] / result["offline_batched_per_s"], 3),
+        c1_p50_overhead_ms=round(levels["named"]["1"]["p50_ms"] - result["offline_single_ms"], 2),
+        agnostic_ratio_c16=round(levels["no task"]["16"]["rps"] / levels["named"]["16"]["rps"], 3),
+        failed=sum(level["failed"] for kind in levels.values() for level in kind.values()) + batch["failed"],
+        settings={
+            "max_batch_size": settings.max_batch_size,
+            "max_batch_wait_ms": settings.max_batch_wait_ms,
+            "seconds_per_level": args.seconds,
+            "base_model": settings.base_model,
+            "load_tool": "ghz v0.93.0",
+            "machine": f"{os.cpu_count()} CPU cores, no GPU",
+        },
+    )
+    result["offline_single_ms"] = round(result["offline_single_ms"], 2)
+    result["offline_batched_per_s"] = round(result["offline_batched_per_s"], 1)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.out.with_suffix(".png"))
+    print(json.dumps({k: v for k, v in result.items() if k != "levels"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
