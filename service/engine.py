@@ -115,8 +115,8 @@ class InferenceEngine:
         """Queue ``rows`` as one job; ResourceExhausted at once when the queue is full.
 
         ``deadline`` (time.monotonic()) drops the job, with DeadlineExceeded, if it is still queued then.
-        The caller must know every adapter named to be loaded (the pool submits under its serving lock,
-        which is also held while versions are retired).
+        An adapter not in the model is loaded before the job's batch runs. The pool submits under its
+        serving lock, which it also holds while it retires versions, so no job names a retired one.
         """
         job = Job(rows, deadline)
         with self._lock:
