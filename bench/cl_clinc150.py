@@ -547,6 +547,8 @@ def table(results: dict[str, Any]) -> str:
                 f"{run['peak_rss_mb'] / 1024:.1f} GB",
             ]
             lines.append("| " + " | ".join(cells) + " |")
+    if not results.get("avalanche_template_ratios"):
+        return "\n".join(lines)
     lines += [
         "",
         "Against Avalanche's own template (same orders, ratio ours / theirs; wall time below 1 is faster):",
@@ -587,14 +589,18 @@ def heatmaps(results: dict[str, Any], out: Path) -> str:
 
 
 def update_readme(results: dict[str, Any], out: Path, readme: Path) -> None:
-    """Replace the README's table and heatmap blocks (between their HTML-comment markers)."""
+    """Replace the README's blocks of this results file, between HTML-comment markers named after it
+    (``<!-- cl_clinc150 table -->`` for ``cl_clinc150.json``): its table, and its heatmaps where the
+    README has a block for them."""
     text = readme.read_text()
-    blocks = {"cl_clinc150 table": table(results), "cl_clinc150 heatmaps": heatmaps(results, out)}
+    blocks = {f"{out.stem} table": table(results), f"{out.stem} heatmaps": heatmaps(results, out)}
     for marker, body in blocks.items():
         start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
         head, _, rest = text.partition(start)
         _, found, tail = rest.partition(end)
         if not found:
+            if marker.endswith("heatmaps"):
+                continue
             raise SystemExit(f"{readme} lacks the {start} ... {end} markers")
         text = f"{head}{start}\n{body}\n{end}{tail}"
     readme.write_text(text)
