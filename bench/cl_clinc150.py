@@ -60,7 +60,7 @@ from service.metrics import TrainerMetrics
 from service.model import AdapterModel, build_model
 from service.records import Record
 from service.registry import Registry
-from service.router import Router, answer_without_task
+from service.router import Router, answer_without_task, candidates
 from service.serving import nearest_task
 from service.settings import Settings, load_settings
 from service.trainer import Trainer
@@ -256,7 +256,39 @@ def _task_agnostic(
             for a, label in zip(answers, labels, strict=True)
         ]
         accuracy[way] = sum(right) / len(labels)
+    accuracy["router-x-adapter"] = _router_times_adapter(
+        learner, settings, seen, domain, embeddings, truth, answer
+    )
     return accuracy, float((probabilities.argmax(-1) == right_task).float().mean())
+
+
+def _router_times_adapter(
+    learner: Learned,
+    settings: Settings,
+    seen: list[str],
+    domain: str,
+    embeddings: torch.Tensor,
+    truth: tuple[list[str], list[str], torch.Tensor],
+    answer: Callable[[int, list[int]], torch.Tensor],
+) -> float:
+    """An experiment beside the default: among the candidate tasks, the label whose probability under
+    the router (a 150-way head on base embeddings) times its task's adapter's is highest."""
+    _, labels, _ = truth
+    router = learner.router
+    assert router is not None
+    rows, joint = router.label_probabilities(embeddings, seen)
+    column = {row: i for i, row in enumerate(rows)}
+    probabilities = router.task_probabilities(embeddings, seen)
+    right = 0
+    for r, label in enumerate(labels):
+        scored = []
+        for task in candidates(probabilities[r], settings.routing_coverage, settings.routing_max_candidates):
+            own = answer(task, [r])[0]
+            for j, name in enumerate(learner.labels(seen[task])):
+                scored.append((float(joint[r, column[(seen[task], name)]]) * float(own[j]), task, name))
+        _, task, name = max(scored)
+        right += task == seen.index(domain) and name == label
+    return right / len(labels)
 
 
 def _figures(matrix: dict[str, dict[str, float]]) -> LearningSummary:

@@ -50,12 +50,20 @@ class Router:
     def task_probabilities(self, embeddings: torch.Tensor, tasks: Sequence[str]) -> torch.Tensor:
         """Per embedding, each of ``tasks``' probability (rows of other tasks left out of the softmax)."""
         index = {task: i for i, task in enumerate(tasks)}
-        kept = [i for i, (task, _) in enumerate(self.rows) if task in index]
-        owner = torch.tensor([index[self.rows[i][0]] for i in kept], dtype=torch.long)
-        logits = embeddings @ self.weight[kept].T + self.bias[kept]
-        label_probabilities = torch.softmax(logits, dim=-1)
+        rows, label_probabilities = self.label_probabilities(embeddings, tasks)
+        owner = torch.tensor([index[task] for task, _ in rows], dtype=torch.long)
         totals = torch.zeros(len(embeddings), len(tasks), dtype=label_probabilities.dtype)
         return totals.index_add_(1, owner, label_probabilities)
+
+    @torch.no_grad()
+    def label_probabilities(
+        self, embeddings: torch.Tensor, tasks: Sequence[str]
+    ) -> tuple[list[tuple[str, str]], torch.Tensor]:
+        """The (task, label) rows of ``tasks`` and, per embedding, each row's probability."""
+        wanted = set(tasks)
+        kept = [i for i, (task, _) in enumerate(self.rows) if task in wanted]
+        logits = embeddings @ self.weight[kept].T + self.bias[kept]
+        return [self.rows[i] for i in kept], torch.softmax(logits, dim=-1)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The weights, ready for safetensors."""
