@@ -62,7 +62,8 @@ def publish_domains(settings: Settings, model: AdapterModel, data: list[TaskData
         labels = sorted({label for _, label in task.train})
         texts = {label: [t for t, lbl in task.train if lbl == label][:20] for label in labels}
         embedded = {label: torch.from_numpy(model.base_embeddings(texts[label])) for label in labels}
-        model.add(task.name, len(labels))
+        if task.name not in model.names():
+            model.add(task.name, len(labels))
         weights = model.weights(task.name)
         weights[PROTOTYPE_SUMS] = torch.stack([embedded[label].sum(0) for label in labels])
         weights[PROTOTYPE_COUNTS] = torch.tensor([float(len(texts[label])) for label in labels])
@@ -120,6 +121,7 @@ def ghz(
     os.unlink(handle.name)
     latency = {int(p["percentage"]): p["latency"] / 1e6 for p in report.get("latencyDistribution") or []}
     codes = report.get("statusCodeDistribution") or {}
+    print("  ghz status codes:", codes, flush=True)
     return {
         "rps": round(report["rps"], 1),
         "p50_ms": round(latency.get(50, float("nan")), 2),
