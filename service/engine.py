@@ -143,6 +143,10 @@ class InferenceEngine:
             return work()  # not started (or stopped): nothing runs a forward meanwhile
         done: Future[object] = Future()
         self._tasks.put((work, done))
+        try:  # an empty job wakes an idle engine at once (a full queue means it is busy anyway)
+            self._jobs.put_nowait(Job([], None))
+        except queue.Full:
+            pass
         return done.result()  # type: ignore[return-value]
 
     def retire(self, adapter: str) -> None:
@@ -241,7 +245,7 @@ class InferenceEngine:
         """
         first = self._held or self._take(timeout=0.1)
         self._held = None
-        if first is None:
+        if first is None or not first.rows:  # idle, or woken for work between batches
             return []
         batch, rows = [first], len(first.rows)
         deadline = time.monotonic() + self.max_batch_wait_s
@@ -250,6 +254,8 @@ class InferenceEngine:
             if job is None and len(batch) > 1:
                 job = self._take(timeout=deadline - time.monotonic())
             if job is None:
+                break
+            if not job.rows:  # a wake-up: the work waiting between batches goes first
                 break
             if rows + len(job.rows) > self.max_batch_size:
                 self._held = job  # first in the next batch: order is kept

@@ -259,7 +259,9 @@ class ContinualServicer(continual_pb2_grpc.ContinualServicer):
         versions = registry.versions(task)
         alias = registry.alias(task)
         served: LoadedVersion | None = self.pool.served().get(task)
-        served_version = served.version if served is not None else (alias.served if alias else 0)
+        # What this server answers with (0 until it has loaded one), not what the alias says: a
+        # client that sees a served version can predict with it.
+        served_version = served.version if served is not None else 0
         info = continual_pb2.AdapterInfo(
             task=task,
             served_version=served_version,
