@@ -18,6 +18,7 @@ and an adapter that queued rows still need is never the one evicted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -143,10 +144,9 @@ class InferenceEngine:
             return work()  # not started (or stopped): nothing runs a forward meanwhile
         done: Future[object] = Future()
         self._tasks.put((work, done))
-        try:  # an empty job wakes an idle engine at once (a full queue means it is busy anyway)
+        # An empty job wakes an idle engine at once (a full queue means it is busy anyway).
+        with contextlib.suppress(queue.Full):
             self._jobs.put_nowait(Job([], None))
-        except queue.Full:
-            pass
         return done.result()  # type: ignore[return-value]
 
     def retire(self, adapter: str) -> None:
