@@ -257,7 +257,7 @@ def _task_agnostic(
         ]
         accuracy[way] = sum(right) / len(labels)
     accuracy["router-x-adapter"] = _router_times_adapter(
-        learner, settings, seen, domain, embeddings, truth, answer
+        learner, settings, seen, right_task, (embeddings, probabilities), labels, answer
     )
     return accuracy, float((probabilities.argmax(-1) == right_task).float().mean())
 
@@ -266,19 +266,19 @@ def _router_times_adapter(
     learner: Learned,
     settings: Settings,
     seen: list[str],
-    domain: str,
-    embeddings: torch.Tensor,
-    truth: tuple[list[str], list[str], torch.Tensor],
+    right_task: int,
+    routed: tuple[torch.Tensor, torch.Tensor],
+    labels: list[str],
     answer: Callable[[int, list[int]], torch.Tensor],
 ) -> float:
     """An experiment beside the default: among the candidate tasks, the label whose probability under
-    the router (a 150-way head on base embeddings) times its task's adapter's is highest."""
-    _, labels, _ = truth
+    the router (a 150-way head on base embeddings) times its task's adapter's is highest.
+    ``routed``: the texts' embeddings and their task probabilities under the router."""
+    embeddings, probabilities = routed
     router = learner.router
     assert router is not None
     rows, joint = router.label_probabilities(embeddings, seen)
     column = {row: i for i, row in enumerate(rows)}
-    probabilities = router.task_probabilities(embeddings, seen)
     right = 0
     for r, label in enumerate(labels):
         scored = []
@@ -287,7 +287,7 @@ def _router_times_adapter(
             for j, name in enumerate(learner.labels(seen[task])):
                 scored.append((float(joint[r, column[(seen[task], name)]]) * float(own[j]), task, name))
         _, task, name = max(scored)
-        right += task == seen.index(domain) and name == label
+        right += task == right_task and name == label
     return right / len(labels)
 
 

@@ -84,7 +84,11 @@ class Answerer:
         self, requests: Sequence[Request], deadline: float | None = None
     ) -> list[Prediction | ContinualError]:
         """Many requests at once, each step for all of them before the next, so their rows share
-        batches; an item's error is its answer and the others go on."""
+        batches; an item's error is its answer and the others go on. InvalidArgument for the whole
+        call when it holds none, or more than ``max_batch_items``."""
+        limit = self.settings.max_batch_items
+        if not 0 < len(requests) <= limit:
+            raise InvalidArgument(f"a batch holds 1 to {limit} items (max_batch_items), got {len(requests)}")
         started = [attempt(self.start, request, deadline) for request in requests]
         advanced = [attempt(self.advance, p) if isinstance(p, Pending) else p for p in started]
         return [attempt(self.finish, p) if isinstance(p, Pending) else p for p in advanced]

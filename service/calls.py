@@ -37,8 +37,13 @@ def handle(
         context.abort(code, message)
         raise  # abort raises; this keeps type checkers aware that nothing is returned
     finally:
-        metrics.requests.labels(method=method, code=code.name).inc()
-        metrics.latency.labels(method=method, code=code.name).observe(time.perf_counter() - started)
+        record(metrics, method, code, started)
+
+
+def record(metrics: ServerMetrics, method: str, code: grpc.StatusCode, started: float) -> None:
+    """Count one call of ``method`` that ended with ``code``, and time it from ``started``."""
+    metrics.requests.labels(method=method, code=code.name).inc()
+    metrics.latency.labels(method=method, code=code.name).observe(time.perf_counter() - started)
 
 
 def deadline(context: grpc.ServicerContext) -> float | None:

@@ -95,11 +95,6 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         def infer() -> service_pb2.ModelInferResponse:
             self._served(request.model_name, request.model_version)
             texts = _texts(request)
-            limit = self.pool.settings.max_batch_items
-            if not 0 < len(texts) <= limit:
-                raise InvalidArgument(
-                    f"an input holds 1 to {limit} texts (max_batch_items), got {len(texts)}"
-                )
             wanted = [output.name for output in request.outputs] or list(OUTPUTS)
             unknown = sorted(set(wanted) - set(OUTPUTS))
             if unknown:

@@ -25,7 +25,7 @@ from tritonclient.grpc import service_pb2_grpc as oip_pb2_grpc
 from service import calls
 from service.answering import Answerer, Prediction, Request
 from service.api import continual_pb2, continual_pb2_grpc
-from service.errors import ContinualError, InvalidArgument, Unauthenticated, status_of
+from service.errors import ContinualError, Unauthenticated, status_of
 from service.evaluation import learning_status
 from service.metrics import ServerMetrics, serve_metrics
 from service.model import AdapterModel, build_model
@@ -92,11 +92,6 @@ class ContinualServicer(continual_pb2_grpc.ContinualServicer):
         """Classify many texts; an item that fails carries its error, the others are answered."""
 
         def handle() -> continual_pb2.PredictBatchResponse:
-            limit = self.pool.settings.max_batch_items
-            if not 0 < len(request.items) <= limit:
-                raise InvalidArgument(
-                    f"a batch holds 1 to {limit} items (max_batch_items), got {len(request.items)}"
-                )
             items = [_request(item) for item in request.items]
             results = self.answerer.predict_many(items, calls.deadline(context))
             return continual_pb2.PredictBatchResponse(results=[_result(r) for r in results])
@@ -118,9 +113,7 @@ class ContinualServicer(continual_pb2_grpc.ContinualServicer):
             log.exception("PredictStream failed")
             raise
         finally:
-            self.metrics.requests.labels(method="PredictStream", code=code.name).inc()
-            elapsed = time.perf_counter() - started
-            self.metrics.latency.labels(method="PredictStream", code=code.name).observe(elapsed)
+            calls.record(self.metrics, "PredictStream", code, started)
 
     def ListAdapters(
         self, request: continual_pb2.ListAdaptersRequest, context: grpc.ServicerContext
