@@ -42,6 +42,7 @@ from service.local_kafka import free_port
 from service.model import PROTOTYPE_COUNTS, PROTOTYPE_SUMS, AdapterModel, build_model
 from service.registry import Registry
 from service.router import fit_router
+from service.served_model import build_served_model
 from service.settings import Settings, load_settings
 
 matplotlib.use("Agg")
@@ -85,8 +86,13 @@ def publish_domains(settings: Settings, model: AdapterModel, data: list[TaskData
     registry.write_router(1, router.tensors(), {"base_model": settings.base_model, "rows": list(router.rows)})
 
 
-def offline(model: AdapterModel, data: list[TaskData], batch: int) -> dict[str, float]:
-    """One text's forward p50 (ms), and texts/s in mixed-adapter batches of ``batch``."""
+def offline(settings: Settings, data: list[TaskData], batch: int) -> dict[str, float]:
+    """The served model in this process, the registry's versions loaded: one text's forward p50 (ms),
+    and texts/s in mixed-adapter batches of ``batch``."""
+    model = build_served_model(settings)
+    registry = Registry(settings.registry_dir)
+    for task in data:
+        model.load(task.name, registry.load_weights(task.name, 1))
     texts = [(task.name, text) for task in data for text, _ in task.eval[:40]]
     random.Random(0).shuffle(texts)
     with torch.inference_mode():
@@ -222,7 +228,7 @@ def main() -> None:
     data = clinc150(settings.clinc150_dir)
     model = build_model(settings)
     publish_domains(settings, model, data)
-    result: dict[str, Any] = offline(model, data, settings.max_batch_size)
+    result: dict[str, Any] = offline(settings, data, settings.max_batch_size)
     print("in-process:", result, flush=True)
 
     texts = [(task.name, text) for task in data for text, _ in task.eval[:50]]

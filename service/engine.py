@@ -4,8 +4,8 @@ Requests put *jobs* (one or more rows: a text and the adapter it goes through, o
 model) in a bounded queue and wait on a future. The engine thread takes the first job, then the jobs
 already waiting (never holding an idle queue back, so a lone request costs one forward), up to
 ``max_batch_size`` rows, waiting at most ``max_batch_wait_ms`` for a batch that is still filling, and
-runs them all in one encoder forward: PEFT's mixed-adapter batch, a row per text with its own adapter
-(``__base__`` for base-model rows). Each adapter row then goes through its version's head.
+runs them all in one encoder forward, a row per text through its own adapter (``service.lora_bank``;
+base-model rows through none). Each adapter row then goes through its version's head.
 
 Everything else that touches the model (loading a version, unloading one) is handed to the engine
 and done between batches, so no lock is ever held around a forward. An adapter is unloaded only when
@@ -33,7 +33,7 @@ import torch
 
 from service.errors import CorruptVersion, DeadlineExceeded, ResourceExhausted
 from service.metrics import ServerMetrics
-from service.model import AdapterModel
+from service.served_model import ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class InferenceEngine:
 
     def __init__(
         self,
-        model: AdapterModel,
+        model: ServedModel,
         metrics: ServerMetrics,
         max_batch_size: int,
         max_batch_wait_ms: float,

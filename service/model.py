@@ -1,8 +1,8 @@
 """The shared frozen base encoder with named LoRA adapters (PEFT) and one linear head per adapter.
 
-An adapter name is whatever the caller needs: the trainer uses the task name, a server uses
-``task@vN`` so that a new version is always loaded next to the old one, never over it.
-The class is not thread-safe; callers that share it across threads hold a lock.
+The trainer's model: adapters are named by task. A server answers with ``service.served_model``,
+which reads the weights files written from here. The class is not thread-safe; callers that share it
+across threads hold a lock.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ log = logging.getLogger(__name__)
 
 LORA_PREFIX = "lora."
 HEAD_PREFIX = "head."
-#: PEFT's adapter name for rows of a mixed-adapter batch that go through the base model alone.
-BASE_ROWS = "__base__"
 #: Label prototypes stored beside an adapter's weights (base-model embedding sums and counts per label).
 PROTOTYPE_SUMS = "prototype.sums"
 PROTOTYPE_COUNTS = "prototype.counts"
@@ -172,7 +170,7 @@ class AdapterModel:
         # its layers have no active adapter left (the forward pass would then skip LoRA silently).
         self._peft.set_adapter(name)
         hidden = self._peft(input_ids=input_ids, attention_mask=attention_mask)
-        return _mean_pool(hidden.last_hidden_state, attention_mask)
+        return mean_pool(hidden.last_hidden_state, attention_mask)
 
     @property
     def encoder(self) -> nn.Module:
@@ -228,7 +226,7 @@ class AdapterModel:
                     return_tensors="pt",
                 )
                 hidden = self._base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                rows.append(_mean_pool(hidden.last_hidden_state, batch["attention_mask"]))
+                rows.append(mean_pool(hidden.last_hidden_state, batch["attention_mask"]))
         return torch.cat(rows).numpy() if rows else np.empty((0, self.hidden_size), dtype=np.float32)
 
     @torch.inference_mode()
@@ -240,36 +238,6 @@ class AdapterModel:
         ]
         return torch.cat(rows) if rows else torch.empty(0, self.heads[name].out_features)
 
-    @torch.inference_mode()
-    def mixed_pooled(self, texts: Sequence[str], adapters: Sequence[str | None]) -> torch.Tensor:
-        """Mean-pooled encoder outputs of ``texts`` in one forward, each through its own adapter (None:
-        the base model alone): PEFT's mixed-adapter batch, or a plain forward when all rows agree."""
-        batch = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        names = set(adapters)
-        if self._peft is None or names == {None}:
-            with self._peft.disable_adapter() if self._peft is not None else nullcontext():
-                hidden = self._base(input_ids=ids, attention_mask=mask).last_hidden_state
-        elif len(names) == 1:
-            return self.pooled(str(adapters[0]), ids, mask)
-        else:
-            rows = [adapter or BASE_ROWS for adapter in adapters]
-            hidden = self._peft(input_ids=ids, attention_mask=mask, adapter_names=rows).last_hidden_state
-        return _mean_pool(hidden, mask)
-
-    @torch.inference_mode()
-    def head_probabilities(self, pooled: torch.Tensor, adapters: Sequence[str | None]) -> list[torch.Tensor]:
-        """Per row, the probabilities of its adapter's head over the pooled output (a base row's
-        pooled output itself, its base-model embedding)."""
-        out = list(pooled)
-        for adapter in {adapter for adapter in adapters if adapter is not None}:
-            rows = [i for i, name in enumerate(adapters) if name == adapter]
-            for i, row in zip(rows, torch.softmax(self.heads[adapter](pooled[rows]), dim=-1), strict=True):
-                out[i] = row
-        return out
-
 
 def unit_prototypes(weights: dict[str, torch.Tensor]) -> torch.Tensor:
     """Unit-length mean embeddings of the labels that have training examples (no rows if none stored)."""
@@ -280,21 +248,27 @@ def unit_prototypes(weights: dict[str, torch.Tensor]) -> torch.Tensor:
     return nn.functional.normalize(means, dim=-1)
 
 
-def _mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The mean of each text's token outputs, padding left out (sentence-transformers' pooling)."""
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def lora_spec(settings: Settings) -> LoraSpec:
+    """The LoRA shape the settings describe."""
+    return LoraSpec(
+        r=settings.lora_r,
+        alpha=settings.lora_alpha,
+        dropout=settings.lora_dropout,
+        target_modules=tuple(settings.lora_target_modules),
+    )
 
 
 def build_model(settings: Settings) -> AdapterModel:
     """The base model and LoRA shape the settings describe, with no adapters loaded yet."""
     return AdapterModel(
         settings.base_model_path(),
-        LoraSpec(
-            r=settings.lora_r,
-            alpha=settings.lora_alpha,
-            dropout=settings.lora_dropout,
-            target_modules=tuple(settings.lora_target_modules),
-        ),
+        lora_spec(settings),
         max_length=settings.max_length,
         seed=settings.seed,
         base_dropout=settings.base_dropout,

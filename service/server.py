@@ -28,9 +28,9 @@ from service.api import continual_pb2, continual_pb2_grpc
 from service.errors import ContinualError, Unauthenticated, status_of
 from service.evaluation import learning_status
 from service.metrics import ServerMetrics, serve_metrics
-from service.model import AdapterModel, build_model
 from service.oip import InferenceServicer
 from service.registry import Registry
+from service.served_model import ServedModel, build_served_model
 from service.serving import AdapterPool, LoadedVersion, RegistryWatcher
 from service.settings import Settings
 
@@ -326,14 +326,14 @@ class RunningServer:
         self.grpc_server.wait_for_termination()
 
 
-def start_server(settings: Settings, model: AdapterModel | None = None) -> RunningServer:
+def start_server(settings: Settings, model: ServedModel | None = None) -> RunningServer:
     """Load what the registry serves, then start gRPC (with health and reflection) and /metrics.
     SettingsError, before anything loads, if the admin calls would be open beyond loopback."""
     settings.check_serving()
     registry = Registry(settings.registry_dir)
     metrics_registry = CollectorRegistry()
     metrics = ServerMetrics(metrics_registry)
-    model = model or build_model(settings)
+    model = model or build_served_model(settings)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     pool = AdapterPool(settings, registry, model, metrics)

@@ -23,9 +23,10 @@ from service.drift import DriftMonitor
 from service.engine import InferenceEngine, Row
 from service.errors import CorruptVersion, FailedPrecondition, InvalidArgument, NotFound
 from service.metrics import ServerMetrics
-from service.model import AdapterModel, unit_prototypes
+from service.model import unit_prototypes
 from service.registry import Registry
 from service.router import Router, load_router
+from service.served_model import ServedModel
 from service.settings import TASK_NAME, Settings
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class AdapterPool:
     """Loads, swaps and unloads adapter versions as the registry's aliases move."""
 
     def __init__(
-        self, settings: Settings, registry: Registry, model: AdapterModel, metrics: ServerMetrics
+        self, settings: Settings, registry: Registry, model: ServedModel, metrics: ServerMetrics
     ) -> None:
         self.settings = settings
         self.registry = registry

@@ -1,6 +1,7 @@
 """The inference engine on a tiny real BERT with real LoRA adapters: mixed-adapter batches answer as
-single requests do, jobs are batched and answered in order, the queue is bounded, deadlines drop
-requests before their forward, and an adapter is unloaded only once no queued request needs it."""
+the trainer's PEFT model does one text at a time, jobs are batched and answered in order, the queue
+is bounded, deadlines drop requests before their forward, and an adapter is unloaded only once no
+queued request needs it."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from service.engine import InferenceEngine, Row
 from service.errors import CorruptVersion, DeadlineExceeded, ResourceExhausted
 from service.metrics import ServerMetrics
 from service.model import AdapterModel, build_model
+from service.served_model import ServedModel, build_served_model
 from service.settings import Settings
 
 TEXTS = [f"text number {i} {'with more words ' * (i % 4)}" for i in range(24)]
@@ -23,8 +25,9 @@ ADAPTERS = ["a@v1", "b@v1", "c@v1"]
 
 
 @pytest.fixture
-def model(settings: Settings) -> AdapterModel:
-    """Three adapters whose LoRA weights (zero at first for B) are moved off zero, so each differs."""
+def trained(settings: Settings) -> AdapterModel:
+    """The trainer's (PEFT) model with three adapters whose LoRA weights (zero at first for B) are
+    moved off zero, so each differs: the reference every served answer is checked against."""
     model = build_model(settings)
     generator = torch.Generator().manual_seed(0)
     for labels, name in enumerate(ADAPTERS, start=2):
@@ -35,8 +38,17 @@ def model(settings: Settings) -> AdapterModel:
     return model
 
 
+@pytest.fixture
+def model(settings: Settings, trained: AdapterModel) -> ServedModel:
+    """A server's model with the same three adapters, loaded from their weights files' tensors."""
+    model = build_served_model(settings)
+    for name in ADAPTERS:
+        model.load(name, trained.weights(name))
+    return model
+
+
 def make_engine(
-    model: AdapterModel,
+    model: ServedModel,
     weights: Callable[[str], dict[str, torch.Tensor]] | None = None,
     capacity: int = 100,
     **limits: float,
@@ -54,7 +66,7 @@ def make_engine(
 
 
 @pytest.fixture
-def engine(model: AdapterModel) -> Iterator[InferenceEngine]:
+def engine(model: ServedModel) -> Iterator[InferenceEngine]:
     engine = make_engine(model)
     engine.start()
     yield engine
@@ -78,14 +90,14 @@ def sample(metrics: ServerMetrics, name: str) -> float:
     return metrics.registry.get_sample_value(name) or 0.0
 
 
-def test_mixed_adapter_batches_answer_as_single_requests_do(
-    model: AdapterModel, engine: InferenceEngine
+def test_mixed_adapter_batches_answer_as_the_trainers_model_does_one_text_at_a_time(
+    trained: AdapterModel, engine: InferenceEngine
 ) -> None:
     rows = [Row(text, [*ADAPTERS, None][i % 4]) for i, text in enumerate(TEXTS)]
     alone = [
-        model.predict(row.adapter, [row.text])[0]
+        trained.predict(row.adapter, [row.text])[0]
         if row.adapter
-        else torch.from_numpy(model.base_embeddings([row.text]))[0]
+        else torch.from_numpy(trained.base_embeddings([row.text]))[0]
         for row in rows
     ]
     paused = Paused(engine)  # the requests queue up together: every batch mixes adapters and base rows
@@ -116,7 +128,7 @@ def test_jobs_waiting_together_share_batches_in_their_order(engine: InferenceEng
     assert sample(engine.metrics, "continual_inference_batch_rows_sum") == 20
 
 
-def test_a_lone_request_does_not_wait_for_a_batch_to_fill(model: AdapterModel) -> None:
+def test_a_lone_request_does_not_wait_for_a_batch_to_fill(model: ServedModel) -> None:
     engine = make_engine(model, max_batch_wait_ms=60_000)
     engine.start()
     try:
@@ -128,7 +140,7 @@ def test_a_lone_request_does_not_wait_for_a_batch_to_fill(model: AdapterModel) -
         engine.stop()
 
 
-def test_a_full_queue_refuses_at_once_and_a_passed_deadline_skips_the_forward(model: AdapterModel) -> None:
+def test_a_full_queue_refuses_at_once_and_a_passed_deadline_skips_the_forward(model: ServedModel) -> None:
     engine = make_engine(model, queue_size=2)
     engine.start()
     try:
@@ -150,7 +162,7 @@ def test_a_full_queue_refuses_at_once_and_a_passed_deadline_skips_the_forward(mo
 
 
 def test_a_retired_adapter_is_unloaded_only_after_the_requests_that_need_it(
-    model: AdapterModel, engine: InferenceEngine
+    model: ServedModel, engine: InferenceEngine
 ) -> None:
     paused = Paused(engine)
     queued = [engine.submit([Row(text, "a@v1")]) for text in TEXTS[:5]]
@@ -167,10 +179,10 @@ def test_a_retired_adapter_is_unloaded_only_after_the_requests_that_need_it(
 
 
 def test_adapters_are_a_cache_loaded_on_demand_and_never_evicted_from_under_a_request(
-    model: AdapterModel,
+    trained: AdapterModel, model: ServedModel
 ) -> None:
-    saved = {name: model.weights(name) for name in ADAPTERS}
-    alone = {name: model.predict(name, TEXTS[:6]) for name in ADAPTERS}
+    saved = {name: trained.weights(name) for name in ADAPTERS}
+    alone = {name: trained.predict(name, TEXTS[:6]) for name in ADAPTERS}
     for name in ADAPTERS[1:]:
         model.remove(name)
 
@@ -202,7 +214,7 @@ def test_adapters_are_a_cache_loaded_on_demand_and_never_evicted_from_under_a_re
         engine.stop()
 
 
-def test_stopping_fails_what_waits_and_what_comes_later_instead_of_hanging(model: AdapterModel) -> None:
+def test_stopping_fails_what_waits_and_what_comes_later_instead_of_hanging(model: ServedModel) -> None:
     engine = make_engine(model)
     engine.start()
     paused = Paused(engine)
