@@ -35,8 +35,11 @@ class BankedLinear(nn.Module):
         super().__init__()
         self.base = base
         self.bank = bank
-        self.a = torch.zeros(slots, r, base.in_features)
-        self.b = torch.zeros(slots, base.out_features, r)
+        # Buffers, so that they move with the module (``.to(device)``); not in its state dict.
+        self.a: torch.Tensor
+        self.b: torch.Tensor
+        self.register_buffer("a", torch.zeros(slots, r, base.in_features), persistent=False)
+        self.register_buffer("b", torch.zeros(slots, base.out_features, r), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``base(x)``, plus each row's LoRA update when the batch has adapter rows."""
