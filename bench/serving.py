@@ -28,12 +28,14 @@ import statistics
 import subprocess
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import grpc
 import matplotlib
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.api import continual_pb2, continual_pb2_grpc
 from service.datasets import TaskData, clinc150
@@ -139,6 +141,19 @@ def ghz(
     }
 
 
+def batch_rows(port: int) -> tuple[float, float]:
+    """The server's texts run and batches run so far, from its /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("continual_inference_batch_rows")
+    }
+    return samples["continual_inference_batch_rows_sum"], samples["continual_inference_batch_rows_count"]
+
+
 def serve(settings: Settings, workdir: Path, name: str, tasks: int) -> subprocess.Popen[bytes]:
     """A `continual serve` process on the settings, once it serves ``tasks`` tasks."""
     config = workdir / f"{name}.yaml"
@@ -228,7 +243,10 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     workdir = Path(tempfile.mkdtemp(prefix="serving-"))
     settings = load_settings(
-        registry_dir=workdir / "registry", grpc_port=free_port(), server_metrics_port=0, drift_enabled=False
+        registry_dir=workdir / "registry",
+        grpc_port=free_port(),
+        server_metrics_port=free_port(),
+        drift_enabled=False,
     )
     data = clinc150(settings.clinc150_dir)
     model = build_model(settings)
@@ -249,7 +267,11 @@ def main() -> None:
         for kind, call, items in [("named", "Predict", named), ("no task", "Predict", untasked)]:
             result["levels"][kind] = {}
             for clients in LEVELS:
+                before = batch_rows(settings.server_metrics_port)
                 level = ghz(args.ghz, settings.grpc_port, call, items, clients, args.calls * clients)
+                after = batch_rows(settings.server_metrics_port)
+                rows, forwards = after[0] - before[0], after[1] - before[1]
+                level["rows_per_batch"] = round(rows / forwards, 1)
                 result["levels"][kind][str(clients)] = level
                 print(kind, clients, level, flush=True)
         batch = ghz(args.ghz, settings.grpc_port, "PredictBatch", batches, 4, args.calls)
