@@ -60,7 +60,7 @@ from service.metrics import TrainerMetrics
 from service.model import AdapterModel, build_model
 from service.records import Record
 from service.registry import Registry
-from service.router import Router, answer_without_task, candidates
+from service.router import Router, answer_without_task
 from service.serving import nearest_task
 from service.settings import Settings, load_settings
 from service.trainer import Trainer
@@ -77,7 +77,7 @@ LEARNING_SETTINGS = {
     "base_model", "max_length", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "strategy",
     "learning_rate", "head_learning_rate", "learning_rate_decay", "base_dropout", "label_smoothing",
     "batch_size", "epochs", "task_inference", "router_memory_size", "routing_coverage",
-    "routing_max_candidates",
+    "routing_max_candidates", "routing_label_scores",
     "head_init", "replay_memory_size",
     "ewc_lambda", "ewc_decay", "ewc_fisher_examples", "lwf_alpha", "lwf_temperature", "seed",
 }  # fmt: skip
@@ -220,7 +220,8 @@ def _task_agnostic(
 
     ``default`` is answered the way a server answers: the router over the learned domains when there
     is one, else the nearest label prototype. The other ways are measured beside it on the same learner
-    (``prototypes``; ``router-top1``: the router's first task alone), to compare them in one run.
+    (``prototypes``; ``router-top1``: the router's first task alone; the other label scoring,
+    ``adapter`` or ``router-times-adapter``), to compare them in one run.
     ``truth``: the texts, their labels, and the domain's own answer to each.
     """
     texts, labels, own = truth
@@ -248,47 +249,25 @@ def _task_agnostic(
         return torch.stack([answered[(task, r)] for r in rows])
 
     probabilities = router.task_probabilities(embeddings, seen)
-    ways = {"default": settings.routing_max_candidates, "router-top1": 1}
-    for way, most in ways.items():
-        answers = answer_without_task(probabilities, answer, settings.routing_coverage, most)
+    priors = router.label_priors(embeddings, seen, [learner.labels(task) for task in seen])
+    by_product = settings.routing_label_scores == "router-times-adapter"
+    ways = {
+        "default": (settings.routing_max_candidates, priors if by_product else None),
+        "router-top1": (1, None),
+        # The other label scoring, beside the default on the same learner.
+        "adapter" if by_product else "router-times-adapter": (
+            settings.routing_max_candidates,
+            None if by_product else priors,
+        ),
+    }
+    for way, (most, scores) in ways.items():
+        answers = answer_without_task(probabilities, answer, settings.routing_coverage, most, scores)
         right = [
             a.task == right_task and own_labels[int(a.label_probabilities.argmax())] == label
             for a, label in zip(answers, labels, strict=True)
         ]
         accuracy[way] = sum(right) / len(labels)
-    accuracy["router-x-adapter"] = _router_times_adapter(
-        learner, settings, seen, right_task, (embeddings, probabilities), labels, answer
-    )
     return accuracy, float((probabilities.argmax(-1) == right_task).float().mean())
-
-
-def _router_times_adapter(
-    learner: Learned,
-    settings: Settings,
-    seen: list[str],
-    right_task: int,
-    routed: tuple[torch.Tensor, torch.Tensor],
-    labels: list[str],
-    answer: Callable[[int, list[int]], torch.Tensor],
-) -> float:
-    """An experiment beside the default: among the candidate tasks, the label whose probability under
-    the router (a 150-way head on base embeddings) times its task's adapter's is highest.
-    ``routed``: the texts' embeddings and their task probabilities under the router."""
-    embeddings, probabilities = routed
-    router = learner.router
-    assert router is not None
-    rows, joint = router.label_probabilities(embeddings, seen)
-    column = {row: i for i, row in enumerate(rows)}
-    right = 0
-    for r, label in enumerate(labels):
-        scored = []
-        for task in candidates(probabilities[r], settings.routing_coverage, settings.routing_max_candidates):
-            own = answer(task, [r])[0]
-            for j, name in enumerate(learner.labels(seen[task])):
-                scored.append((float(joint[r, column[(seen[task], name)]]) * float(own[j]), task, name))
-        _, task, name = max(scored)
-        right += task == right_task and name == label
-    return right / len(labels)
 
 
 def _figures(matrix: dict[str, dict[str, float]]) -> LearningSummary:

@@ -64,6 +64,8 @@ class Pending:
     versions: list[LoadedVersion] = field(default_factory=list)
     #: For a task-less request: every candidate's probability under the router (None: by prototypes).
     routed: torch.Tensor | None = None
+    #: ...and, with ``routing_label_scores: router-times-adapter``, its labels' (one row each).
+    priors: list[torch.Tensor] | None = None
     confidence: float = 1.0
     embedding: torch.Tensor | None = None
 
@@ -158,10 +160,14 @@ class Answerer:
             served = [loaded for loaded in served_by_task.values() if len(loaded.prototypes)]
             if not served:
                 raise NotFound("no served version has label prototypes yet, so a request must name its task")
-            features, routed, confidence = embedding.unsqueeze(0), None, 1.0
+            features, routed, priors, confidence = embedding.unsqueeze(0), None, None, 1.0
             if router is not None and {loaded.task for loaded in served} <= router.tasks():
-                routed = router.task_probabilities(features, [loaded.task for loaded in served])
+                tasks = [loaded.task for loaded in served]
+                routed = router.task_probabilities(features, tasks)
                 chosen = candidates(routed[0], coverage, most)
+                if self.settings.routing_label_scores == "router-times-adapter":
+                    priors = router.label_priors(features, tasks, [loaded.labels for loaded in served])
+                    priors = [priors[i] for i in chosen] if priors is not None else None
             else:
                 choices, confidences = nearest_task(features, [loaded.prototypes for loaded in served])
                 chosen, confidence = [int(choices[0])], float(confidences[0])
@@ -171,7 +177,7 @@ class Answerer:
         if routed is not None:
             routed = routed[:, chosen]  # the candidates' probabilities under the router, in their order
         request, deadline, observed = pending.request, pending.deadline, pending.observed
-        return Pending(request, deadline, observed, future, versions, routed, confidence, embedding)
+        return Pending(request, deadline, observed, future, versions, routed, priors, confidence, embedding)
 
     def finish(self, pending: Pending) -> Prediction:
         """Wait for the answers; the labels best first, the version that gave them, drift's sample."""
@@ -182,7 +188,11 @@ class Answerer:
         loaded, probabilities, confidence = pending.versions[0], own[0], pending.confidence
         if pending.routed is not None:
             (answer,) = answer_without_task(
-                pending.routed, lambda task, _: own[task].unsqueeze(0), 1.0, len(pending.versions)
+                pending.routed,
+                lambda task, _: own[task].unsqueeze(0),
+                1.0,
+                len(pending.versions),
+                pending.priors,
             )
             loaded, probabilities, confidence = (
                 pending.versions[answer.task],

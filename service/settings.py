@@ -192,6 +192,12 @@ class Settings(BaseSettings):
         default=0.99, gt=0, le=1, description="Candidate tasks answer until they cover this probability..."
     )
     routing_max_candidates: int = Field(default=3, ge=1, description="...or this many have answered.")
+    routing_label_scores: Literal["router-times-adapter", "adapter"] = Field(
+        default="router-times-adapter",
+        description="How the candidates' answers are compared: the router's probability of each "
+        "(task, label) times the task's adapter's (chosen on CLINC150 val), or p(task) times the "
+        "adapter's best label.",
+    )
 
     # Serving
     grpc_host: str = "127.0.0.1"

@@ -115,6 +115,33 @@ def test_a_text_is_answered_by_the_candidate_with_the_best_joint_probability() -
     assert candidates(torch.tensor([0.1, 0.3, 0.6]), coverage=0.99, most=2) == [2, 1]
 
 
+def test_router_times_adapter_picks_the_best_product_over_every_candidate_label() -> None:
+    own = {0: torch.tensor([[0.6, 0.4]]), 1: torch.tensor([[0.1, 0.9]])}
+    routed = torch.tensor([[0.7, 0.3]])
+    # The router, over every label: task 0's second label is what it believes; its adapter leans the
+    # other way a little, task 1's adapter is sure of a label the router thinks unlikely.
+    priors = [torch.tensor([[0.2, 0.5]]), torch.tensor([[0.05, 0.25]])]
+    (best,) = answer_without_task(routed, lambda task, rows: own[task], 0.99, 3, priors)
+    # Products: task 0 (0.12, 0.20), task 1 (0.005, 0.225): task 1's second label, though p(task 1) is 0.3.
+    assert best.task == 1
+    assert torch.allclose(best.label_probabilities, torch.tensor([0.005, 0.225]) / 0.23)
+    assert best.task_probability == pytest.approx(0.23 / 0.55)
+    # The adapter's scoring, on the same answers: p(task) · its best label, 0.7 x 0.6 against 0.3 x 0.9.
+    (by_adapter,) = answer_without_task(routed, lambda task, rows: own[task], 0.99, 3)
+    assert by_adapter.task == 0 and torch.equal(by_adapter.label_probabilities, own[0][0])
+
+
+def test_label_priors_follow_each_versions_label_order_or_are_none_for_an_unknown_label() -> None:
+    router = Router((("a", "x"), ("a", "y"), ("b", "z")), torch.eye(3), torch.zeros(3))
+    embeddings = torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 3.0]])
+    rows, probabilities = router.label_probabilities(embeddings, ["a", "b"])
+    assert rows == [("a", "x"), ("a", "y"), ("b", "z")]
+    priors = router.label_priors(embeddings, ["a", "b"], [["y", "x"], ["z"]])
+    assert priors is not None
+    assert torch.equal(priors[0], probabilities[:, [1, 0]]) and torch.equal(priors[1], probabilities[:, [2]])
+    assert router.label_priors(embeddings, ["a", "b"], [["x", "new"], ["z"]]) is None
+
+
 def test_the_registry_keeps_the_current_router_and_the_one_before(tmp_path: Path) -> None:
     registry = Registry(tmp_path)
     assert registry.router_manifest() is None and load_router(registry) is None
