@@ -123,9 +123,7 @@ class Settings(BaseSettings):
     strategy: str = "lora-per-task"
 
     # Training
-    learning_rate: float = Field(
-        default=1e-3, gt=0, description="For the LoRA weights (chosen on CLINC150 val, bench/README.md)."
-    )
+    learning_rate: float = Field(default=1e-3, gt=0, description="For the LoRA weights (chosen on val).")
     head_learning_rate: float = Field(default=1e-2, gt=0, description="For the classification heads.")
     batch_size: int = Field(default=32, ge=1)
     base_dropout: bool = Field(
@@ -194,9 +192,7 @@ class Settings(BaseSettings):
     routing_max_candidates: int = Field(default=3, ge=1, description="...or this many have answered.")
     routing_label_scores: Literal["router-times-adapter", "adapter"] = Field(
         default="router-times-adapter",
-        description="How the candidates' answers are compared: the router's probability of each "
-        "(task, label) times the task's adapter's (chosen on CLINC150 val), or p(task) times the "
-        "adapter's best label.",
+        description="Candidates compared by router x adapter per (task, label), or p(task) x best label.",
     )
 
     # Serving
