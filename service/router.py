@@ -10,7 +10,7 @@ A request is then answered by the candidate tasks' own versions, most probable f
 cover ``routing_coverage`` of the probability (at most ``routing_max_candidates``): each answers
 within its labels. By default (``routing_label_scores: router-times-adapter``) the (task, label) whose
 router probability times its adapter's probability is highest wins: an ensemble of the frozen joint
-head and the fine-tuned adapters, which on CLINC150 val beat either alone (bench/README.md); with
+head and the fine-tuned adapters, which on CLINC150 val beat the adapters' own scoring (bench/README.md); with
 ``adapter``, the label with the highest p(task) · p(label | task). A confident route costs one adapter
 forward, an unsure one a few. Servers and the benchmark both answer through ``answer_without_task``.
 """
