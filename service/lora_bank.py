@@ -63,7 +63,6 @@ class LoraBank:
     them) and keeps every loaded adapter's LoRA weights in their banks."""
 
     def __init__(self, encoder: nn.Module, target_modules: Sequence[str], r: int, alpha: int) -> None:
-        self.r = r
         self.scaling = alpha / r
         #: Each row's slot during a forward (``rows``); None outside one, or when every row is a base row.
         self.row_slots: torch.Tensor | None = None
@@ -80,10 +79,6 @@ class LoraBank:
                 self.layers[path] = layer
         if not self.layers:
             raise ValueError(f"no linear layer of the base model is named any of {list(target_modules)}")
-
-    def names(self) -> list[str]:
-        """The adapters in the bank."""
-        return list(self._slots)
 
     def load(self, name: str, lora: dict[str, torch.Tensor]) -> None:
         """Put an adapter's LoRA tensors (PEFT state-dict names) in a free slot.

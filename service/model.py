@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from service.settings import Settings
 
@@ -63,11 +63,7 @@ class AdapterModel:
         self.seed = seed
         #: Whether the frozen base model's own dropout is on while an adapter trains.
         self.base_dropout = base_dropout
-        self.tokenizer = AutoTokenizer.from_pretrained(str(base_path))
-        base: PreTrainedModel = AutoModel.from_pretrained(str(base_path))
-        for parameter in base.parameters():
-            parameter.requires_grad = False
-        base.eval()
+        self.tokenizer, base = load_frozen_base(base_path)
         self._base = base
         self._peft: PeftModel | None = None
         self.heads: dict[str, nn.Linear] = {}
@@ -237,6 +233,16 @@ class AdapterModel:
             for i in range(0, len(texts), batch_size)
         ]
         return torch.cat(rows) if rows else torch.empty(0, self.heads[name].out_features)
+
+
+def load_frozen_base(base_path: Path) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """The base model's tokenizer, and the base model with every weight frozen, in eval mode."""
+    tokenizer = AutoTokenizer.from_pretrained(str(base_path))
+    base: PreTrainedModel = AutoModel.from_pretrained(str(base_path))
+    for parameter in base.parameters():
+        parameter.requires_grad = False
+    base.eval()
+    return tokenizer, base
 
 
 def unit_prototypes(weights: dict[str, torch.Tensor]) -> torch.Tensor:

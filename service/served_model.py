@@ -14,10 +14,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 
 from service.lora_bank import LoraBank
-from service.model import HEAD_PREFIX, LORA_PREFIX, LoraSpec, lora_spec, mean_pool
+from service.model import HEAD_PREFIX, LORA_PREFIX, LoraSpec, load_frozen_base, lora_spec, mean_pool
 from service.settings import Settings
 
 
@@ -26,11 +25,7 @@ class ServedModel:
 
     def __init__(self, base_path: Path, lora: LoraSpec, max_length: int) -> None:
         self.max_length = max_length
-        self.tokenizer = AutoTokenizer.from_pretrained(str(base_path))
-        encoder: PreTrainedModel = AutoModel.from_pretrained(str(base_path))
-        for parameter in encoder.parameters():
-            parameter.requires_grad = False
-        encoder.eval()
+        self.tokenizer, encoder = load_frozen_base(base_path)
         self.bank = LoraBank(encoder, lora.target_modules, lora.r, lora.alpha)
         self.encoder = encoder
         self.heads: dict[str, nn.Linear] = {}
