@@ -57,7 +57,7 @@ from service.evaluation import LearningSummary, summarize
 from service.ingest import Incoming
 from service.learner import SHARED_ADAPTER
 from service.metrics import TrainerMetrics
-from service.model import AdapterModel, build_model
+from service.model import BASE_FEATURE_LAYERS, AdapterModel, build_model
 from service.records import Record
 from service.registry import Registry
 from service.router import Router, answer_without_task
@@ -135,7 +135,11 @@ def run_order(
         AvalancheLearner(strategy, settings) if strategy in TEMPLATES else TrainerLearner(settings)
     )
     embed = learner.model.base_embeddings
-    test_embeddings = {n: torch.from_numpy(embed([t for t, _ in task.eval])) for n, task in test.items()}
+    # Base features: the router reads them all, prototypes the last layer's (their last columns).
+    test_features = {
+        n: torch.from_numpy(embed([t for t, _ in task.eval], layers=BASE_FEATURE_LAYERS))
+        for n, task in test.items()
+    }
     prototypes = {name: _unit_label_means(embed, task.train) for name, task in val.items()}
     if strategy == "joint":
         # The upper bound: every domain in one round, the stream shuffled across domains.
@@ -163,7 +167,7 @@ def run_order(
             )
             aware[name][d] = float(right.float().mean())
             ways, routed[name][d] = _task_agnostic(
-                learner, settings, seen, d, test_embeddings[d], (texts, labels, own), routing
+                learner, settings, seen, d, test_features[d], (texts, labels, own), routing
             )
             for way, value in ways.items():
                 matrices.setdefault(way, {}).setdefault(name, {})[d] = value
@@ -212,7 +216,7 @@ def _task_agnostic(
     settings: Settings,
     seen: list[str],
     domain: str,
-    embeddings: torch.Tensor,
+    features: torch.Tensor,
     truth: tuple[list[str], list[str], torch.Tensor],
     prototypes: list[torch.Tensor],
 ) -> tuple[dict[str, float], float]:
@@ -227,7 +231,7 @@ def _task_agnostic(
     texts, labels, own = truth
     right_task = seen.index(domain)
     own_labels = learner.labels(domain)
-    choices, _ = nearest_task(embeddings, prototypes)
+    choices, _ = nearest_task(features[:, -learner.model.hidden_size :], prototypes)
     by_prototype = [
         int(c) == right_task and own_labels[int(p)] == label
         for c, p, label in zip(choices, own.argmax(-1), labels, strict=True)
@@ -248,8 +252,8 @@ def _task_agnostic(
             answered.update({(task, r): p for r, p in zip(missing, found, strict=True)})
         return torch.stack([answered[(task, r)] for r in rows])
 
-    probabilities = router.task_probabilities(embeddings, seen)
-    priors = router.label_priors(embeddings, seen, [learner.labels(task) for task in seen])
+    probabilities = router.task_probabilities(features, seen)
+    priors = router.label_priors(features, seen, [learner.labels(task) for task in seen])
     by_product = settings.routing_label_scores == "router-times-adapter"
     ways = {
         "default": (settings.routing_max_candidates, priors if by_product else None),

@@ -42,7 +42,7 @@ from service.datasets import TaskData, clinc150
 from service.demo import spawn_role
 from service.feature_memory import FeatureMemory
 from service.local_kafka import free_port
-from service.model import PROTOTYPE_COUNTS, PROTOTYPE_SUMS, AdapterModel, build_model
+from service.model import BASE_FEATURE_LAYERS, PROTOTYPE_COUNTS, PROTOTYPE_SUMS, AdapterModel, build_model
 from service.registry import Registry
 from service.router import fit_router
 from service.served_model import build_served_model
@@ -65,11 +65,16 @@ def publish_domains(settings: Settings, model: AdapterModel, data: list[TaskData
     for task in data:
         labels = sorted({label for _, label in task.train})
         texts = {label: [t for t, lbl in task.train if lbl == label][:20] for label in labels}
-        embedded = {label: torch.from_numpy(model.base_embeddings(texts[label])) for label in labels}
+        embedded = {
+            label: torch.from_numpy(model.base_embeddings(texts[label], layers=BASE_FEATURE_LAYERS))
+            for label in labels
+        }
         if task.name not in model.names():
             model.add(task.name, len(labels))
         weights = model.weights(task.name)
-        weights[PROTOTYPE_SUMS] = torch.stack([embedded[label].sum(0) for label in labels])
+        weights[PROTOTYPE_SUMS] = torch.stack(
+            [embedded[label][:, -model.hidden_size :].sum(0) for label in labels]
+        )
         weights[PROTOTYPE_COUNTS] = torch.tensor([float(len(texts[label])) for label in labels])
         for label in labels:
             memory.add(task.name, [label] * len(embedded[label]), embedded[label])
@@ -100,16 +105,16 @@ def offline(settings: Settings, data: list[TaskData], batch: int) -> dict[str, f
     random.Random(0).shuffle(texts)
     with torch.inference_mode():
         for name, text in texts[:5]:
-            model.head_probabilities(model.mixed_pooled([text], [name]), [name])
+            model.outputs([text], [name])
         single = []
         for name, text in texts[:100]:
             started = time.perf_counter()
-            model.head_probabilities(model.mixed_pooled([text], [name]), [name])
+            model.outputs([text], [name])
             single.append(time.perf_counter() - started)
         started, done = time.perf_counter(), 0
         for i in range(0, len(texts) - batch + 1, batch):
             names = [name for name, _ in texts[i : i + batch]]
-            model.head_probabilities(model.mixed_pooled([t for _, t in texts[i : i + batch]], names), names)
+            model.outputs([t for _, t in texts[i : i + batch]], names)
             done += batch
         seconds = time.perf_counter() - started
     return {"offline_single_ms": statistics.median(single) * 1000, "offline_batched_per_s": done / seconds}

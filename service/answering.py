@@ -154,22 +154,25 @@ class Answerer:
         as one job (the router's most probable tasks, or the nearest prototypes' task)."""
         if pending.versions:
             return pending
-        (embedding,) = pending.future.result()
+        (features,) = pending.future.result()
+        embedding = features[-self.pool.hidden_size :]
         coverage, most = self.settings.routing_coverage, self.settings.routing_max_candidates
         with self.pool.serving() as (served_by_task, router):
             served = [loaded for loaded in served_by_task.values() if len(loaded.prototypes)]
             if not served:
                 raise NotFound("no served version has label prototypes yet, so a request must name its task")
-            features, routed, priors, confidence = embedding.unsqueeze(0), None, None, 1.0
+            routed, priors, confidence = None, None, 1.0
             if router is not None and {loaded.task for loaded in served} <= router.tasks():
                 tasks = [loaded.task for loaded in served]
-                routed = router.task_probabilities(features, tasks)
+                routed = router.task_probabilities(features.unsqueeze(0), tasks)
                 chosen = candidates(routed[0], coverage, most)
                 if self.settings.routing_label_scores == "router-times-adapter":
-                    priors = router.label_priors(features, tasks, [loaded.labels for loaded in served])
+                    labels = [loaded.labels for loaded in served]
+                    priors = router.label_priors(features.unsqueeze(0), tasks, labels)
                     priors = [priors[i] for i in chosen] if priors is not None else None
             else:
-                choices, confidences = nearest_task(features, [loaded.prototypes for loaded in served])
+                prototypes = [loaded.prototypes for loaded in served]
+                choices, confidences = nearest_task(embedding.unsqueeze(0), prototypes)
                 chosen, confidence = [int(choices[0])], float(confidences[0])
             rows = [Row(pending.request.text, served[i].adapter) for i in chosen]
             future = self.pool.engine.submit(rows, pending.deadline)
@@ -204,7 +207,9 @@ class Answerer:
         ranked = [
             (loaded.labels[i], float(s)) for s, i in zip(scores.tolist(), indices.tolist(), strict=True)
         ]
-        embedding = pending.embedding if pending.embedding is not None else outputs[-1]
+        embedding = (
+            pending.embedding if pending.embedding is not None else outputs[-1][-self.pool.hidden_size :]
+        )
         if self.pool.drift is not None and pending.observed:
             self.pool.drift.observe(loaded.task, embedding.numpy(), ranked[0][0])
         return Prediction(loaded.task, loaded.version, ranked, not pending.request.task, confidence)

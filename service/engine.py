@@ -43,7 +43,7 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class Row:
     """One text to run: through ``adapter`` (its head's probabilities come back), or, when None,
-    through the base model alone (its mean-pooled embedding comes back)."""
+    through the base model alone (its base features come back: ``service.model.base_features``)."""
 
     text: str
     adapter: str | None = None
@@ -286,8 +286,7 @@ class InferenceEngine:
         outputs: list[torch.Tensor] = []
         for start in range(0, len(rows), self.max_batch_size):
             chunk = rows[start : start + self.max_batch_size]
-            pooled = self.model.mixed_pooled([row.text for row in chunk], [row.adapter for row in chunk])
-            outputs.extend(self.model.head_probabilities(pooled, [row.adapter for row in chunk]))
+            outputs.extend(self.model.outputs([row.text for row in chunk], [row.adapter for row in chunk]))
         self.metrics.batch_rows.observe(len(rows))
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
         offset = 0

@@ -1,10 +1,11 @@
-"""A bounded memory of base-model embeddings of training texts, evenly per label, for the task router.
+"""A bounded memory of base features of training texts, evenly per label, for the task router.
 
-Embeddings of the frozen base model never go stale (the base is never trained), so a memory of them is
-replay without re-encoding: the router (``service.router``) is refit on it after every round and never
-forgets a label while the label keeps examples here. Each label keeps a uniform sample of its stream
-(one reservoir per label); as labels arrive, every label's share of ``size`` shrinks. The memory is
-saved with the trainer's checkpoint, so a restarted trainer holds the very same rows.
+Features of the frozen base model (``service.model.base_features``) never go stale (the base is never
+trained), so a memory of them is replay without re-encoding: the router (``service.router``) is refit
+on it after every round and never forgets a label while the label keeps examples here. Each label
+keeps a uniform sample of its stream (one reservoir per label); as labels arrive, every label's share
+of ``size`` shrinks. The memory is saved with the trainer's checkpoint, so a restarted trainer holds
+the very same rows.
 
 Every random choice is a function of the seed, the label and how many examples the label has seen, so
 it does not depend on how the stream was cut into polls or rounds.
@@ -43,8 +44,18 @@ class FeatureMemory:
         """Every (task, label) with rows, in the order first seen."""
         return [key for key, rows in self._rows.items() if rows]
 
+    @property
+    def width(self) -> int | None:
+        """Features per row (None while empty): fixed by the first rows, kept by every restore."""
+        return next((len(rows[0]) for rows in self._rows.values() if rows), None)
+
     def add(self, task: str, labels: Sequence[str], embeddings: torch.Tensor) -> None:
-        """Offer each embedding to its label's reservoir."""
+        """Offer each row of base features to its label's reservoir. A memory restored from rows of
+        fewer layers keeps taking that many (the last columns: ``service.model.base_features``), so
+        that old and new rows stay one feature space."""
+        width = self.width
+        if width is not None:
+            embeddings = embeddings[:, -width:]
         for label, embedding in zip(labels, embeddings, strict=True):
             self.added += 1
             key = (task, label)

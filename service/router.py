@@ -1,8 +1,9 @@
-"""Task inference for requests that name no task: a linear router over every label, on base embeddings.
+"""Task inference for requests that name no task: a linear router over every label, on base features.
 
 The trainer refits the router after each round on its feature memory (``service.feature_memory``): a
-linear classifier over every (task, label) seen, on the frozen base model's embeddings, fitted to
-convergence (the frozen joint linear head, kept current as tasks arrive). A label's probability
+linear classifier over every (task, label) seen, on the frozen base model's features (its last layers'
+pooled outputs, ``service.model.base_features``), fitted to convergence (a frozen joint linear head,
+kept current as tasks arrive). A label's probability
 summed over a task's labels is the task's probability. Unlike label prototypes it is discriminative:
 it learns which directions tell apart intents of one product, where nearest-mean routing is weakest.
 
@@ -38,7 +39,7 @@ ROUTER_BIAS = "router.bias"
 
 @dataclass(frozen=True, eq=False)
 class Router:
-    """A linear classifier over (task, label) rows of base-model embeddings."""
+    """A linear classifier over (task, label) rows of base features."""
 
     rows: tuple[tuple[str, str], ...]
     weight: torch.Tensor
@@ -50,12 +51,12 @@ class Router:
 
     @torch.no_grad()
     def label_priors(
-        self, embeddings: torch.Tensor, tasks: Sequence[str], labels: Sequence[Sequence[str]]
+        self, features: torch.Tensor, tasks: Sequence[str], labels: Sequence[Sequence[str]]
     ) -> list[torch.Tensor] | None:
-        """Per task of ``tasks``, each embedding's probability of each of the task's ``labels`` (in
+        """Per task of ``tasks``, each text's probability of each of the task's ``labels`` (in
         that order), out of one softmax over every label of ``tasks``; None if the router lacks one
         (a version published before the router was refitted on its labels)."""
-        rows, probabilities = self.label_probabilities(embeddings, tasks)
+        rows, probabilities = self.label_probabilities(features, tasks)
         column = {row: i for i, row in enumerate(rows)}
         try:
             return [
@@ -66,23 +67,31 @@ class Router:
             return None
 
     @torch.no_grad()
-    def task_probabilities(self, embeddings: torch.Tensor, tasks: Sequence[str]) -> torch.Tensor:
-        """Per embedding, each of ``tasks``' probability (rows of other tasks left out of the softmax)."""
+    def task_probabilities(self, features: torch.Tensor, tasks: Sequence[str]) -> torch.Tensor:
+        """Per text, each of ``tasks``' probability (rows of other tasks left out of the softmax)."""
         index = {task: i for i, task in enumerate(tasks)}
-        rows, label_probabilities = self.label_probabilities(embeddings, tasks)
+        rows, label_probabilities = self.label_probabilities(features, tasks)
         owner = torch.tensor([index[task] for task, _ in rows], dtype=torch.long)
-        totals = torch.zeros(len(embeddings), len(tasks), dtype=label_probabilities.dtype)
+        totals = torch.zeros(len(features), len(tasks), dtype=label_probabilities.dtype)
         return totals.index_add_(1, owner, label_probabilities)
 
     @torch.no_grad()
     def label_probabilities(
-        self, embeddings: torch.Tensor, tasks: Sequence[str]
+        self, features: torch.Tensor, tasks: Sequence[str]
     ) -> tuple[list[tuple[str, str]], torch.Tensor]:
-        """The (task, label) rows of ``tasks`` and, per embedding, each row's probability."""
+        """The (task, label) rows of ``tasks`` and, per text, each row's probability."""
         wanted = set(tasks)
         kept = [i for i, (task, _) in enumerate(self.rows) if task in wanted]
-        logits = embeddings @ self.weight[kept].T + self.bias[kept]
+        logits = self.inputs(features) @ self.weight[kept].T + self.bias[kept]
         return [self.rows[i] for i in kept], torch.softmax(logits, dim=-1)
+
+    def inputs(self, features: torch.Tensor) -> torch.Tensor:
+        """The columns of base features (``service.model.base_features``) this router was fitted on:
+        the last ones, as many as it has weights for (one layer's for a router from before)."""
+        width = self.weight.shape[1]
+        if features.shape[1] < width:
+            raise ValueError(f"the router reads {width} features per text, got {features.shape[1]}")
+        return features[:, -width:]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The weights, ready for safetensors."""

@@ -16,7 +16,15 @@ import torch
 from torch import nn
 
 from service.lora_bank import LoraBank
-from service.model import HEAD_PREFIX, LORA_PREFIX, LoraSpec, load_frozen_base, lora_spec, mean_pool
+from service.model import (
+    HEAD_PREFIX,
+    LORA_PREFIX,
+    LoraSpec,
+    base_features,
+    load_frozen_base,
+    lora_spec,
+    mean_pool,
+)
 from service.settings import Settings
 
 
@@ -58,21 +66,25 @@ class ServedModel:
         self.bank.remove(name)
 
     @torch.inference_mode()
-    def mixed_pooled(self, texts: Sequence[str], adapters: Sequence[str | None]) -> torch.Tensor:
-        """Mean-pooled encoder outputs of ``texts`` in one forward, each through its own adapter
-        (None: the base model alone, its base-model embedding)."""
+    def outputs(self, texts: Sequence[str], adapters: Sequence[str | None]) -> list[torch.Tensor]:
+        """Per text, in one forward through each row's own adapter: an adapter row's probabilities
+        under its head; a base row's (adapter None) base features (``service.model.base_features``,
+        whose last ``hidden_size`` columns are its base-model embedding)."""
         batch = self.tokenizer(
             list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
+        mask = batch["attention_mask"]
+        base = [i for i, adapter in enumerate(adapters) if adapter is None]
         with self.bank.rows(adapters):
-            hidden = self.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return mean_pool(hidden.last_hidden_state, batch["attention_mask"])
-
-    @torch.inference_mode()
-    def head_probabilities(self, pooled: torch.Tensor, adapters: Sequence[str | None]) -> list[torch.Tensor]:
-        """Per row, the probabilities of its adapter's head over the pooled output (a base row's
-        pooled output itself, its base-model embedding)."""
-        out = list(pooled)
+            hidden = self.encoder(
+                input_ids=batch["input_ids"], attention_mask=mask, output_hidden_states=bool(base)
+            )
+        out: list[torch.Tensor] = [torch.empty(0)] * len(texts)
+        if base:
+            features = base_features([layer[base] for layer in hidden.hidden_states], mask[base])
+            for i, row in zip(base, features, strict=True):
+                out[i] = row
+        pooled = mean_pool(hidden.last_hidden_state, mask)
         for adapter in {adapter for adapter in adapters if adapter is not None}:
             rows = [i for i, name in enumerate(adapters) if name == adapter]
             for i, row in zip(rows, torch.softmax(self.heads[adapter](pooled[rows]), dim=-1), strict=True):

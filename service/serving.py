@@ -92,6 +92,11 @@ class AdapterPool:
         self._router: Router | None = None
         self._router_file: str | None = None
 
+    @property
+    def hidden_size(self) -> int:
+        """Width of a base-model embedding (the last columns of a base row's features)."""
+        return self.model.hidden_size
+
     def served(self) -> dict[str, LoadedVersion]:
         """The version each task is answered with right now."""
         return dict(self._served)
@@ -200,7 +205,9 @@ class AdapterPool:
     def _base_embeddings(self, texts: Sequence[str]) -> np.ndarray:
         """Base-model embeddings of ``texts`` (drift's references), through the engine like requests."""
         outputs = self.engine.run([Row(text) for text in texts])
-        return torch.stack(outputs).numpy() if outputs else np.empty((0, self.model.hidden_size), np.float32)
+        if not outputs:
+            return np.empty((0, self.hidden_size), np.float32)
+        return torch.stack(outputs)[:, -self.hidden_size :].numpy()
 
     def _drift_reference(self, task: str) -> tuple[object, list[str], dict[str, int]]:
         """A key that changes when the reference does, the served version's eval texts, its label mix.

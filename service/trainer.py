@@ -25,7 +25,7 @@ from service.feature_memory import FeatureMemory
 from service.ingest import Incoming, Ingest
 from service.look_ahead import LookAhead
 from service.metrics import TrainerMetrics
-from service.model import AdapterModel, build_model
+from service.model import BASE_FEATURE_LAYERS, AdapterModel, build_model
 from service.publishing import Publisher
 from service.registry import Registry
 from service.rounds import RoundPolicy, RoundReport
@@ -111,12 +111,15 @@ class Trainer:
             self.rounds.records += 1
             if example is not None:
                 new_train.setdefault(state.name, []).append(example)
+        # The router reads more of the base model than prototypes and drift: one forward gives both.
+        layers = BASE_FEATURE_LAYERS if self._routes() else 1
         for name, examples in new_train.items():
-            embeddings = self.training.embed([text for text, _ in examples])
+            features = self.training.embed([text for text, _ in examples], layers)
+            embeddings = features[:, -self.training.model.hidden_size :]
             state = self.tasks[name]
             state.add_to_prototypes(examples, embeddings)
             if self._routes():
-                self.memory.add(name, [state.labels[index] for _, index in examples], embeddings)
+                self.memory.add(name, [state.labels[index] for _, index in examples], features)
             if self.settings.drift_enabled:
                 self.rounds.adapt_now |= self.drift.judge(self.tasks[name], embeddings.numpy())
         for name in new_train:

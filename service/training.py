@@ -216,9 +216,10 @@ class Training:
 
     # --- predictions --------------------------------------------------------------------------------
 
-    def embed(self, texts: Sequence[str]) -> torch.Tensor:
-        """Base-model embeddings (every adapter off), for prototypes and drift."""
-        return torch.from_numpy(self.model.base_embeddings(texts))
+    def embed(self, texts: Sequence[str], layers: int = 1) -> torch.Tensor:
+        """Base-model embeddings (every adapter off), for prototypes and drift; with ``layers`` > 1,
+        base features whose last ``hidden_size`` columns are those embeddings (for the router)."""
+        return torch.from_numpy(self.model.base_embeddings(texts, layers=layers))
 
     def predict_task(self, task: TaskState, texts: Sequence[str]) -> torch.Tensor:
         """The current scores of ``texts`` over ``task``'s labels (in label order)."""

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from service.engine import InferenceEngine, Row
 from service.errors import CorruptVersion, DeadlineExceeded, ResourceExhausted
 from service.metrics import ServerMetrics
-from service.model import AdapterModel, build_model
+from service.model import BASE_FEATURE_LAYERS, AdapterModel, build_model
 from service.served_model import ServedModel, build_served_model
 from service.settings import Settings
 
@@ -97,7 +97,7 @@ def test_mixed_adapter_batches_answer_as_the_trainers_model_does_one_text_at_a_t
     alone = [
         trained.predict(row.adapter, [row.text])[0]
         if row.adapter
-        else torch.from_numpy(trained.base_embeddings([row.text]))[0]
+        else torch.from_numpy(trained.base_embeddings([row.text], layers=BASE_FEATURE_LAYERS))[0]
         for row in rows
     ]
     paused = Paused(engine)  # the requests queue up together: every batch mixes adapters and base rows

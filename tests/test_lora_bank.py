@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.model import AdapterModel, build_model
+from service.model import BASE_FEATURE_LAYERS, AdapterModel, build_model
 from service.served_model import ServedModel, build_served_model
 from service.settings import Settings
 
@@ -28,14 +28,17 @@ def assert_answers_as(served: ServedModel, trained: AdapterModel, names: list[st
     """Every (text, adapter) pair, all in one mixed batch with base rows, equals PEFT one at a time."""
     rows = [(text, name) for name in names for text in TEXTS] + [(text, None) for text in TEXTS]
     texts, adapters = [t for t, _ in rows], [a for _, a in rows]
-    answers = served.head_probabilities(served.mixed_pooled(texts, adapters), adapters)
+    answers = served.outputs(texts, adapters)
     for (text, adapter), answer in zip(rows, answers, strict=True):
         expected = (
             trained.predict(adapter, [text])[0]
             if adapter is not None
-            else torch.from_numpy(trained.base_embeddings([text]))[0]
+            else torch.from_numpy(trained.base_embeddings([text], layers=BASE_FEATURE_LAYERS))[0]
         )
         assert torch.allclose(answer, expected, atol=1e-5), (text, adapter, (answer - expected).abs().max())
+        if adapter is None:  # base features end with the base embedding
+            embedding = torch.from_numpy(trained.base_embeddings([text]))[0]
+            assert torch.allclose(answer[-served.hidden_size :], embedding, atol=1e-5)
 
 
 @pytest.mark.parametrize("targets", [["query", "value"], ["query", "key", "value", "dense"]])

@@ -84,6 +84,27 @@ def test_the_router_gives_each_task_the_probability_of_its_labels() -> None:
     assert fit_router(FeatureMemory(size=10, seed=0)) is None  # nothing to tell apart yet
 
 
+def test_a_memory_and_a_router_from_narrower_features_read_the_last_columns() -> None:
+    """Base features end with the deepest layer: what was fitted on fewer layers (a checkpoint or a
+    router from before) keeps reading its own columns, so old and new rows stay one feature space."""
+    x, y = clusters(labels=3, per_label=30)
+    labels = [f"l{label}" for label in y]
+    wider = torch.cat([torch.randn(len(y), 32), x], dim=1)  # two more layers in front
+    old = FeatureMemory(size=1000, seed=0)
+    old.add("task", labels[:60], x[:60])
+    plain, tensors = old.saved_state()
+    restored = FeatureMemory(size=1000, seed=0)
+    restored.restore(json.loads(json.dumps(plain)), tensors)
+    restored.add("task", labels[60:], wider[60:])
+    old.add("task", labels[60:], x[60:])
+    assert restored.width == old.width == 16 and same(restored, old)
+    router = fit_router(old)
+    assert router is not None
+    assert torch.equal(router.task_probabilities(wider, ["task"]), router.task_probabilities(x, ["task"]))
+    with pytest.raises(ValueError, match="reads 16 features per text, got 8"):
+        router.task_probabilities(x[:, :8], ["task"])
+
+
 def test_fitting_the_router_leaves_the_global_generator_alone() -> None:
     """Training's dropout draws from torch's global generator: a fit that drew from it too would
     change every training step after it, and a restart (which refits) would train differently."""
@@ -167,6 +188,8 @@ def test_the_trainer_fits_writes_and_restores_its_router(settings: Settings) -> 
     labels = {(task.name, label) for task in tasks for _, label in task.train}
     assert router is not None and set(router.rows) == labels
     assert trainer.router is not None and torch.equal(trainer.router.weight, router.weight)
+    # The router reads several layers of the base model (the tiny one has two and its embeddings).
+    assert router.weight.shape[1] == trainer.memory.width == 3 * trainer.training.model.hidden_size
     # The memory comes back with the checkpoint, so the restarted trainer refits the same router.
     restarted = new_trainer(settings)
     assert same(restarted.memory, trainer.memory)
