@@ -610,15 +610,22 @@ def update_readme(results: dict[str, Any], out: Path, readme: Path) -> None:
     text = readme.read_text()
     blocks = {f"{out.stem} table": table(results), f"{out.stem} heatmaps": heatmaps(results, out)}
     for marker, body in blocks.items():
-        start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
-        head, _, rest = text.partition(start)
-        _, found, tail = rest.partition(end)
-        if not found:
+        replaced = replace_block(text, marker, body)
+        if replaced is None:
             if marker.endswith("heatmaps"):
                 continue
-            raise SystemExit(f"{readme} lacks the {start} ... {end} markers")
-        text = f"{head}{start}\n{body}\n{end}{tail}"
+            raise SystemExit(f"{readme} lacks the <!-- {marker} --> ... <!-- /{marker} --> markers")
+        text = replaced
     readme.write_text(text)
+
+
+def replace_block(text: str, marker: str, body: str) -> str | None:
+    """``text`` with what lies between ``<!-- marker -->`` and ``<!-- /marker -->`` replaced by
+    ``body``; None if it lacks the markers."""
+    start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
+    head, _, rest = text.partition(start)
+    _, found, tail = rest.partition(end)
+    return f"{head}{start}\n{body}\n{end}{tail}" if found else None
 
 
 def _value(text: str) -> Any:

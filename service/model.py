@@ -72,6 +72,8 @@ class AdapterModel:
         self._peft: PeftModel | None = None
         self.heads: dict[str, nn.Linear] = {}
         self.hidden_size = int(base.config.hidden_size)
+        #: Layers of the base model's output (its embeddings' and each transformer layer's).
+        self.output_layers = int(base.config.num_hidden_layers) + 1
 
     # --- adapters -------------------------------------------------------------------------------
 
@@ -235,7 +237,7 @@ class AdapterModel:
                     rows.append(base_features(hidden.hidden_states, batch["attention_mask"], layers))
                 else:
                     rows.append(mean_pool(hidden.last_hidden_state, batch["attention_mask"]))
-        width = min(layers, self._base.config.num_hidden_layers + 1) * self.hidden_size
+        width = min(layers, self.output_layers) * self.hidden_size
         return torch.cat(rows).numpy() if rows else np.empty((0, width), dtype=np.float32)
 
     @torch.inference_mode()

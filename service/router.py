@@ -106,9 +106,11 @@ class Router:
         return cls(tuple((str(task), str(label)) for task, label in rows), weight, bias)
 
 
-def fit_router(memory: FeatureMemory) -> Router | None:
+def fit_router(memory: FeatureMemory, heartbeat: Callable[[], None] = lambda: None) -> Router | None:
     """The router fitted to convergence on the memory (full batch, L-BFGS, from zero); None before
-    two labels have examples. A function of the memory alone: a restart refits the same router."""
+    two labels have examples. A function of the memory alone: a restart refits the same router.
+    ``heartbeat`` is called at every evaluation of the loss (the trainer keeps its consumer group
+    membership meanwhile: on a large memory with many labels the fit takes minutes)."""
     x, y, keys = memory.features()
     if len(keys) < 2:
         return None
@@ -119,6 +121,7 @@ def fit_router(memory: FeatureMemory) -> Router | None:
     optimizer = torch.optim.LBFGS([weight, bias], max_iter=ROUTER_MAX_ITERATIONS)
 
     def closure() -> torch.Tensor:
+        heartbeat()
         optimizer.zero_grad()
         logits = functional.linear(x, weight, bias)
         loss = functional.cross_entropy(logits, y) + ROUTER_WEIGHT_DECAY * weight.pow(2).sum()

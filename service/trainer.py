@@ -219,7 +219,7 @@ class Trainer:
         if not self._routes() or self._memory_fitted == self.memory.added:
             return None
         started = time.monotonic()
-        router = fit_router(self.memory)
+        router = fit_router(self.memory, heartbeat=self._keep_group)
         self._memory_fitted = self.memory.added
         if router is not None:
             self.router = router

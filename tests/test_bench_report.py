@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from bench.cl_clinc150 import RESULTS, _figures, _template_ratios, heatmaps, table, update_readme
+from bench.router_features import table as router_table
 
 
 def _run(acc: float, wall_s: float) -> dict[str, Any]:
@@ -91,3 +92,11 @@ def test_the_committed_readme_shows_the_committed_results(out: Path) -> None:
     assert table(results) in readme
     if f"<!-- {out.stem} heatmaps -->" in readme or out.stem == "cl_clinc150":
         assert heatmaps(results, out) in readme
+
+
+def test_the_router_features_table_shows_every_split_measured() -> None:
+    rows = [{"layers": 1, "accuracy": 0.9603, "fit_s": 8.7}, {"layers": 4, "accuracy": 0.972, "fit_s": 25.8}]
+    test = [{"layers": 1, "accuracy": 0.9556, "fit_s": 9.0}, {"layers": 4, "accuracy": 0.9636, "fit_s": 26.0}]
+    lines = router_table({"val": rows, "test": test}).splitlines()
+    assert lines[0] == "| last layers read | val accuracy | test accuracy | fit |"
+    assert lines[2:] == ["| 1 | 96.03% | 95.56% | 9 s |", "| 4 | 97.20% | 96.36% | 26 s |"]
