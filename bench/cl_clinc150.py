@@ -153,6 +153,8 @@ def run_order(
     routed: dict[str, dict[str, float]] = {}
     #: Task-agnostic accuracy answered other ways, beside the default (see ``_task_agnostic``).
     matrices: dict[str, dict[str, dict[str, float]]] = {}
+    #: Task-aware accuracy answered other ways (see ``_aware_with_router``).
+    aware_ways: dict[str, dict[str, dict[str, float]]] = {}
     for seen in steps:
         name = seen[-1]
         if strategy != "joint":
@@ -166,6 +168,9 @@ def run_order(
                 [own_labels[i] == b for i, b in zip(own.argmax(-1).tolist(), labels, strict=True)]
             )
             aware[name][d] = float(right.float().mean())
+            ensembled = _aware_with_router(learner, d, test_features[d], labels, (own_labels, own))
+            if ensembled is not None:
+                aware_ways.setdefault("router-x-adapter", {}).setdefault(name, {})[d] = ensembled
             ways, routed[name][d] = _task_agnostic(
                 learner, settings, seen, d, test_features[d], (texts, labels, own), routing
             )
@@ -208,7 +213,28 @@ def run_order(
             way: _figures(matrix).acc for way, matrix in matrices.items() if way != "default"
         },
         "matrix_task_agnostic_ways": {way: m for way, m in matrices.items() if way != "default"},
+        "acc_task_aware_ways": {way: _figures(matrix).acc for way, matrix in aware_ways.items()},
     }
+
+
+def _aware_with_router(
+    learner: Learned,
+    domain: str,
+    features: torch.Tensor,
+    labels: list[str],
+    answered: tuple[list[str], torch.Tensor],
+) -> float | None:
+    """Task-aware accuracy if the router's probabilities of the named domain's labels (one softmax
+    over them alone) multiplied its adapter's, as for task-less texts; None without a router that
+    knows the domain. An experiment: a named request would then need a base row too."""
+    router, (own_labels, own) = learner.router, answered
+    if router is None or domain not in router.tasks():
+        return None
+    priors = router.label_priors(features, [domain], [own_labels])
+    if priors is None:
+        return None
+    picked = (priors[0] * own).argmax(-1).tolist()
+    return sum(own_labels[p] == label for p, label in zip(picked, labels, strict=True)) / len(labels)
 
 
 def _task_agnostic(

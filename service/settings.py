@@ -180,11 +180,11 @@ class Settings(BaseSettings):
     # Task inference (requests that name no task; see service/router.py)
     task_inference: Literal["router", "prototypes"] = Field(
         default="router",
-        description="router: a linear classifier over every label on base embeddings, refit each round; "
+        description="router: a linear classifier over every label on base features, refit each round; "
         "prototypes: the nearest label mean.",
     )
     router_memory_size: int = Field(
-        default=20_000, ge=1, description="Base embeddings the router is fitted on, evenly per label."
+        default=20_000, ge=1, description="Base features the router is fitted on, evenly per label."
     )
     routing_coverage: float = Field(
         default=0.99, gt=0, le=1, description="Candidate tasks answer until they cover this probability..."
