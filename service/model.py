@@ -31,7 +31,7 @@ PROTOTYPE_SUMS = "prototype.sums"
 PROTOTYPE_COUNTS = "prototype.counts"
 #: Layers whose pooled outputs make a text's base features, the task router's input: the last four,
 #: BERT's best feature-based reading. On CLINC150 val a linear router over every intent read them at
-#: 97.2% against 96.1% on the last layer alone (bench/README.md, "Task inference").
+#: 97.2% against 96.1% on the last layer alone (bench/README.md, "The router reads the last four layers").
 BASE_FEATURE_LAYERS = 4
 
 

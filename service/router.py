@@ -3,17 +3,18 @@
 The trainer refits the router after each round on its feature memory (``service.feature_memory``): a
 linear classifier over every (task, label) seen, on the frozen base model's features (its last layers'
 pooled outputs, ``service.model.base_features``), fitted to convergence (a frozen joint linear head,
-kept current as tasks arrive). A label's probability
-summed over a task's labels is the task's probability. Unlike label prototypes it is discriminative:
-it learns which directions tell apart intents of one product, where nearest-mean routing is weakest.
+kept current as tasks arrive). A label's probability summed over a task's labels is the task's
+probability. Unlike label prototypes it is discriminative: it learns which directions tell apart
+intents of one product, where nearest-mean routing is weakest.
 
 A request is then answered by the candidate tasks' own versions, most probable first, until they
 cover ``routing_coverage`` of the probability (at most ``routing_max_candidates``): each answers
 within its labels. By default (``routing_label_scores: router-times-adapter``) the (task, label) whose
 router probability times its adapter's probability is highest wins: an ensemble of the frozen joint
-head and the fine-tuned adapters, which on CLINC150 val beat the adapters' own scoring (bench/README.md); with
-``adapter``, the label with the highest p(task) · p(label | task). A confident route costs one adapter
-forward, an unsure one a few. Servers and the benchmark both answer through ``answer_without_task``.
+head and the fine-tuned adapters, which on CLINC150 val beat the adapters' own scoring
+(bench/README.md); with ``adapter``, the label with the highest p(task) · p(label | task). A confident
+route costs one adapter forward, an unsure one a few. Servers and the benchmark both answer through
+``answer_without_task``.
 """
 
 from __future__ import annotations
