@@ -1,7 +1,7 @@
 """Serving benchmark: what a real server delivers against what the model can do, on this machine.
 
 1. The in-process limit, same model and adapters: one text's forward (p50), and texts/s in batches
-   of ``max_batch_size`` (mixed adapters, as the server runs them).
+   of ``max_batch_size`` (mixed adapters, on as many workers side by side as the server runs).
 2. A real ``continual serve`` on a registry of CLINC150's 10 domains (adapters in the format the
    trainer writes, label prototypes, and a task router fitted on training embeddings), loaded by ghz,
    a gRPC load tool no one here wrote, at 1, 4, 16 and 64 concurrent clients: ``Predict`` naming a
@@ -9,6 +9,8 @@
 3. 1,000 registered tasks: the time from start to serving them all, the server's memory over the
    10-task one after requests spread over all of them, and the p50 of a first request to a task (its
    adapter loaded on demand) and of a second.
+4. The baseline in the same run: the same server with one inference worker (``inference_workers: 1``,
+   every core's threads on one batch at a time), named tasks at 16 and 64 clients.
 
     go install github.com/bojand/ghz/cmd/ghz@v0.93.0
     .venv/bin/python bench/serving.py [--calls 100] [--ghz ~/go/bin/ghz]
@@ -27,8 +29,10 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +44,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.api import continual_pb2, continual_pb2_grpc
 from service.datasets import TaskData, clinc150
 from service.demo import spawn_role
+from service.engine import engine_shape
 from service.feature_memory import FeatureMemory
 from service.local_kafka import free_port
 from service.model import BASE_FEATURE_LAYERS, PROTOTYPE_COUNTS, PROTOTYPE_SUMS, AdapterModel, build_model
@@ -95,29 +100,46 @@ def publish_domains(settings: Settings, model: AdapterModel, data: list[TaskData
 
 
 def offline(settings: Settings, data: list[TaskData], batch: int) -> dict[str, float]:
-    """The served model in this process, the registry's versions loaded: one text's forward p50 (ms),
-    and texts/s in mixed-adapter batches of ``batch``."""
+    """The served model in this process, the registry's versions loaded and run as a server's engine
+    runs it (``engine_shape``: its workers side by side, each on its own torch threads): one text's
+    forward p50 (ms) on one worker, and texts/s in mixed-adapter batches of ``batch`` on all of them."""
     model = build_served_model(settings)
     registry = Registry(settings.registry_dir)
     for task in data:
         model.load(task.name, registry.load_weights(task.name, 1))
     texts = [(task.name, text) for task in data for text, _ in task.eval[:40]]
     random.Random(0).shuffle(texts)
-    with torch.inference_mode():
-        for name, text in texts[:5]:
-            model.outputs([text], [name])
-        single = []
-        for name, text in texts[:100]:
-            started = time.perf_counter()
-            model.outputs([text], [name])
-            single.append(time.perf_counter() - started)
-        started, done = time.perf_counter(), 0
-        for i in range(0, len(texts) - batch + 1, batch):
-            names = [name for name, _ in texts[i : i + batch]]
-            model.outputs([t for _, t in texts[i : i + batch]], names)
-            done += batch
+    workers, threads = engine_shape(settings.inference_workers, settings.torch_threads)
+    single: list[float] = []
+
+    def work(worker: int) -> int:
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            if worker == 0:
+                for name, text in texts[:105]:
+                    started = time.perf_counter()
+                    model.outputs([text], [name])
+                    single.append(time.perf_counter() - started)
+                return 0
+            start.wait()
+            done = 0
+            for i in range(0, len(texts) - batch + 1, batch):
+                model.outputs(
+                    [t for _, t in texts[i : i + batch]], [name for name, _ in texts[i : i + batch]]
+                )
+                done += batch
+            return done
+
+    with ThreadPoolExecutor(workers) as pool:
+        pool.submit(work, 0).result()
+        start = threading.Barrier(workers)
+        started = time.perf_counter()
+        done = sum(pool.map(work, range(1, workers + 1)))
         seconds = time.perf_counter() - started
-    return {"offline_single_ms": statistics.median(single) * 1000, "offline_batched_per_s": done / seconds}
+    return {
+        "offline_single_ms": statistics.median(single[5:]) * 1000,
+        "offline_batched_per_s": done / seconds,
+    }
 
 
 def ghz(
@@ -185,6 +207,25 @@ def rss_mb(process: subprocess.Popen[bytes]) -> float:
 def stop(process: subprocess.Popen[bytes]) -> None:
     process.terminate()
     process.wait(timeout=60)
+
+
+def one_worker(
+    settings: Settings, workdir: Path, named: list[dict[str, Any]], args: argparse.Namespace
+) -> dict[str, Any]:
+    """The baseline, in the same run: the same server with one inference worker on every core's
+    torch threads (the engine before it ran batches side by side), named tasks at 16 and 64 clients."""
+    settings = settings.model_copy(
+        update={"inference_workers": 1, "grpc_port": free_port(), "server_metrics_port": free_port()}
+    )
+    process = serve(settings, workdir, "server-one-worker", 10)
+    try:
+        ghz(args.ghz, settings.grpc_port, "Predict", named, 4, 100)  # warm-up
+        return {
+            str(clients): ghz(args.ghz, settings.grpc_port, "Predict", named, clients, args.calls * clients)
+            for clients in (16, 64)
+        }
+    finally:
+        stop(process)
 
 
 def thousand_adapters(
@@ -284,6 +325,7 @@ def main() -> None:
         print("PredictBatch", result["predict_batch_32_c4"], flush=True)
     finally:
         stop(process)
+    result["one_worker"] = one_worker(settings, workdir, named, args)
     adapters = thousand_adapters(settings, workdir, model, data)
     adapters["rss_over_base_mb"] = round(adapters.pop("rss_mb") - base_rss, 1)
     result["adapters_1000"] = adapters
@@ -292,10 +334,18 @@ def main() -> None:
         throughput_ratio_c16=round(levels["named"]["16"]["rps"] / result["offline_batched_per_s"], 3),
         c1_p50_overhead_ms=round(levels["named"]["1"]["p50_ms"] - result["offline_single_ms"], 2),
         agnostic_ratio_c16=round(levels["no task"]["16"]["rps"] / levels["named"]["16"]["rps"], 3),
-        failed=sum(level["failed"] for kind in levels.values() for level in kind.values()) + batch["failed"],
+        workers_gain_c16=round(levels["named"]["16"]["rps"] / result["one_worker"]["16"]["rps"], 3),
+        workers_gain_c64=round(levels["named"]["64"]["rps"] / result["one_worker"]["64"]["rps"], 3),
+        failed=sum(
+            level["failed"] for kind in [*levels.values(), result["one_worker"]] for level in kind.values()
+        )
+        + batch["failed"],
         settings={
             "max_batch_size": settings.max_batch_size,
             "max_batch_wait_ms": settings.max_batch_wait_ms,
+            "inference_workers, torch_threads each": engine_shape(
+                settings.inference_workers, settings.torch_threads
+            ),
             "calls_per_client": args.calls,
             "base_model": settings.base_model,
             "load_tool": "ghz v0.93.0",

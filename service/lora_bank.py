@@ -12,11 +12,13 @@ copies tensors into a free slot and unloading frees it: both are independent of 
 are loaded. Training keeps PEFT (``service.model.AdapterModel``); this is the serving side only, and
 it reads exactly the weights files PEFT's state dict wrote.
 
-Not thread-safe: the inference engine's thread is the only one that loads, unloads and runs it.
+Forwards may run on several threads at once (each thread's rows are its own); loading and unloading
+must not run beside a forward (the inference engine waits for its forwards to end first).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -64,8 +66,7 @@ class LoraBank:
 
     def __init__(self, encoder: nn.Module, target_modules: Sequence[str], r: int, alpha: int) -> None:
         self.scaling = alpha / r
-        #: Each row's slot during a forward (``rows``); None outside one, or when every row is a base row.
-        self.row_slots: torch.Tensor | None = None
+        self._forward = threading.local()  # the rows of the forward this thread is running
         self._slots: dict[str, int] = {}
         self._free: list[int] = []
         self._capacity = 8  # slot 0 (the base model) and seven adapters, doubled as needed
@@ -79,6 +80,13 @@ class LoraBank:
                 self.layers[path] = layer
         if not self.layers:
             raise ValueError(f"no linear layer of the base model is named any of {list(target_modules)}")
+
+    @property
+    def row_slots(self) -> torch.Tensor | None:
+        """Each row's slot in this thread's forward (``rows``); None outside one, or when every row is
+        a base row."""
+        slots: torch.Tensor | None = getattr(self._forward, "slots", None)
+        return slots
 
     def load(self, name: str, lora: dict[str, torch.Tensor]) -> None:
         """Put an adapter's LoRA tensors (PEFT state-dict names) in a free slot.
@@ -112,11 +120,11 @@ class LoraBank:
         if all(adapter is None for adapter in adapters):
             yield
             return
-        self.row_slots = torch.tensor([0 if a is None else self._slots[a] for a in adapters])
+        self._forward.slots = torch.tensor([0 if a is None else self._slots[a] for a in adapters])
         try:
             yield
         finally:
-            self.row_slots = None
+            self._forward.slots = None
 
     def _pairs(self, lora: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

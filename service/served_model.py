@@ -3,12 +3,13 @@
 
 It reads the weights files the trainer's ``AdapterModel`` writes and answers as that model does (to
 float rounding), but a batch runs every row through its own adapter in one forward, and loading or
-unloading an adapter costs the same with 1 or 1,000 loaded. Not thread-safe: the inference engine's
-thread is the only one that uses it.
+unloading an adapter costs the same with 1 or 1,000 loaded. Forwards (``outputs``) may run on several
+threads at once; loading and unloading must not run beside one (the inference engine sees to it).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,6 +39,9 @@ class ServedModel:
         self.encoder = encoder
         self.heads: dict[str, nn.Linear] = {}
         self.hidden_size = int(encoder.config.hidden_size)
+        # A fast tokenizer sets its padding and truncation on each call: two threads at once can
+        # collide ("Already borrowed"), and a call takes well under a millisecond.
+        self._tokenizing = threading.Lock()
 
     def names(self) -> list[str]:
         """The adapters loaded."""
@@ -70,9 +74,10 @@ class ServedModel:
         """Per text, in one forward through each row's own adapter: an adapter row's probabilities
         under its head; a base row's (adapter None) base features (``service.model.base_features``,
         whose last ``hidden_size`` columns are its base-model embedding)."""
-        batch = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
+        with self._tokenizing:
+            batch = self.tokenizer(
+                list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
         mask = batch["attention_mask"]
         base = [i for i, adapter in enumerate(adapters) if adapter is None]
         with self.bank.rows(adapters):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from service.drift import DriftMonitor
-from service.engine import InferenceEngine, Row
+from service.engine import InferenceEngine, Row, engine_shape
 from service.errors import CorruptVersion, FailedPrecondition, InvalidArgument, NotFound
 from service.metrics import ServerMetrics
 from service.model import unit_prototypes
@@ -61,6 +61,7 @@ class AdapterPool:
         self.registry = registry
         self.model = model
         self.metrics = metrics
+        workers, threads = engine_shape(settings.inference_workers, settings.torch_threads)
         self.engine = InferenceEngine(
             model,
             metrics,
@@ -69,6 +70,8 @@ class AdapterPool:
             settings.inference_queue_size,
             capacity=settings.max_loaded_adapters,
             weights=self._adapter_weights,
+            workers=workers,
+            threads=threads,
         )
         self._drift_references: dict[str, tuple[int, list[str], dict[str, int]]] = {}
         self.drift: DriftMonitor | None = None

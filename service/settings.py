@@ -172,9 +172,7 @@ class Settings(BaseSettings):
     lwf_temperature: float = Field(default=2.0, gt=0, description="Softmax temperature of the distillation.")
     seed: int = 0
     torch_threads: int = Field(
-        default=0,
-        ge=0,
-        description="torch's intra-op threads, in the trainer and in a server (0: torch's default).",
+        default=0, ge=0, description="torch's threads: the trainer's, or each inference worker's (0: auto)."
     )
 
     # Task inference (requests that name no task; see service/router.py)
@@ -199,9 +197,10 @@ class Settings(BaseSettings):
     grpc_host: str = "127.0.0.1"
     grpc_port: int = Field(default=50051, ge=0, le=65535)
     grpc_workers: int = Field(
-        default=64,
-        ge=1,
-        description="Threads taking gRPC calls; they wait on the inference queue, not the CPU.",
+        default=64, ge=1, description="Threads taking gRPC calls (they wait on the inference queue)."
+    )
+    inference_workers: int = Field(
+        default=0, ge=0, description="Batches a server runs at once (0: one per core, up to 8)."
     )
     max_batch_size: int = Field(
         default=32, ge=1, description="Texts the inference engine runs in one forward."
@@ -219,9 +218,7 @@ class Settings(BaseSettings):
         default=64, ge=1, description="Requests of one PredictStream answered at once (the rest wait)."
     )
     inference_queue_size: int = Field(
-        default=1024,
-        ge=1,
-        description="Requests waiting for the engine; more are refused (RESOURCE_EXHAUSTED).",
+        default=1024, ge=1, description="Requests waiting for the engine; more are refused."
     )
     registry_poll_s: float = Field(default=0.5, gt=0, description="How often servers look for new versions.")
     admin_token: SecretStr | None = Field(

@@ -5,6 +5,8 @@ queued request needs it."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -51,6 +53,7 @@ def make_engine(
     model: ServedModel,
     weights: Callable[[str], dict[str, torch.Tensor]] | None = None,
     capacity: int = 100,
+    workers: int = 1,
     **limits: float,
 ) -> InferenceEngine:
     settings = {"max_batch_size": 8, "max_batch_wait_ms": 2.0, "queue_size": 64, **limits}
@@ -62,6 +65,8 @@ def make_engine(
         int(settings["queue_size"]),
         capacity=capacity,
         weights=weights,
+        workers=workers,
+        threads=1,
     )
 
 
@@ -111,6 +116,45 @@ def test_mixed_adapter_batches_answer_as_the_trainers_model_does_one_text_at_a_t
     # One job with more rows than a batch holds runs in pieces and keeps its rows in order.
     many = engine.run(rows)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(many, alone, strict=True))
+
+
+def test_workers_run_batches_side_by_side_and_change_the_model_only_while_none_runs(
+    trained: AdapterModel, model: ServedModel
+) -> None:
+    spans: list[tuple[float, float]] = []  # each forward's start and end, observed around the real one
+    changes: list[float] = []
+    forward = model.outputs
+
+    def observed(texts: list[str], adapters: list[str | None]) -> list[torch.Tensor]:
+        started = time.monotonic()
+        answers = forward(texts, adapters)
+        spans.append((started, time.monotonic()))
+        return answers
+
+    model.outputs = observed  # type: ignore[method-assign]
+    trained.add("d@v1", num_labels=4)  # one more adapter, loaded and retired amid the load
+    extra = trained.weights("d@v1")
+    alone = {name: trained.predict(name, TEXTS) for name in ADAPTERS}
+    engine = make_engine(model, workers=2, max_batch_size=2)
+    engine.start()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as clients:
+            answers = [
+                clients.submit(engine.run, [Row(text, ADAPTERS[i % 3])]) for i, text in enumerate(TEXTS * 4)
+            ]
+            time.sleep(0.2)
+            engine.between_batches(lambda: (changes.append(time.monotonic()), engine.load("d@v1", extra)))
+            engine.retire("d@v1")
+            for i, answer in enumerate(answers):
+                expected = alone[ADAPTERS[i % 3]][i % len(TEXTS)]
+                assert torch.allclose(answer.result(timeout=60)[0], expected, atol=1e-5)
+        engine.run([Row("after", "a@v1")])
+        assert "d@v1" not in model.names()
+    finally:
+        engine.stop()
+    overlapping = sum(a[0] < b[1] and b[0] < a[1] for a, b in itertools.combinations(spans, 2))
+    assert overlapping > 0, "two workers never ran a forward at the same time"
+    assert changes and not any(start < changes[0] < end for start, end in spans)
 
 
 def test_jobs_waiting_together_share_batches_in_their_order(engine: InferenceEngine) -> None:
