@@ -62,25 +62,34 @@ PROTO = REPO / "protos" / "continual" / "v1" / "continual.proto"
 LEVELS = (1, 4, 16, 64)
 
 
-def publish_domains(settings: Settings, model: AdapterModel, data: list[TaskData], copies: int = 1) -> None:
+def publish_domains(
+    settings: Settings,
+    model: AdapterModel,
+    data: list[TaskData],
+    copies: int = 1,
+    features: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Each domain as a served version (fresh LoRA, label prototypes, eval records), ``copies`` times
-    under numbered names; and a router fitted on training embeddings of the first copy."""
+    under numbered names; and a router fitted, as the trainer fits it, on the base features of every
+    training text of the first copy (a router memory of ``router_memory_size`` rows holds them all).
+    ``features`` keeps each label's base features from one call for the next."""
     registry = Registry(settings.registry_dir)
     memory = FeatureMemory(settings.router_memory_size, settings.seed)
+    features = {} if features is None else features
     for task in data:
         labels = sorted({label for _, label in task.train})
-        texts = {label: [t for t, lbl in task.train if lbl == label][:20] for label in labels}
-        embedded = {
-            label: torch.from_numpy(model.base_embeddings(texts[label], layers=BASE_FEATURE_LAYERS))
-            for label in labels
-        }
+        for label in labels:
+            if label not in features:
+                texts = [t for t, lbl in task.train if lbl == label]
+                features[label] = torch.from_numpy(model.base_embeddings(texts, layers=BASE_FEATURE_LAYERS))
+        embedded = {label: features[label] for label in labels}
         if task.name not in model.names():
             model.add(task.name, len(labels))
         weights = model.weights(task.name)
         weights[PROTOTYPE_SUMS] = torch.stack(
             [embedded[label][:, -model.hidden_size :].sum(0) for label in labels]
         )
-        weights[PROTOTYPE_COUNTS] = torch.tensor([float(len(texts[label])) for label in labels])
+        weights[PROTOTYPE_COUNTS] = torch.tensor([float(len(embedded[label])) for label in labels])
         for label in labels:
             memory.add(task.name, [label] * len(embedded[label]), embedded[label])
         for copy in range(copies):
@@ -229,14 +238,18 @@ def one_worker(
 
 
 def thousand_adapters(
-    settings: Settings, workdir: Path, model: AdapterModel, data: list[TaskData]
+    settings: Settings,
+    workdir: Path,
+    model: AdapterModel,
+    data: list[TaskData],
+    features: dict[str, torch.Tensor],
 ) -> dict[str, Any]:
     """A server over 1,000 tasks: memory after requests to all of them, cold and warm p50 (ms)."""
     settings = settings.model_copy(
         update={"registry_dir": workdir / "registry-1000", "grpc_port": free_port()}
     )
     copies = -(-1000 // len(data))
-    publish_domains(settings, model, data, copies)
+    publish_domains(settings, model, data, copies, features)
     names = [t.name if c == 0 else f"{t.name}-{c}" for c in range(copies) for t in data][:1000]
     started = time.monotonic()
     process = serve(settings, workdir, "server-1000", len(names))
@@ -296,7 +309,8 @@ def main() -> None:
     )
     data = clinc150(settings.clinc150_dir)
     model = build_model(settings)
-    publish_domains(settings, model, data)
+    features: dict[str, torch.Tensor] = {}
+    publish_domains(settings, model, data, features=features)
     result: dict[str, Any] = offline(settings, data, settings.max_batch_size)
     print("in-process:", result, flush=True)
 
@@ -326,7 +340,7 @@ def main() -> None:
     finally:
         stop(process)
     result["one_worker"] = one_worker(settings, workdir, named, args)
-    adapters = thousand_adapters(settings, workdir, model, data)
+    adapters = thousand_adapters(settings, workdir, model, data, features)
     adapters["rss_over_base_mb"] = round(adapters.pop("rss_mb") - base_rss, 1)
     result["adapters_1000"] = adapters
     levels = result["levels"]
