@@ -37,7 +37,8 @@ class ServedModel:
         self.tokenizer, encoder = load_frozen_base(base_path)
         self.bank = LoraBank(encoder, lora.target_modules, lora.r, lora.alpha)
         if hasattr(encoder, "pooler"):  # after the bank, which takes the LoRA weights of every layer
-            encoder.pooler = None  # a BERT pooler's output is never read: answers are mean-pooled
+            # A BERT pooler's output is never read: answers are mean-pooled.
+            encoder.pooler = None  # type: ignore[assignment]
         self.encoder = encoder
         self.heads: dict[str, nn.Linear] = {}
         self.hidden_size = int(encoder.config.hidden_size)
