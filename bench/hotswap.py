@@ -254,6 +254,7 @@ def main() -> None:
             "rollback_every_s": args.rollback_every,
             "registry_poll_s": settings.registry_poll_s,
             "drift_sample_rate_in_part_2": settings.drift_sample_rate,
+            "drift_max_samples_per_s_in_part_2": settings.drift_max_samples_per_s,
             "base_model": settings.base_model,
             "machine": f"{os.cpu_count()} CPU cores, no GPU",
         },

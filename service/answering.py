@@ -13,6 +13,7 @@ import logging
 import queue
 import random
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -70,13 +71,46 @@ class Pending:
     embedding: torch.Tensor | None = None
 
 
+class DriftSampler:
+    """Which requests naming a task drift sees: a fraction (``rate``), and at most ``per_second`` of a
+    task's a second (a token bucket per task holding up to one second's worth; 0: no cap).
+
+    A sampled request costs a second row in its batch (its base-model embedding), so without a cap
+    drift doubles the model's work under load; with one, a busy task's drift costs a bounded number
+    of rows a second while a quiet task still has every request judged."""
+
+    def __init__(self, rate: float, per_second: float, seed: int) -> None:
+        self.rate, self.per_second = rate, per_second
+        self._random = random.Random(seed)
+        self._buckets: dict[str, tuple[float, float]] = {}  # task: (tokens, when last counted)
+        self._lock = threading.Lock()
+
+    def __call__(self, task: str) -> bool:
+        """Whether this request to ``task`` is judged."""
+        with self._lock:
+            if self._random.random() >= self.rate:
+                return False
+            if not self.per_second:
+                return True
+            now = time.monotonic()
+            tokens, then = self._buckets.get(task, (self.per_second, now))
+            tokens = min(self.per_second, tokens + (now - then) * self.per_second)
+            self._buckets[task] = (tokens - 1, now) if tokens >= 1 else (tokens, now)
+            return tokens >= 1
+
+
 class Answerer:
     """Answers Predict, PredictBatch and PredictStream with the pool's served versions."""
 
     def __init__(self, pool: AdapterPool) -> None:
         self.pool = pool
         self.settings = pool.settings
+        # A task-less request's base features come with its routing, so drift sees it at ``rate``
+        # alone; a named one's cost a row, so they are also capped per task.
         self._sampler = random.Random(pool.settings.seed)
+        self._drift_sampler = DriftSampler(
+            pool.settings.drift_sample_rate, pool.settings.drift_max_samples_per_s, pool.settings.seed
+        )
 
     def predict(self, request: Request, deadline: float | None = None) -> Prediction:
         """One request, start to finish. ``deadline`` (time.monotonic()) drops it if still queued then."""
@@ -137,9 +171,12 @@ class Answerer:
             )
         if request.top_k < 0:
             raise InvalidArgument(f"top_k must not be negative, got {request.top_k}")
-        observed = self.pool.drift is not None and self._sampler.random() < self.settings.drift_sample_rate
         if not task:
+            observed = (
+                self.pool.drift is not None and self._sampler.random() < self.settings.drift_sample_rate
+            )
             return Pending(request, deadline, observed, self.pool.engine.submit([Row(text)], deadline))
+        observed = self.pool.drift is not None and self._drift_sampler(task)
         with self.pool.serving() as (served, _):
             loaded = served.get(task)
             if loaded is None:

@@ -244,6 +244,9 @@ class Settings(BaseSettings):
     drift_sample_rate: float = Field(
         default=1.0, gt=0.0, le=1.0, description="Fraction of Predict calls whose input is judged."
     )
+    drift_max_samples_per_s: float = Field(
+        default=10.0, ge=0.0, description="...at most this many a second per task on a server (0: no cap)."
+    )
     drift_queue_size: int = Field(
         default=2000, ge=1, description="Inputs waiting to be judged; more are dropped."
     )

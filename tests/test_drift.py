@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import numpy as np
 import pytest
 
+from service.answering import DriftSampler
 from service.datasets import clinc150
 from service.drift import DriftMonitor, DriftResult, MMDDrift, PageHinkley, PredictionDrift
 from service.model import build_model
@@ -42,6 +44,20 @@ def test_prediction_drift_compares_the_label_mix_with_training() -> None:
     assert sum(r.drifted for r in same) <= 3 * ALPHA * 100
     [moved] = detector.add(["a"] * 60 + ["b"] * 20)
     assert moved.drifted
+
+
+def test_a_busy_task_has_drift_samples_up_to_its_cap_and_a_quiet_task_all_its_requests() -> None:
+    sampler = DriftSampler(rate=1.0, per_second=5.0, seed=0)
+    started = time.monotonic()
+    busy = sum(sampler("busy") for _ in range(1000))
+    refilled = (time.monotonic() - started) * 5.0
+    assert 5 <= busy <= 5 + refilled + 1  # one second's worth at once, then the rate
+    assert sampler("quiet")  # every task has its own bucket
+    time.sleep(0.5)
+    assert 2 <= sum(sampler("busy") for _ in range(1000)) <= 4  # half a second's worth came back
+    uncapped, halved = DriftSampler(rate=1.0, per_second=0.0, seed=0), DriftSampler(0.5, 0.0, seed=0)
+    assert all(uncapped("busy") for _ in range(1000))
+    assert 420 <= sum(halved("busy") for _ in range(1000)) <= 580
 
 
 def test_page_hinkley_fires_on_falling_accuracy_not_on_steady() -> None:
