@@ -1,10 +1,12 @@
 """Answering predictions: validate a request, queue its rows with the inference engine, rank labels.
 
-A request goes through three steps, so that many can be in flight at once (PredictBatch, PredictStream)
+A request goes through four steps, so that many can be in flight at once (PredictBatch, PredictStream)
 and share the engine's batches: ``start`` validates it and queues its first rows (its task's served
 version; for a request naming no task, a base-model row for the router); ``advance`` queues a
-task-less request's candidate tasks once its embedding is back; ``finish`` waits for the answers and
-ranks the labels. Errors are ContinualErrors, raised by the step that meets them.
+task-less request's most probable candidate task once its embedding is back; ``narrow`` queues the
+other candidates only if they could still win against the first one's answer (most requests are
+settled by it); ``finish`` waits for the answers and ranks the labels. Errors are ContinualErrors,
+raised by the step that meets them.
 """
 
 from __future__ import annotations
@@ -16,14 +18,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import torch
 
 from service.engine import Row
 from service.errors import ContinualError, InvalidArgument, NotFound
-from service.router import answer_without_task, candidates
+from service.router import answer_without_task, candidates, could_still_win
 from service.serving import AdapterPool, LoadedVersion, nearest_task
 from service.settings import TASK_NAME
 
@@ -61,7 +63,8 @@ class Pending:
     #: Whether drift sees this request (its base-model embedding comes with the answer).
     observed: bool
     future: Future[list[torch.Tensor]]
-    #: The versions whose rows ``future`` answers, in order; empty while a task-less request is routed.
+    #: The versions whose rows ``earlier`` and then ``future`` answer, in order; empty while a task-less
+    #: request is routed; its candidates, the first one asked alone, until it is narrowed.
     versions: list[LoadedVersion] = field(default_factory=list)
     #: For a task-less request: every candidate's probability under the router (None: by prototypes).
     routed: torch.Tensor | None = None
@@ -69,6 +72,8 @@ class Pending:
     priors: list[torch.Tensor] | None = None
     confidence: float = 1.0
     embedding: torch.Tensor | None = None
+    #: Answers already back (a task-less request's first candidate's), before ``future``'s.
+    earlier: list[torch.Tensor] = field(default_factory=list)
 
 
 class DriftSampler:
@@ -125,9 +130,10 @@ class Answerer:
         limit = self.settings.max_batch_items
         if not 0 < len(requests) <= limit:
             raise InvalidArgument(f"a batch holds 1 to {limit} items (max_batch_items), got {len(requests)}")
-        started = [attempt(self.start, request, deadline) for request in requests]
-        advanced = [attempt(self.advance, p) if isinstance(p, Pending) else p for p in started]
-        return [attempt(self.finish, p) if isinstance(p, Pending) else p for p in advanced]
+        pending: list[Pending | ContinualError] = [attempt(self.start, r, deadline) for r in requests]
+        for step in (self.advance, self.narrow):
+            pending = [attempt(step, p) if isinstance(p, Pending) else p for p in pending]
+        return [attempt(self.finish, p) if isinstance(p, Pending) else p for p in pending]
 
     def predict_stream(
         self, requests: Iterable[Request], deadline: float | None, window: int
@@ -156,7 +162,7 @@ class Answerer:
             done.set()
 
     def _complete(self, pending: Pending) -> Prediction:
-        return self.finish(self.advance(pending))
+        return self.finish(self.narrow(self.advance(pending)))
 
     def start(self, request: Request, deadline: float | None = None) -> Pending:
         """Validate ``request`` and queue its first rows."""
@@ -187,8 +193,8 @@ class Answerer:
             return Pending(request, deadline, observed, self.pool.engine.submit(rows, deadline), [loaded])
 
     def advance(self, pending: Pending) -> Pending:
-        """For a request naming no task, once its embedding is back: queue its candidate tasks' rows
-        as one job (the router's most probable tasks, or the nearest prototypes' task)."""
+        """For a request naming no task, once its embedding is back: choose its candidate tasks (the
+        router's most probable, or the nearest prototypes' task) and queue the first one's row."""
         if pending.versions:
             return pending
         (features,) = pending.future.result()
@@ -211,17 +217,46 @@ class Answerer:
                 prototypes = [loaded.prototypes for loaded in served]
                 choices, confidences = nearest_task(embedding.unsqueeze(0), prototypes)
                 chosen, confidence = [int(choices[0])], float(confidences[0])
-            rows = [Row(pending.request.text, served[i].adapter) for i in chosen]
-            future = self.pool.engine.submit(rows, pending.deadline)
+            future = self.pool.engine.submit(
+                [Row(pending.request.text, served[chosen[0]].adapter)], pending.deadline
+            )
         versions = [served[i] for i in chosen]
         if routed is not None:
             routed = routed[:, chosen]  # the candidates' probabilities under the router, in their order
         request, deadline, observed = pending.request, pending.deadline, pending.observed
         return Pending(request, deadline, observed, future, versions, routed, priors, confidence, embedding)
 
+    def narrow(self, pending: Pending) -> Pending:
+        """For a request naming no task, once its first candidate has answered: queue the rows of the
+        other candidates that could still win (``could_still_win``) as one job, and drop the rest (a
+        candidate whose task was switched to another version meanwhile is dropped too)."""
+        if pending.routed is None or len(pending.versions) == 1 or pending.earlier:
+            return pending
+        (first,) = pending.future.result()
+        versions, routed = pending.versions, pending.routed
+        priors = [prior[0] for prior in pending.priors] if pending.priors is not None else None
+        rest = could_still_win(routed[0], first[: len(versions[0].labels)], priors)
+        future: Future[list[torch.Tensor]] = Future()
+        with self.pool.serving() as (served, _):
+            rest = [i for i in rest if served.get(versions[i].task) is versions[i]]
+            if rest:
+                rows = [Row(pending.request.text, versions[i].adapter) for i in rest]
+                future = self.pool.engine.submit(rows, pending.deadline)
+            else:
+                future.set_result([])
+        kept = [0, *rest]
+        return replace(
+            pending,
+            future=future,
+            earlier=[first],
+            versions=[versions[i] for i in kept],
+            routed=routed[:, kept],
+            priors=[pending.priors[i] for i in kept] if pending.priors is not None else None,
+        )
+
     def finish(self, pending: Pending) -> Prediction:
         """Wait for the answers; the labels best first, the version that gave them, drift's sample."""
-        outputs = pending.future.result()
+        outputs = pending.earlier + pending.future.result()
         own = [
             output[: len(loaded.labels)] for output, loaded in zip(outputs, pending.versions, strict=False)
         ]

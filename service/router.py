@@ -158,6 +158,25 @@ def candidates(task_probabilities: torch.Tensor, coverage: float, most: int) -> 
     return chosen
 
 
+def could_still_win(
+    task_probabilities: torch.Tensor, first: torch.Tensor, priors: Sequence[torch.Tensor] | None = None
+) -> list[int]:
+    """For one text whose candidate tasks (``task_probabilities``, one each, most probable first, and
+    ``priors`` as in ``answer_without_task``) have had only the first one answered (``first``, its label
+    probabilities): the other candidates that ``answer_without_task`` could still choose.
+
+    A candidate's score is at most what it would be if its version gave its best label probability 1,
+    so one whose bound is below the first's score cannot win, and leaving it out changes no answer's
+    task or label. Most texts are settled by their first candidate, which spares the others' rows."""
+    if priors is not None:
+        score = float((priors[0] * first).max())
+        bounds = [float(prior.max()) for prior in priors]
+    else:
+        score = float(task_probabilities[0]) * float(first.max())
+        bounds = [float(probability) for probability in task_probabilities]
+    return [i for i in range(1, len(bounds)) if bounds[i] >= score]
+
+
 @dataclass(frozen=True)
 class Answer:
     """The task chosen for one text, its probability, and its version's label probabilities."""

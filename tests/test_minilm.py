@@ -6,12 +6,16 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 
 from service.api import continual_pb2, continual_pb2_grpc
 from service.datasets import clinc150
 from service.local_kafka import free_port
+from service.registry import Registry
+from service.router import answer_without_task, load_router
+from service.served_model import build_served_model
 from service.server import start_server
-from service.settings import DEFAULT_BASE_MODEL, load_settings
+from service.settings import DEFAULT_BASE_MODEL, Settings, load_settings
 from tests.conftest import CLINC150
 from tests.helpers import train_in_process
 
@@ -29,7 +33,7 @@ def test_minilm_learns_banking_intents_from_thirty_examples_each(tmp_path: Path)
 
 
 @pytest.mark.skipif(not (CLINC150 / "data_full.json").is_file(), reason="CLINC150 is not at ../shared/data")
-def test_requests_without_a_task_are_routed_by_label_prototypes(tmp_path: Path) -> None:
+def test_requests_without_a_task_are_routed_by_prototypes_then_by_the_router(tmp_path: Path) -> None:
     settings = load_settings(
         base_model=DEFAULT_BASE_MODEL,
         registry_dir=tmp_path / "registry",
@@ -40,15 +44,10 @@ def test_requests_without_a_task_are_routed_by_label_prototypes(tmp_path: Path) 
     )
     domains = ["banking", "travel", "kitchen_and_dining"]
     tasks = clinc150(CLINC150, domains=domains, train_per_label=20)
-    train_in_process(settings, tasks)
-    server = start_server(settings)
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = continual_pb2_grpc.ContinualStub(channel)
-            held_out = [(task.name, text, label) for task in tasks for text, label in task.eval[:100]]
-            replies = [stub.Predict(continual_pb2.PredictRequest(text=text)) for _, text, _ in held_out]
-    finally:
-        server.stop()
+    trainer = train_in_process(settings, tasks)  # first versions, untrained: no router yet
+    held_out = [(task.name, text, label) for task in tasks for text, label in task.eval[:100]]
+    texts = [text for _, text, _ in held_out]
+    replies = ask_without_task(settings, texts)
     routed = sum(r.task == task for r, (task, _, _) in zip(replies, held_out, strict=True)) / len(held_out)
     correct = sum(r.label == label for r, (_, _, label) in zip(replies, held_out, strict=True)) / len(
         held_out
@@ -57,3 +56,46 @@ def test_requests_without_a_task_are_routed_by_label_prototypes(tmp_path: Path) 
     assert routed >= 0.9, routed
     assert correct >= 0.8, correct
     assert all(r.task_inferred for r in replies)
+
+    # The next round trains them and fits the task router. A server asks a text's other candidate
+    # tasks only when they could still win against the first one's answer: no answer changes.
+    trainer.close_round({0: 10**6})
+    assert Registry(settings.registry_dir).router_manifest() is not None
+    replies = ask_without_task(settings, texts)
+    assert [(r.task, r.label) for r in replies] == every_candidate(texts, settings)
+
+
+def ask_without_task(settings: Settings, texts: list[str]) -> list[continual_pb2.PredictResponse]:
+    """A server's answers to ``texts``, no task named."""
+    server = start_server(settings)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = continual_pb2_grpc.ContinualStub(channel)
+            return [stub.Predict(continual_pb2.PredictRequest(text=text)) for text in texts]
+    finally:
+        server.stop()
+
+
+def every_candidate(texts: list[str], settings: Settings) -> list[tuple[str, str]]:
+    """Task and label for each text answered over every candidate task, as the benchmark harness
+    answers: the served versions and the router from the registry, in this process."""
+    registry, model = Registry(settings.registry_dir), build_served_model(settings)
+    tasks, labels = registry.tasks(), {}
+    for task in tasks:
+        alias = registry.alias(task)
+        assert alias is not None
+        model.load(task, registry.load_weights(task, alias.served))
+        labels[task] = registry.manifest(task, alias.served)["labels"]
+    router = load_router(registry)
+    assert router is not None
+    features = torch.stack(model.outputs(texts, [None] * len(texts)))
+
+    def answer(task: int, rows: list[int]) -> torch.Tensor:
+        outputs = model.outputs([texts[row] for row in rows], [tasks[task]] * len(rows))
+        return torch.stack(outputs)[:, : len(labels[tasks[task]])]
+
+    priors = router.label_priors(features, tasks, [labels[task] for task in tasks])
+    probabilities = router.task_probabilities(features, tasks)
+    coverage, most = settings.routing_coverage, settings.routing_max_candidates
+    answers = answer_without_task(probabilities, answer, coverage, most, priors)
+    return [(tasks[a.task], labels[tasks[a.task]][int(a.label_probabilities.argmax())]) for a in answers]

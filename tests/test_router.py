@@ -17,7 +17,15 @@ from service.errors import CorruptVersion
 from service.feature_memory import FeatureMemory
 from service.local_kafka import free_port
 from service.registry import Registry
-from service.router import Router, answer_without_task, candidates, fit_router, load_router
+from service.router import (
+    Answer,
+    Router,
+    answer_without_task,
+    candidates,
+    could_still_win,
+    fit_router,
+    load_router,
+)
 from service.server import start_server
 from service.settings import Settings
 from tests.helpers import eventually, new_trainer, train_in_process
@@ -150,6 +158,39 @@ def test_router_times_adapter_picks_the_best_product_over_every_candidate_label(
     # The adapter's scoring, on the same answers: p(task) · its best label, 0.7 x 0.6 against 0.3 x 0.9.
     (by_adapter,) = answer_without_task(routed, lambda task, rows: own[task], 0.99, 3)
     assert by_adapter.task == 0 and torch.equal(by_adapter.label_probabilities, own[0][0])
+
+
+def test_candidates_that_could_not_win_are_spared_without_changing_any_answer() -> None:
+    generator = torch.Generator().manual_seed(0)
+    spared = 0
+    for _ in range(300):
+        tasks = torch.softmax(torch.randn(3, generator=generator) * 4, 0).sort(descending=True).values
+        sizes = [int(torch.randint(2, 6, (1,), generator=generator)) for _ in range(3)]
+        answers = [torch.softmax(torch.randn(n, generator=generator) * 3, 0) for n in sizes]
+        # The router's label probabilities: each task's share spread over its labels.
+        shares = [torch.softmax(torch.randn(n, generator=generator) * 3, 0) for n in sizes]
+        labelled = [p * share for p, share in zip(tasks, shares, strict=True)]
+        for priors in (labelled, None):
+            kept = [0, *could_still_win(tasks, answers[0], priors)]
+            every = answer_among([0, 1, 2], tasks, answers, priors)
+            narrowed = answer_among(kept, tasks, answers, priors)
+            assert kept[narrowed.task] == every.task
+            assert int(narrowed.label_probabilities.argmax()) == int(every.label_probabilities.argmax())
+            spared += 3 - len(kept)
+    assert spared > 600  # of 1,200 candidates after the first, most could not have won
+
+
+def answer_among(
+    among: list[int], tasks: torch.Tensor, answers: list[torch.Tensor], priors: list[torch.Tensor] | None
+) -> Answer:
+    """``answer_without_task`` for one text, over the candidates ``among`` alone."""
+    return answer_without_task(
+        tasks[among].unsqueeze(0),
+        lambda task, _: answers[among[task]].unsqueeze(0),
+        1.0,
+        len(among),
+        [priors[i].unsqueeze(0) for i in among] if priors else None,
+    )[0]
 
 
 def test_label_priors_follow_each_versions_label_order_or_are_none_for_an_unknown_label() -> None:
