@@ -12,6 +12,7 @@ raised by the step that meets them.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import random
 import threading
@@ -77,31 +78,35 @@ class Pending:
 
 
 class DriftSampler:
-    """Which requests naming a task drift sees: a fraction (``rate``), and at most ``per_second`` of a
-    task's a second (a token bucket per task holding up to one second's worth; 0: no cap).
+    """Which requests naming a task drift sees: a fraction of them (``rate``), and, once a task's
+    requests come faster than ``per_second`` a second, only that many of them a second (0: no cap).
 
     A sampled request costs a second row in its batch (its base-model embedding), so without a cap
-    drift doubles the model's work under load; with one, a busy task's drift costs a bounded number
-    of rows a second while a quiet task still has every request judged."""
+    drift doubles the model's work under load. A busy task's requests are kept with probability
+    ``per_second`` / its recent request rate (an exponentially decaying count over about a second),
+    so the samples are spread evenly over its traffic rather than taken from the start of each burst,
+    which would judge a biased window; a quiet task still has every request judged."""
 
-    def __init__(self, rate: float, per_second: float, seed: int) -> None:
+    def __init__(
+        self, rate: float, per_second: float, seed: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.rate, self.per_second = rate, per_second
         self._random = random.Random(seed)
-        self._buckets: dict[str, tuple[float, float]] = {}  # task: (tokens, when last counted)
+        self._clock = clock
+        self._recent: dict[str, tuple[float, float]] = {}  # task: (requests a second, when counted)
         self._lock = threading.Lock()
 
     def __call__(self, task: str) -> bool:
         """Whether this request to ``task`` is judged."""
         with self._lock:
-            if self._random.random() >= self.rate:
-                return False
-            if not self.per_second:
-                return True
-            now = time.monotonic()
-            tokens, then = self._buckets.get(task, (self.per_second, now))
-            tokens = min(self.per_second, tokens + (now - then) * self.per_second)
-            self._buckets[task] = (tokens - 1, now) if tokens >= 1 else (tokens, now)
-            return tokens >= 1
+            keep = self.rate
+            if self.per_second:
+                now = self._clock()
+                per_second, then = self._recent.get(task, (0.0, now))
+                per_second = per_second * math.exp(then - now) + 1.0  # this request counted
+                self._recent[task] = (per_second, now)
+                keep *= min(1.0, self.per_second / per_second)
+            return self._random.random() < keep
 
 
 class Answerer:
