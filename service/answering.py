@@ -187,13 +187,14 @@ class Answerer:
                 self.pool.drift is not None and self._sampler.random() < self.settings.drift_sample_rate
             )
             return Pending(request, deadline, observed, self.pool.engine.submit([Row(text)], deadline))
-        observed = self.pool.drift is not None and self._drift_sampler(task)
         with self.pool.serving() as (served, _):
             loaded = served.get(task)
             if loaded is None:
                 known = ", ".join(sorted(served)) or "none yet"
                 raise NotFound(f"no adapter is served for task {task!r} (served tasks: {known})")
-            # A sampled request brings a base row along for drift: the same forward, no other.
+            # A sampled request brings a base row along for drift: the same forward, no other. (Asked
+            # only for a served task: the sampler keeps a rate per task it is asked about.)
+            observed = self.pool.drift is not None and self._drift_sampler(task)
             rows = [Row(text, loaded.adapter)] + ([Row(text)] if observed else [])
             return Pending(request, deadline, observed, self.pool.engine.submit(rows, deadline), [loaded])
 

@@ -1,4 +1,4 @@
-"""The inference engine: the one thread of a server that runs the model.
+"""The inference engine: the workers of a server that run the model, and nothing else does.
 
 Requests put *jobs* (one or more rows: a text and the adapter it goes through, or none for the base
 model) in a bounded queue and wait on a future. An engine worker takes the first job, then the jobs
@@ -171,7 +171,7 @@ class InferenceEngine:
         return self.submit(rows, deadline).result()
 
     def between_batches(self, work: Callable[[], T]) -> T:
-        """Run ``work`` on the engine thread between two batches and return its result (or raise)."""
+        """Run ``work`` on an engine worker while no forward runs, and return its result (or raise)."""
         if not any(thread.is_alive() for thread in self._threads):
             return work()  # not started (or stopped): nothing runs a forward meanwhile
         done: Future[object] = Future()
