@@ -119,36 +119,32 @@ def offline(settings: Settings, data: list[TaskData], batch: int) -> dict[str, f
     texts = [(task.name, text) for task in data for text, _ in task.eval[:40]]
     random.Random(0).shuffle(texts)
     workers, threads = engine_shape(settings.inference_workers, settings.torch_threads)
-    single: list[float] = []
 
-    def work(worker: int) -> int:
+    @torch.inference_mode()
+    def one_text() -> list[float]:
         torch.set_num_threads(threads)
-        with torch.inference_mode():
-            if worker == 0:
-                for name, text in texts[:105]:
-                    started = time.perf_counter()
-                    model.outputs([text], [name])
-                    single.append(time.perf_counter() - started)
-                return 0
-            start.wait()
-            done = 0
-            for i in range(0, len(texts) - batch + 1, batch):
-                model.outputs(
-                    [t for _, t in texts[i : i + batch]], [name for name, _ in texts[i : i + batch]]
-                )
-                done += batch
-            return done
+        seconds = []
+        for name, text in texts[:105]:
+            started = time.perf_counter()
+            model.outputs([text], [name])
+            seconds.append(time.perf_counter() - started)
+        return seconds[5:]  # the first ones warm up
+
+    @torch.inference_mode()
+    def batches(_: int) -> int:
+        torch.set_num_threads(threads)
+        start.wait()
+        for i in range(0, len(texts) - batch + 1, batch):
+            model.outputs([t for _, t in texts[i : i + batch]], [name for name, _ in texts[i : i + batch]])
+        return len(texts) // batch * batch
 
     with ThreadPoolExecutor(workers) as pool:
-        pool.submit(work, 0).result()
+        single = pool.submit(one_text).result()
         start = threading.Barrier(workers)
         started = time.perf_counter()
-        done = sum(pool.map(work, range(1, workers + 1)))
+        done = sum(pool.map(batches, range(workers)))
         seconds = time.perf_counter() - started
-    return {
-        "offline_single_ms": statistics.median(single[5:]) * 1000,
-        "offline_batched_per_s": done / seconds,
-    }
+    return {"offline_single_ms": statistics.median(single) * 1000, "offline_batched_per_s": done / seconds}
 
 
 def ghz(

@@ -78,8 +78,8 @@ class Pending:
 
 
 class DriftSampler:
-    """Which requests naming a task drift sees: a fraction of them (``rate``), and, once a task's
-    requests come faster than ``per_second`` a second, only that many of them a second (0: no cap).
+    """Which requests drift sees: a fraction of them (``rate``), and, once a named task's requests
+    come faster than ``per_second`` a second, only that many of them a second (0: no cap).
 
     A sampled request costs a second row in its batch (its base-model embedding), so without a cap
     drift doubles the model's work under load. A busy task's requests are kept with probability
@@ -96,11 +96,12 @@ class DriftSampler:
         self._recent: dict[str, tuple[float, float]] = {}  # task: (requests a second, when counted)
         self._lock = threading.Lock()
 
-    def __call__(self, task: str) -> bool:
-        """Whether this request to ``task`` is judged."""
+    def __call__(self, task: str | None) -> bool:
+        """Whether this request to ``task`` is judged. A request naming none (``task`` None) is never
+        capped: its base features come with its routing, so drift costs it no row."""
         with self._lock:
             keep = self.rate
-            if self.per_second:
+            if self.per_second and task is not None:
                 now = self._clock()
                 per_second, then = self._recent.get(task, (0.0, now))
                 per_second = per_second * math.exp(then - now) + 1.0  # this request counted
@@ -115,9 +116,6 @@ class Answerer:
     def __init__(self, pool: AdapterPool) -> None:
         self.pool = pool
         self.settings = pool.settings
-        # A task-less request's base features come with its routing, so drift sees it at ``rate``
-        # alone; a named one's cost a row, so they are also capped per task.
-        self._sampler = random.Random(pool.settings.seed)
         self._drift_sampler = DriftSampler(
             pool.settings.drift_sample_rate, pool.settings.drift_max_samples_per_s, pool.settings.seed
         )
@@ -183,9 +181,7 @@ class Answerer:
         if request.top_k < 0:
             raise InvalidArgument(f"top_k must not be negative, got {request.top_k}")
         if not task:
-            observed = (
-                self.pool.drift is not None and self._sampler.random() < self.settings.drift_sample_rate
-            )
+            observed = self.pool.drift is not None and self._drift_sampler(None)
             return Pending(request, deadline, observed, self.pool.engine.submit([Row(text)], deadline))
         with self.pool.serving() as (served, _):
             loaded = served.get(task)
