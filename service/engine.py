@@ -2,10 +2,11 @@
 
 Requests put *jobs* (one or more rows: a text and the adapter it goes through, or none for the base
 model) in a bounded queue and wait on a future. An engine worker takes the first job, then the jobs
-already waiting (never holding an idle queue back, so a lone request costs one forward), up to
-``max_batch_size`` rows, waiting at most ``max_batch_wait_ms`` for a batch that is still filling, and
-runs them all in one encoder forward, a row per text through its own adapter (``service.lora_bank``;
-base-model rows through none). Each adapter row then goes through its version's head.
+already waiting (never holding an idle engine back, so a lone request costs one forward), up to
+``max_batch_size`` rows, waiting at most ``max_batch_wait_ms`` for a batch that is still filling or
+while another worker's forward runs, and runs them all in one encoder forward (on real tokens only:
+``service.packed_encoder``), a row per text through its own adapter (``service.lora_bank``; base-model
+rows through none). Each adapter row then goes through its version's head.
 
 ``workers`` threads run batches at once on the one model, each with ``threads`` of torch's own. On a
 CPU that beats one batch at a time on every core: a small batch does not keep several threads busy
@@ -293,8 +294,9 @@ class InferenceEngine:
     def _next_batch(self) -> list[Job]:
         """The first job (waiting for one while idle), then those already queued, up to the batch size.
 
-        A lone request runs at once; only once a second job was waiting does the batch wait, at most
-        ``max_batch_wait_ms``, for more to fill it.
+        A lone request on an idle engine runs at once. Once a second job was waiting, or while another
+        worker's forward runs (the cores are busy anyway, and a fuller batch costs less per row), the
+        batch waits at most ``max_batch_wait_ms`` for more to fill it.
         """
         first = self._held or self._take(timeout=0.1)
         self._held = None
@@ -304,7 +306,7 @@ class InferenceEngine:
         deadline = time.monotonic() + self.max_batch_wait_s
         while rows < self.max_batch_size:
             job = self._take(timeout=0)
-            if job is None and len(batch) > 1:
+            if job is None and (len(batch) > 1 or self._running > 0):
                 job = self._take(timeout=deadline - time.monotonic())
             if job is None:
                 break

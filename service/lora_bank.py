@@ -25,6 +25,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from service.packed_encoder import Packing
+
 #: How PEFT names a LoRA tensor in an adapter's state dict: this prefix, the layer's path, a suffix.
 PEFT_PREFIX = "base_model.model."
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
@@ -44,15 +46,18 @@ class BankedLinear(nn.Module):
         self.register_buffer("b", torch.zeros(slots, base.out_features, r), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``base(x)``, plus each row's LoRA update when the batch has adapter rows."""
+        """``base(x)``, plus each row's LoRA update when the batch has adapter rows. ``x`` is padded
+        ``(rows, tokens, in)``, or packed ``(tokens, in)`` when the bank was told the packing."""
         out = self.base(x)
         slots = self.bank.row_slots
         if slots is None:
             return out
-        # Per row: (tokens, in) @ (in, r) @ (r, out); a pooler's input has no token axis.
-        rows = x.reshape(len(slots), -1, x.shape[-1])
+        packing = self.bank.packing
+        # Per row: (tokens, in) @ (in, r) @ (r, out), on the row's own slot.
+        rows = packing.pad(x) if packing is not None else x.reshape(len(slots), -1, x.shape[-1])
         down = torch.bmm(rows, self.a[slots].transpose(1, 2))
-        return out + (torch.bmm(down, self.b[slots].transpose(1, 2)) * self.bank.scaling).reshape(out.shape)
+        update = torch.bmm(down, self.b[slots].transpose(1, 2)) * self.bank.scaling
+        return out + (packing.unpad(update) if packing is not None else update.reshape(out.shape))
 
     def grow(self, slots: int) -> None:
         """Room for ``slots`` adapters; the loaded ones keep their slots."""
@@ -88,6 +93,12 @@ class LoraBank:
         slots: torch.Tensor | None = getattr(self._forward, "slots", None)
         return slots
 
+    @property
+    def packing(self) -> Packing | None:
+        """The packing of this thread's forward when its layers see packed tokens."""
+        packing: Packing | None = getattr(self._forward, "packing", None)
+        return packing
+
     def load(self, name: str, lora: dict[str, torch.Tensor]) -> None:
         """Put an adapter's LoRA tensors (PEFT state-dict names) in a free slot.
         ValueError, and nothing loaded, when they do not fit these layers exactly."""
@@ -115,16 +126,18 @@ class LoraBank:
         self._free.append(slot)
 
     @contextmanager
-    def rows(self, adapters: Sequence[str | None]) -> Iterator[None]:
-        """During a forward, row i goes through ``adapters[i]`` (None: the base model alone)."""
+    def rows(self, adapters: Sequence[str | None], packing: Packing | None = None) -> Iterator[None]:
+        """During a forward, row i goes through ``adapters[i]`` (None: the base model alone); its
+        layers see the rows packed by ``packing`` (``service.packed_encoder``), or padded if None."""
         if all(adapter is None for adapter in adapters):
             yield
             return
         self._forward.slots = torch.tensor([0 if a is None else self._slots[a] for a in adapters])
+        self._forward.packing = packing
         try:
             yield
         finally:
-            self._forward.slots = None
+            self._forward.slots = self._forward.packing = None
 
     def _pairs(self, lora: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

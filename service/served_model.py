@@ -3,7 +3,8 @@
 
 It reads the weights files the trainer's ``AdapterModel`` writes and answers as that model does (to
 float rounding), but a batch runs every row through its own adapter in one forward, and loading or
-unloading an adapter costs the same with 1 or 1,000 loaded. Forwards (``outputs``) may run on several
+unloading an adapter costs the same with 1 or 1,000 loaded. A BERT encoder runs on the batch's real
+tokens only (``service.packed_encoder``). Forwards (``outputs``) may run on several
 threads at once; loading and unloading must not run beside one (the inference engine sees to it).
 """
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from service.lora_bank import LoraBank
 from service.model import (
+    BASE_FEATURE_LAYERS,
     HEAD_PREFIX,
     LORA_PREFIX,
     LoraSpec,
@@ -26,13 +28,15 @@ from service.model import (
     lora_spec,
     mean_pool,
 )
+from service.packed_encoder import Packing, packed_outputs, packs
 from service.settings import Settings
 
 
 class ServedModel:
     """A frozen base encoder with banked LoRA adapters and per-adapter linear heads."""
 
-    def __init__(self, base_path: Path, lora: LoraSpec, max_length: int) -> None:
+    def __init__(self, base_path: Path, lora: LoraSpec, max_length: int, packed: bool | None = None) -> None:
+        """``packed``: run forwards on real tokens only (None: whenever the encoder allows it)."""
         self.max_length = max_length
         self.tokenizer, encoder = load_frozen_base(base_path)
         self.bank = LoraBank(encoder, lora.target_modules, lora.r, lora.alpha)
@@ -40,6 +44,7 @@ class ServedModel:
             # A BERT pooler's output is never read: answers are mean-pooled.
             encoder.pooler = None  # type: ignore[assignment]
         self.encoder = encoder
+        self.packed = packs(encoder) if packed is None else packed
         self.heads: dict[str, nn.Linear] = {}
         self.hidden_size = int(encoder.config.hidden_size)
         # A fast tokenizer sets its padding and truncation on each call: two threads at once can
@@ -81,18 +86,25 @@ class ServedModel:
             batch = self.tokenizer(
                 list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
             )
-        mask = batch["attention_mask"]
+        ids, mask = batch["input_ids"], batch["attention_mask"]
         base = [i for i, adapter in enumerate(adapters) if adapter is None]
-        with self.bank.rows(adapters):
-            hidden = self.encoder(
-                input_ids=batch["input_ids"], attention_mask=mask, output_hidden_states=bool(base)
+        layers = BASE_FEATURE_LAYERS if base else 1
+        if self.packed:
+            packing = Packing.of(mask)
+            with self.bank.rows(adapters, packing):
+                features = torch.cat(packed_outputs(self.encoder, ids, packing, layers), dim=-1)
+        else:
+            with self.bank.rows(adapters):
+                hidden = self.encoder(input_ids=ids, attention_mask=mask, output_hidden_states=bool(base))
+            features = (
+                base_features(hidden.hidden_states, mask, layers)
+                if base
+                else mean_pool(hidden.last_hidden_state, mask)
             )
         out: list[torch.Tensor] = [torch.empty(0)] * len(texts)
-        if base:
-            features = base_features([layer[base] for layer in hidden.hidden_states], mask[base])
-            for i, row in zip(base, features, strict=True):
-                out[i] = row
-        pooled = mean_pool(hidden.last_hidden_state, mask)
+        for i in base:
+            out[i] = features[i]
+        pooled = features[:, -self.hidden_size :]  # the last layer's: the embedding
         for adapter in {adapter for adapter in adapters if adapter is not None}:
             rows = [i for i, name in enumerate(adapters) if name == adapter]
             for i, row in zip(rows, torch.softmax(self.heads[adapter](pooled[rows]), dim=-1), strict=True):

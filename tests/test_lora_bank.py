@@ -1,13 +1,14 @@
 """The server's banked LoRA model against the trainer's PEFT model on a tiny real BERT: the same
 answers from the same weights files, through any number of loads and unloads, on any target layers;
-weights that do not fit are refused whole; loading never adds modules to the encoder."""
+weights that do not fit are refused whole; loading never adds modules to the encoder. Both forwards the
+server has: on real tokens only (``service.packed_encoder``, BERT's) and padded (any other encoder)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from service.model import BASE_FEATURE_LAYERS, AdapterModel, build_model
+from service.model import BASE_FEATURE_LAYERS, AdapterModel, build_model, lora_spec
 from service.served_model import ServedModel, build_served_model
 from service.settings import Settings
 
@@ -39,14 +40,21 @@ def assert_answers_as(served: ServedModel, trained: AdapterModel, names: list[st
         if adapter is None:  # base features end with the base embedding
             embedding = torch.from_numpy(trained.base_embeddings([text]))[0]
             assert torch.allclose(answer[-served.hidden_size :], embedding, atol=1e-5)
+    # A batch of base rows alone (no adapter row: the bank stays out of the forward).
+    alone = served.outputs(TEXTS, [None] * len(TEXTS))
+    expected = torch.from_numpy(trained.base_embeddings(TEXTS, layers=BASE_FEATURE_LAYERS))
+    assert torch.allclose(torch.stack(alone), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
 @pytest.mark.parametrize("targets", [["query", "value"], ["query", "key", "value", "dense"]])
 def test_the_bank_answers_as_peft_through_loads_unloads_and_growth(
-    settings: Settings, targets: list[str]
+    settings: Settings, targets: list[str], packed: bool
 ) -> None:
     settings = settings.model_copy(update={"lora_target_modules": targets, "lora_r": 4, "lora_alpha": 12})
-    trained, served = build_model(settings), build_served_model(settings)
+    trained = build_model(settings)
+    served = ServedModel(settings.base_model_path(), lora_spec(settings), settings.max_length, packed)
+    assert build_served_model(settings).packed  # a BERT encoder is packed by default
     weights = {f"t{i}@v1": randomised(trained, f"t{i}@v1", 2 + i % 3, seed=i) for i in range(20)}
     modules = sum(1 for _ in served.encoder.modules())
     for name in list(weights)[:12]:  # past the first 7 slots: the banks grow
