@@ -1,7 +1,8 @@
 """Serving benchmark: what a real server delivers against what the model can do, on this machine.
 
 1. The in-process limit, same model and adapters: one text's forward (p50), and texts/s in batches
-   of ``max_batch_size`` (mixed adapters, on as many workers side by side as the server runs).
+   of ``max_batch_size`` (mixed adapters, on as many workers side by side as the server runs), and
+   of 1 to 16 texts, for the limit at the batch sizes a load really forms.
 2. A real ``continual serve`` on a registry of CLINC150's 10 domains (adapters in the format the
    trainer writes, label prototypes, and a task router fitted on training embeddings), loaded by ghz,
    a gRPC load tool no one here wrote, at 1, 4, 16 and 64 concurrent clients: ``Predict`` naming a
@@ -32,6 +33,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,8 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 PROTO = REPO / "protos" / "continual" / "v1" / "continual.proto"
 LEVELS = (1, 4, 16, 64)
+#: Batch sizes the in-process limit is also measured at (and ``max_batch_size``, the largest).
+OFFLINE_SIZES = (1, 2, 4, 8, 16)
 
 
 def publish_domains(
@@ -108,10 +112,11 @@ def publish_domains(
     registry.write_router(1, router.tensors(), {"base_model": settings.base_model, "rows": list(router.rows)})
 
 
-def offline(settings: Settings, data: list[TaskData], batch: int) -> dict[str, float]:
+def offline(settings: Settings, data: list[TaskData], sizes: Sequence[int]) -> dict[str, Any]:
     """The served model in this process, the registry's versions loaded and run as a server's engine
     runs it (``engine_shape``: its workers side by side, each on its own torch threads): one text's
-    forward p50 (ms) on one worker, and texts/s in mixed-adapter batches of ``batch`` on all of them."""
+    forward p50 (ms) on one worker, and texts/s in mixed-adapter batches of each of ``sizes`` on all
+    of them (``offline_batched_per_s``: the largest)."""
     model = build_served_model(settings)
     registry = Registry(settings.registry_dir)
     for task in data:
@@ -131,20 +136,38 @@ def offline(settings: Settings, data: list[TaskData], batch: int) -> dict[str, f
         return seconds[5:]  # the first ones warm up
 
     @torch.inference_mode()
-    def batches(_: int) -> int:
+    def batches(batch: int) -> int:
         torch.set_num_threads(threads)
         start.wait()
         for i in range(0, len(texts) - batch + 1, batch):
             model.outputs([t for _, t in texts[i : i + batch]], [name for name, _ in texts[i : i + batch]])
         return len(texts) // batch * batch
 
+    by_size: dict[str, float] = {}
     with ThreadPoolExecutor(workers) as pool:
         single = pool.submit(one_text).result()
-        start = threading.Barrier(workers)
-        started = time.perf_counter()
-        done = sum(pool.map(batches, range(workers)))
-        seconds = time.perf_counter() - started
-    return {"offline_single_ms": statistics.median(single) * 1000, "offline_batched_per_s": done / seconds}
+        for size in sizes:
+            start = threading.Barrier(workers)
+            started = time.perf_counter()
+            done = sum(pool.map(batches, [size] * workers))
+            by_size[str(size)] = round(done / (time.perf_counter() - started), 1)
+    return {
+        "offline_single_ms": statistics.median(single) * 1000,
+        "offline_batched_per_s": by_size[str(max(sizes))],
+        "offline_by_batch": by_size,
+    }
+
+
+def at_batch(by_size: dict[str, float], rows: float) -> float:
+    """The in-process texts/s at a batch of ``rows`` (linear between the sizes measured)."""
+    sizes = sorted(int(size) for size in by_size)
+    rows = min(max(rows, sizes[0]), sizes[-1])
+    upper = next(size for size in sizes if size >= rows)
+    lower = max((size for size in sizes if size <= rows), default=upper)
+    if upper == lower:
+        return by_size[str(upper)]
+    share = (rows - lower) / (upper - lower)
+    return by_size[str(lower)] + share * (by_size[str(upper)] - by_size[str(lower)])
 
 
 def ghz(
@@ -280,6 +303,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axis.axhline(
         result["offline_batched_per_s"], linestyle="--", color="grey", label="in-process batched limit"
     )
+    named = result["levels"]["named"]
+    axis.plot(
+        LEVELS,
+        [at_batch(result["offline_by_batch"], named[str(c)]["rows_per_batch"]) for c in LEVELS],
+        linestyle=":", color="grey", label="in-process, at the batch size named requests formed",
+    )  # fmt: skip
     axis.set_xscale("log", base=2)
     axis.set_xlabel("concurrent clients (ghz)")
     axis.set_ylabel("answers per second")
@@ -307,7 +336,9 @@ def main() -> None:
     model = build_model(settings)
     features: dict[str, torch.Tensor] = {}
     publish_domains(settings, model, data, features=features)
-    result: dict[str, Any] = offline(settings, data, settings.max_batch_size)
+    largest = settings.max_batch_size
+    sizes = sorted({*(size for size in OFFLINE_SIZES if size < largest), largest})
+    result: dict[str, Any] = offline(settings, data, sizes)
     print("in-process:", result, flush=True)
 
     texts = [(task.name, text) for task in data for text, _ in task.eval[:50]]
@@ -342,6 +373,12 @@ def main() -> None:
     levels = result["levels"]
     result.update(
         throughput_ratio_c16=round(levels["named"]["16"]["rps"] / result["offline_batched_per_s"], 3),
+        # Against the in-process limit at the batch size 16 clients formed, not the largest.
+        throughput_ratio_c16_same_batch=round(
+            levels["named"]["16"]["rps"]
+            / at_batch(result["offline_by_batch"], levels["named"]["16"]["rows_per_batch"]),
+            3,
+        ),
         c1_p50_overhead_ms=round(levels["named"]["1"]["p50_ms"] - result["offline_single_ms"], 2),
         agnostic_ratio_c16=round(levels["no task"]["16"]["rps"] / levels["named"]["16"]["rps"], 3),
         workers_gain_c16=round(levels["named"]["16"]["rps"] / result["one_worker"]["16"]["rps"], 3),

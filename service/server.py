@@ -344,7 +344,12 @@ def start_server(settings: Settings, model: ServedModel | None = None) -> Runnin
     if pool.drift is not None:
         pool.drift.start()
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.grpc_workers))
+    # A request thread's own tensors (routing, ranking) are tiny: on one torch thread each, not a team
+    # of OpenMP threads per request thread that spin after every op on the cores the engine needs.
+    request_threads = futures.ThreadPoolExecutor(
+        settings.grpc_workers, initializer=torch.set_num_threads, initargs=(1,)
+    )
+    server = grpc.server(request_threads)
     token = settings.admin_token.get_secret_value() if settings.admin_token else None
     servicer = ContinualServicer(pool, metrics, token)
     continual_pb2_grpc.add_ContinualServicer_to_server(servicer, server)
