@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from service.settings import DriftSettings
+from service.serving_settings import DriftSettings
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,8 @@ from service.answering import DriftSampler
 from service.datasets import clinc150
 from service.drift import DriftMonitor, DriftResult, MMDDrift, PageHinkley, PredictionDrift
 from service.model import build_model
-from service.settings import DEFAULT_BASE_MODEL, DriftSettings, load_settings
+from service.serving_settings import DriftSettings
+from service.settings import DEFAULT_BASE_MODEL, load_settings
 from tests.conftest import CLINC150
 
 ALPHA = 0.01
