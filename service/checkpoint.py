@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.assessment import Assessment
+from service.data_health import DataHealth
 from service.feature_memory import FeatureMemory
 from service.ingest import Ingest
 from service.metrics import TrainerMetrics
@@ -202,6 +203,9 @@ class Durability:
                 version=version,
                 accuracy=manifest["metrics"]["accuracy"],
             )
+            health = DataHealth.from_manifest(manifest)
+            if health is not None:  # exported again, so an alert on it holds across a restart
+                self.metrics.record_data(name, health)
         for name in tasks:
             self.metrics.start_task(name)
         self.assessment.restore(checkpoint)

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from service.api import continual_pb2, continual_pb2_grpc
+from service.data_health import DataHealth
 from service.settings import Settings
 
 _REQUESTS = {
@@ -59,11 +60,16 @@ def call(settings: Settings, target: str | None, method: str, timeout_s: float =
             raise typer.Exit(1) from None
 
 
+#: Columns of ``_data_cells``.
+DATA_COLUMNS = ("data", "imbalance")
+
+
 def adapters_table(adapters: Sequence[continual_pb2.AdapterInfo]) -> Table:
     """A table of adapters: served and latest versions, pin, accuracy and record counts."""
     table = Table(title="adapters")
-    for column in ("task", "served", "latest", "pinned", "accuracy", "train", "eval", "labels"):
-        table.add_column(column, justify="left" if column == "task" else "right")
+    columns = ("task", "served", "latest", "pinned", "accuracy", "train", "eval", "labels", *DATA_COLUMNS)
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("task", "data") else "right")
     for info in adapters:
         table.add_row(
             info.task,
@@ -74,6 +80,7 @@ def adapters_table(adapters: Sequence[continual_pb2.AdapterInfo]) -> Table:
             str(info.train_records),
             str(info.eval_records),
             str(len(info.labels)),
+            *_data_cells(info),
         )
     return table
 
@@ -108,6 +115,23 @@ def history_table(detail: continual_pb2.AdapterDetail) -> Table:
     return table
 
 
+def _data_cells(holder: continual_pb2.AdapterInfo | continual_pb2.TaskLearning) -> tuple[str, str]:
+    """The "data" and "imbalance" cells: whether the version's training data was enough, and its
+    largest label over its smallest ("-" for versions published before the service judged it)."""
+    if not holder.HasField("data"):
+        return "-", "-"
+    data = holder.data
+    health = DataHealth(
+        train_records=data.train_records,
+        eval_records=data.eval_records,
+        min_task_train_records=data.min_task_train_records,
+        min_label_train_records=data.min_label_train_records,
+        short_labels=tuple((c.label, c.records) for c in data.short_labels),
+        imbalance_ratio=data.imbalance_ratio,
+    )
+    return health.summary(), f"{health.imbalance_ratio:.1f}:1"
+
+
 def _percent(value: float, signed: bool = False) -> str:
     if math.isnan(value):
         return "-"
@@ -126,8 +150,8 @@ def learning_tables(status: continual_pb2.LearningStatus) -> list[Table]:
         _percent(status.mean_forgetting, signed=True),
     )
     tasks = Table(title="tasks")
-    for column in ("task", "version", "accuracy", "forgetting (points)", "train", "eval"):
-        tasks.add_column(column, justify="left" if column == "task" else "right")
+    for column in ("task", "version", "accuracy", "forgetting (points)", "train", "eval", *DATA_COLUMNS):
+        tasks.add_column(column, justify="left" if column in ("task", "data") else "right")
     for t in status.tasks:
         tasks.add_row(
             t.task,
@@ -136,6 +160,7 @@ def learning_tables(status: continual_pb2.LearningStatus) -> list[Table]:
             _percent(t.forgetting, signed=True),
             str(t.train_records),
             str(t.eval_records),
+            *_data_cells(t),
         )
     columns = [row.after_task for row in status.accuracy_matrix]
     matrix = Table(title="accuracy matrix (row: after learning; column: accuracy on)")

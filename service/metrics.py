@@ -17,6 +17,7 @@ from prometheus_client import (
     start_http_server,
 )
 
+from service.data_health import DataHealth
 from service.drift import DriftResult
 
 #: Latency buckets for one gRPC call, from a cached single-text forward to a slow batch.
@@ -130,6 +131,37 @@ class TrainerMetrics:
         # Undefined until enough tasks were learned: NaN, not a misleading 0.
         self.bwt.set(float("nan"))
         self.fwt.set(float("nan"))
+        self.data_sufficient = Gauge(
+            "continual_task_data_sufficient",
+            "1 when the task has min_task_train_records training records and every label "
+            "min_label_train_records, else 0 (its versions' manifests say the same).",
+            ["task"],
+            registry=registry,
+        )
+        self.train_records = Gauge(
+            "continual_task_train_records",
+            "Training records the trainer has of the task.",
+            ["task"],
+            registry=registry,
+        )
+        self.eval_records = Gauge(
+            "continual_task_eval_records",
+            "Eval records the trainer has of the task.",
+            ["task"],
+            registry=registry,
+        )
+        self.short_labels = Gauge(
+            "continual_task_short_labels",
+            "Labels of the task with fewer training records than min_label_train_records.",
+            ["task"],
+            registry=registry,
+        )
+        self.imbalance_ratio = Gauge(
+            "continual_task_label_imbalance_ratio",
+            "Training records of the task's largest label over those of its smallest (1: balanced).",
+            ["task"],
+            registry=registry,
+        )
         self.live_accuracy = Gauge(
             "continual_live_accuracy",
             "Accuracy of the served version on the most recent eval records (the live window).",
@@ -193,6 +225,14 @@ class TrainerMetrics:
             counter.labels(task=task)
         self.versions_published.labels(task=task, strategy=self.strategy)
         self.training_examples.labels(task=task, strategy=self.strategy)
+
+    def record_data(self, task: str, health: DataHealth) -> None:
+        """Export the judgement of the task's data made when its latest version was published."""
+        self.data_sufficient.labels(task=task).set(1.0 if health.sufficient else 0.0)
+        self.train_records.labels(task=task).set(health.train_records)
+        self.eval_records.labels(task=task).set(health.eval_records)
+        self.short_labels.labels(task=task).set(len(health.short_labels))
+        self.imbalance_ratio.labels(task=task).set(health.imbalance_ratio)
 
     def record_accuracy(self, task: str, version: int, previous: int | None, accuracy: float) -> None:
         """Set the task's accuracy for its new version, dropping the superseded version's series."""

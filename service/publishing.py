@@ -11,6 +11,7 @@ import logging
 import math
 from typing import Any
 
+from service.data_health import DataHealth, assess
 from service.drift import PageHinkley
 from service.errors import CorruptVersion
 from service.metrics import TrainerMetrics
@@ -46,11 +47,13 @@ class Publisher:
         decision = self._gate(state)
         previous = state.version
         weights = self.training.version_weights(state)
-        manifest = self._manifest(state, offsets, round_number)
+        health = self._data_health(state)
+        manifest = self._manifest(state, health, offsets, round_number)
         version = self.registry.publish(state.name, weights, state.eval_records, manifest)
         state.version = version
         strategy = self.training.strategy.name
         self.metrics.versions_published.labels(task=state.name, strategy=strategy).inc()
+        self.metrics.record_data(state.name, health)
         self.metrics.record_accuracy(
             state.name, version, previous, state.accuracy if state.accuracy is not None else math.nan
         )
@@ -64,10 +67,12 @@ class Publisher:
         """Serve a new task at once, ahead of the round that will checkpoint it: an untrained first
         version whose head rows are the label prototypes of its training records so far. ``state`` is
         left as it is: the task's records are trained, published and checkpointed as usual after."""
-        manifest = self._manifest(state, {}, 0)
+        health = self._data_health(state)
+        manifest = self._manifest(state, health, {}, 0)
         weights = first_version_weights(self.training.model, state)
         version = self.registry.publish(state.name, weights, [], manifest)
         self.metrics.versions_published.labels(task=state.name, strategy=self.training.strategy.name).inc()
+        self.metrics.record_data(state.name, health)
         self.apply(state.name, version, gate(None, None, None, self.settings.promotion_tolerance))
         return version
 
@@ -192,7 +197,18 @@ class Publisher:
         self.metrics.auto_rollbacks.labels(task=task).inc()
         log.error("task %r: rolled back to v%d: %s", task, good[0], reason)
 
-    def _manifest(self, state: TaskState, offsets: dict[int, int], round_number: int) -> dict[str, Any]:
+    def _data_health(self, state: TaskState) -> DataHealth:
+        return assess(
+            state.labels,
+            state.label_counts,
+            len(state.eval_records),
+            self.settings.min_task_train_records,
+            self.settings.min_label_train_records,
+        )
+
+    def _manifest(
+        self, state: TaskState, health: DataHealth, offsets: dict[int, int], round_number: int
+    ) -> dict[str, Any]:
         model = self.training.model
         lora = model.lora
         return {
@@ -214,6 +230,7 @@ class Publisher:
                 "eval_records": len(state.eval_records),
                 "train_records": state.train_seen,
             },
+            "data": health.to_manifest(),
             "kafka": {"topic": self.settings.kafka_topic, "offsets": {str(p): o for p, o in offsets.items()}},
             "round": round_number,
         }

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -25,6 +25,7 @@ from tritonclient.grpc import service_pb2_grpc as oip_pb2_grpc
 from service import calls
 from service.answering import Answerer, Prediction, Request
 from service.api import continual_pb2, continual_pb2_grpc
+from service.data_health import DataHealth
 from service.errors import ContinualError, Unauthenticated, status_of
 from service.evaluation import learning_status
 from service.metrics import ServerMetrics, serve_metrics
@@ -233,6 +234,7 @@ class ContinualServicer(continual_pb2_grpc.ContinualServicer):
                         forgetting=_or_nan(summary.forgetting.get(t.task)),
                         train_records=t.train_records,
                         eval_records=t.eval_records,
+                        data=_data_health(manifests[t.task]),
                     )
                     for t in status.tasks
                 ],
@@ -269,6 +271,9 @@ class ContinualServicer(continual_pb2_grpc.ContinualServicer):
             info.train_records = int(metrics["train_records"])
             info.eval_records = int(metrics["eval_records"])
             info.labels.extend(manifest["labels"])
+            data = _data_health(manifest)
+            if data is not None:
+                info.data.CopyFrom(data)
         return info
 
 
@@ -294,6 +299,22 @@ def _result(result: Prediction | ContinualError) -> continual_pb2.PredictResult:
         code, message = status_of(result)
         return continual_pb2.PredictResult(error=continual_pb2.ItemError(code=code.value[0], message=message))
     return continual_pb2.PredictResult(prediction=_response(result))
+
+
+def _data_health(manifest: Mapping[str, Any]) -> continual_pb2.DataHealth | None:
+    """A version's data judgement (None, an unset field, for versions published before it existed)."""
+    health = DataHealth.from_manifest(manifest)
+    if health is None:
+        return None
+    return continual_pb2.DataHealth(
+        sufficient=health.sufficient,
+        train_records=health.train_records,
+        eval_records=health.eval_records,
+        min_task_train_records=health.min_task_train_records,
+        min_label_train_records=health.min_label_train_records,
+        short_labels=[continual_pb2.LabelCount(label=lb, records=n) for lb, n in health.short_labels],
+        imbalance_ratio=health.imbalance_ratio,
+    )
 
 
 def _or_nan(value: object) -> float:

@@ -142,6 +142,14 @@ class Settings(ServingSettings):
     )
     eval_batch_size: int = Field(default=128, ge=1)
 
+    # Data practices (service/data_health.py): judged, shown and alerted on; never a reason to refuse
+    min_task_train_records: int = Field(
+        default=1000, ge=0, description="Training records a task needs before its data counts as enough."
+    )
+    min_label_train_records: int = Field(
+        default=20, ge=0, description="...and training records each of its labels needs."
+    )
+
     # Strategies that share one learner across tasks (see strategies/)
     replay_memory_size: int = Field(
         default=3000, ge=1, description="Examples the replay memory keeps, divided evenly over the labels."

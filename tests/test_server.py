@@ -325,6 +325,9 @@ def test_versions_and_history_are_listed(stub: continual_pb2_grpc.ContinualStub,
     assert listed.versions[1].train_records == len(task.train)
     detail = stub.GetAdapter(continual_pb2.GetAdapterRequest(task=task.name))
     assert detail.adapter.served_version == 1 and detail.adapter.pinned
+    data = detail.adapter.data  # the served version's data, judged when it was published
+    assert detail.adapter.HasField("data") and not data.sufficient  # 160 records, 1,000 needed
+    assert (data.train_records, data.min_task_train_records, list(data.short_labels)) == (160, 1000, [])
     assert detail.alias_reason == "rollback: answers look wrong"
     assert [(e.event, e.version) for e in detail.history] == [("alias", 1), ("alias", 2), ("alias", 1)]
     with pytest.raises(grpc.RpcError) as error:
@@ -350,6 +353,8 @@ def test_learning_status_reports_the_trainers_matrix_and_figures(
     assert math.isnan(status.fwt)  # no task was measured before it was learned
     by_task = {t.task: t for t in status.tasks}
     assert by_task[second.name].version == 2 and by_task[second.name].train_records == 160 + 40
+    data = by_task[second.name].data
+    assert (data.train_records, data.imbalance_ratio) == (160 + 40, 1.0)  # 50 records per label
     assert by_task[first.name].forgetting == pytest.approx(expected.forgetting[first.name])
 
 
@@ -476,6 +481,7 @@ def test_the_adapters_cli_drives_a_running_server(settings: Settings, trained: T
         shown = cli("adapters", "show", task)
         assert shown.returncode == 0, shown.stderr
         assert "rollback: bad answers" in shown.stdout and "candidate" in shown.stdout
+        assert "160 of 1000 records" in shown.stdout  # the served v1's data, short of the minimum
         predicted = cli("predict", TASKS[0].eval[0][0], "--task", task)
         assert predicted.returncode == 0 and f"{task} v1" in predicted.stdout
         inferred = cli("predict", TASKS[0].eval[0][0])
