@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from service.evaluation import LearningSummary, summarize
+from service.evaluation import LearningSummary, label_accuracy, macro_accuracy, summarize
 from service.metrics import TrainerMetrics
 from service.tasks import TaskState
 from service.training import Training
@@ -23,9 +23,12 @@ class Assessment:
         self.before_learning: dict[str, float] = {}
 
     def measure(self, states: Iterable[TaskState], training: Training) -> None:
-        """Each task's accuracy as trained now (kept in its state)."""
+        """Each task's accuracy (micro, per label and macro) as trained now, kept in its state."""
         for state in states:
-            state.accuracy = training.accuracy(state)
+            outcomes = training.eval_outcomes(state)
+            state.accuracy = sum(outcomes) / len(outcomes) if outcomes else None
+            state.label_accuracy = label_accuracy(state.eval_records, outcomes)
+            state.macro_accuracy = macro_accuracy(state.label_accuracy)
             if state.train_seen == 0 and state.accuracy is not None:
                 # FWT's R[i-1][i]: the last measurement before the task is learned, with everything
                 # the tasks learned so far taught (not the first, which may predate all of them).

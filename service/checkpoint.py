@@ -202,6 +202,8 @@ class Durability:
                 head_initialized=set(range(len(manifest["labels"]))),
                 version=version,
                 accuracy=manifest["metrics"]["accuracy"],
+                macro_accuracy=manifest["metrics"].get("macro_accuracy"),
+                label_accuracy=dict(manifest["metrics"].get("label_accuracy", {})),
             )
             health = DataHealth.from_manifest(manifest)
             if health is not None:  # exported again, so an alert on it holds across a restart

@@ -60,16 +60,13 @@ def call(settings: Settings, target: str | None, method: str, timeout_s: float =
             raise typer.Exit(1) from None
 
 
-#: Columns of ``_data_cells``.
-DATA_COLUMNS = ("data", "imbalance")
-
-
 def adapters_table(adapters: Sequence[continual_pb2.AdapterInfo]) -> Table:
     """A table of adapters: served and latest versions, pin, accuracy and record counts."""
     table = Table(title="adapters")
-    columns = ("task", "served", "latest", "pinned", "accuracy", "train", "eval", "labels", *DATA_COLUMNS)
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("task", "data") else "right")
+    for column in ("task", "served", "latest", "pinned", "accuracy", "macro", "train", "eval", "labels"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    table.add_column("data")
+    table.add_column("imbalance", justify="right")
     for info in adapters:
         table.add_row(
             info.task,
@@ -77,6 +74,7 @@ def adapters_table(adapters: Sequence[continual_pb2.AdapterInfo]) -> Table:
             f"v{info.latest_version}",
             "yes" if info.pinned else "",
             "-" if math.isnan(info.accuracy) or not info.eval_records else f"{info.accuracy:.1%}",
+            _percent(info.macro_accuracy),
             str(info.train_records),
             str(info.eval_records),
             str(len(info.labels)),
@@ -88,7 +86,7 @@ def adapters_table(adapters: Sequence[continual_pb2.AdapterInfo]) -> Table:
 def versions_table(response: continual_pb2.ListVersionsResponse) -> Table:
     """A table of a task's kept versions, newest first."""
     table = Table(title=f"{response.task}: versions")
-    for column in ("version", "status", "created", "accuracy", "train", "eval", "parent"):
+    for column in ("version", "status", "created", "accuracy", "macro", "train", "eval", "parent"):
         table.add_column(column, justify="right")
     for v in response.versions:
         table.add_row(
@@ -96,6 +94,7 @@ def versions_table(response: continual_pb2.ListVersionsResponse) -> Table:
             v.status,
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created_at)),
             "-" if math.isnan(v.accuracy) else f"{v.accuracy:.1%}",
+            _percent(v.macro_accuracy),
             str(v.train_records),
             str(v.eval_records),
             f"v{v.parent_version}" if v.parent_version else "-",
@@ -150,13 +149,16 @@ def learning_tables(status: continual_pb2.LearningStatus) -> list[Table]:
         _percent(status.mean_forgetting, signed=True),
     )
     tasks = Table(title="tasks")
-    for column in ("task", "version", "accuracy", "forgetting (points)", "train", "eval", *DATA_COLUMNS):
-        tasks.add_column(column, justify="left" if column in ("task", "data") else "right")
+    for column in ("task", "version", "accuracy", "macro", "forgetting (points)", "train", "eval"):
+        tasks.add_column(column, justify="left" if column == "task" else "right")
+    tasks.add_column("data")
+    tasks.add_column("imbalance", justify="right")
     for t in status.tasks:
         tasks.add_row(
             t.task,
             f"v{t.version}",
             _percent(t.accuracy),
+            _percent(t.macro_accuracy),
             _percent(t.forgetting, signed=True),
             str(t.train_records),
             str(t.eval_records),

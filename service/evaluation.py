@@ -18,7 +18,7 @@ One set of definitions for all three:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +75,22 @@ def summarize(
     return LearningSummary(acc, bwt, fwt, forgetting, mean_forgetting)
 
 
+def label_accuracy(rows: Sequence[tuple[str, str]], outcomes: Sequence[bool]) -> dict[str, float]:
+    """Accuracy per label, from (text, label) rows and whether each was answered right."""
+    right: dict[str, int] = {}
+    seen: dict[str, int] = {}
+    for (_, label), outcome in zip(rows, outcomes, strict=True):
+        seen[label] = seen.get(label, 0) + 1
+        right[label] = right.get(label, 0) + int(outcome)
+    return {label: right[label] / seen[label] for label in sorted(seen)}
+
+
+def macro_accuracy(per_label: Mapping[str, float]) -> float | None:
+    """The mean of the per-label accuracies: every label counts the same however many eval records it
+    has, so a model that neglects a small label shows it (micro accuracy barely moves)."""
+    return sum(per_label.values()) / len(per_label) if per_label else None
+
+
 @dataclass(frozen=True)
 class TaskLearning:
     """One task as the trainer's checkpoint has it."""
@@ -82,6 +98,7 @@ class TaskLearning:
     task: str
     version: int
     accuracy: float | None
+    macro_accuracy: float | None
     train_records: int
     eval_records: int
     labels: int
@@ -110,6 +127,7 @@ def learning_status(
             task=name,
             version=int(saved["version"]),
             accuracy=manifests[name]["metrics"].get("accuracy"),
+            macro_accuracy=manifests[name]["metrics"].get("macro_accuracy"),
             train_records=int(saved["train_seen"]),
             eval_records=int(saved["eval_seen"]),
             labels=len(manifests[name]["labels"]),

@@ -68,6 +68,13 @@ class TrainerMetrics:
             ["task", "version", "strategy"],
             registry=registry,
         )
+        self.macro_accuracy = Gauge(
+            "continual_task_macro_accuracy",
+            "Mean of the per-label accuracies of a task's latest version on its eval records (every "
+            "label counts the same, so a neglected small label shows).",
+            ["task"],
+            registry=registry,
+        )
         self.latest_version = Gauge(
             "continual_latest_version",
             "Highest version the trainer has published for the task.",

@@ -54,9 +54,8 @@ class Publisher:
         strategy = self.training.strategy.name
         self.metrics.versions_published.labels(task=state.name, strategy=strategy).inc()
         self.metrics.record_data(state.name, health)
-        self.metrics.record_accuracy(
-            state.name, version, previous, state.accuracy if state.accuracy is not None else math.nan
-        )
+        self.metrics.macro_accuracy.labels(task=state.name).set(_or_nan(state.macro_accuracy))
+        self.metrics.record_accuracy(state.name, version, previous, _or_nan(state.accuracy))
         if state.round_losses:
             self.metrics.training_loss.labels(task=state.name, strategy=strategy).set(
                 sum(state.round_losses) / len(state.round_losses)
@@ -226,6 +225,8 @@ class Publisher:
             "max_length": model.max_length,
             "metrics": {
                 "accuracy": state.accuracy,
+                "macro_accuracy": state.macro_accuracy,
+                "label_accuracy": state.label_accuracy,
                 "best_accuracy": state.best_accuracy,
                 "eval_records": len(state.eval_records),
                 "train_records": state.train_seen,
@@ -234,3 +235,7 @@ class Publisher:
             "kafka": {"topic": self.settings.kafka_topic, "offsets": {str(p): o for p, o in offsets.items()}},
             "round": round_number,
         }
+
+
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value

@@ -9,10 +9,10 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 import torch
@@ -25,12 +25,12 @@ from tritonclient.grpc import service_pb2_grpc as oip_pb2_grpc
 from service import calls
 from service.answering import Answerer, Prediction, Request
 from service.api import continual_pb2, continual_pb2_grpc
-from service.data_health import DataHealth
 from service.errors import ContinualError, Unauthenticated, status_of
 from service.evaluation import learning_status
 from service.metrics import ServerMetrics, serve_metrics
 from service.oip import InferenceServicer
 from service.registry import Registry
+from service.replies import learning_reply, served_figures, version_info
 from service.served_model import ServedModel, build_served_model
 from service.serving import AdapterPool, LoadedVersion, RegistryWatcher
 from service.settings import Settings
@@ -161,23 +161,10 @@ class ContinualServicer(continual_pb2_grpc.ContinualServicer):
             registry = self.pool.registry
             versions = self.pool.versions(request.task)
             served = self._info(request.task).served_version
-            rows = []
-            for version in reversed(versions):
-                manifest = registry.manifest(request.task, version)
-                metrics = manifest["metrics"]
-                rows.append(
-                    continual_pb2.VersionInfo(
-                        version=version,
-                        created_at=float(manifest["created_at"]),
-                        accuracy=_or_nan(metrics.get("accuracy")),
-                        train_records=int(metrics["train_records"]),
-                        eval_records=int(metrics["eval_records"]),
-                        parent_version=int(manifest.get("parent_version") or 0),
-                        status="served" if version == served else "candidate",
-                        base_model=str(manifest.get("base_model", "")),
-                        strategy=str(manifest.get("strategy", "")),
-                    )
-                )
+            rows = [
+                version_info(version, registry.manifest(request.task, version), served)
+                for version in reversed(versions)
+            ]
             return continual_pb2.ListVersionsResponse(task=request.task, versions=rows)
 
         return self._call("ListVersions", context, handle, admin=True)
@@ -217,35 +204,7 @@ class ContinualServicer(continual_pb2_grpc.ContinualServicer):
                 name: registry.manifest(name, int(saved["version"]))
                 for name, saved in (checkpoint or {"tasks": {}})["tasks"].items()
             }
-            status = learning_status(checkpoint, manifests)
-            summary = status.summary
-            return continual_pb2.LearningStatus(
-                strategy=status.strategy,
-                round=status.round,
-                acc=_or_nan(summary.acc),
-                bwt=_or_nan(summary.bwt),
-                fwt=_or_nan(summary.fwt),
-                mean_forgetting=_or_nan(summary.mean_forgetting),
-                tasks=[
-                    continual_pb2.TaskLearning(
-                        task=t.task,
-                        version=t.version,
-                        accuracy=_or_nan(t.accuracy),
-                        forgetting=_or_nan(summary.forgetting.get(t.task)),
-                        train_records=t.train_records,
-                        eval_records=t.eval_records,
-                        data=_data_health(manifests[t.task]),
-                    )
-                    for t in status.tasks
-                ],
-                accuracy_matrix=[
-                    continual_pb2.AccuracyRow(
-                        after_task=after,
-                        cells=[continual_pb2.AccuracyCell(task=t, accuracy=a) for t, a in row.items()],
-                    )
-                    for after, row in status.matrix.items()
-                ],
-            )
+            return learning_reply(learning_status(checkpoint, manifests), manifests)
 
         return self._call("GetLearningStatus", context, handle)
 
@@ -265,15 +224,7 @@ class ContinualServicer(continual_pb2_grpc.ContinualServicer):
             versions=versions,
         )
         if served_version:
-            manifest = registry.manifest(task, served_version)
-            metrics: dict[str, Any] = manifest["metrics"]
-            info.accuracy = _or_nan(metrics.get("accuracy"))
-            info.train_records = int(metrics["train_records"])
-            info.eval_records = int(metrics["eval_records"])
-            info.labels.extend(manifest["labels"])
-            data = _data_health(manifest)
-            if data is not None:
-                info.data.CopyFrom(data)
+            served_figures(info, registry.manifest(task, served_version))
         return info
 
 
@@ -299,27 +250,6 @@ def _result(result: Prediction | ContinualError) -> continual_pb2.PredictResult:
         code, message = status_of(result)
         return continual_pb2.PredictResult(error=continual_pb2.ItemError(code=code.value[0], message=message))
     return continual_pb2.PredictResult(prediction=_response(result))
-
-
-def _data_health(manifest: Mapping[str, Any]) -> continual_pb2.DataHealth | None:
-    """A version's data judgement (None, an unset field, for versions published before it existed)."""
-    health = DataHealth.from_manifest(manifest)
-    if health is None:
-        return None
-    return continual_pb2.DataHealth(
-        sufficient=health.sufficient,
-        train_records=health.train_records,
-        eval_records=health.eval_records,
-        min_task_train_records=health.min_task_train_records,
-        min_label_train_records=health.min_label_train_records,
-        short_labels=[continual_pb2.LabelCount(label=lb, records=n) for lb, n in health.short_labels],
-        imbalance_ratio=health.imbalance_ratio,
-    )
-
-
-def _or_nan(value: object) -> float:
-    """NaN stands for "undefined" in replies (protobuf doubles have no null)."""
-    return float(value) if isinstance(value, int | float) else float("nan")
 
 
 @dataclass

@@ -29,6 +29,9 @@ class TaskState:
     train_seen: int = 0
     version: int | None = None
     accuracy: float | None = None
+    #: The mean of the per-label accuracies on the eval records (``label_accuracy``).
+    macro_accuracy: float | None = None
+    label_accuracy: dict[str, float] = field(default_factory=dict)
     #: Training examples (text, label index) waiting for a full micro-batch.
     pending: Examples = field(default_factory=list)
     #: This round's training examples, for the round's extra epochs.

@@ -240,13 +240,12 @@ class Training:
         predicted = self.predict_columns(adapter, [text for text, _ in rows], columns).argmax(dim=-1).tolist()
         return [labels[p] == label for p, (_, label) in zip(predicted, rows, strict=True)]
 
-    def accuracy(self, state: TaskState) -> float | None:
-        """The task's accuracy on its eval records as trained now (None without eval records)."""
+    def eval_outcomes(self, state: TaskState) -> list[bool]:
+        """Whether the task as trained now answers each of its eval records right."""
         self.prepare_head(state)  # labels known from eval records only have outputs too
-        outcomes = self.outcomes(
+        return self.outcomes(
             self.learner_of(state).adapter, self.columns_of(state), state.labels, state.eval_records
         )
-        return sum(outcomes) / len(outcomes) if outcomes else None
 
     # --- what is saved ------------------------------------------------------------------------------
 

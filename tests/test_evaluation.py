@@ -1,10 +1,10 @@
-"""ACC, BWT, forgetting and FWT on matrices worked out by hand."""
+"""ACC, BWT, forgetting and FWT on matrices, and per-label and macro accuracy, worked out by hand."""
 
 from __future__ import annotations
 
 import pytest
 
-from service.evaluation import summarize
+from service.evaluation import label_accuracy, macro_accuracy, summarize
 
 
 def test_figures_of_a_three_task_matrix() -> None:
@@ -46,3 +46,11 @@ def test_forgetting_starts_from_the_row_a_task_was_learned_in() -> None:
 def test_an_empty_matrix_has_no_figures() -> None:
     summary = summarize({})
     assert (summary.acc, summary.bwt, summary.fwt, summary.mean_forgetting) == (None, None, None, None)
+
+
+def test_macro_accuracy_counts_every_label_the_same() -> None:
+    rows = [("t1", "big"), ("t2", "big"), ("t3", "big"), ("t4", "small"), ("t5", "big")]
+    per_label = label_accuracy(rows, [True, True, True, False, False])
+    assert per_label == {"big": 0.75, "small": 0.0}
+    assert macro_accuracy(per_label) == pytest.approx(0.375)  # micro: 3 of 5 = 0.6
+    assert label_accuracy([], []) == {} and macro_accuracy({}) is None

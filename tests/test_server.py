@@ -323,6 +323,7 @@ def test_versions_and_history_are_listed(stub: continual_pb2_grpc.ContinualStub,
         (1, "served", 0),
     ]
     assert listed.versions[1].train_records == len(task.train)
+    assert 0 < listed.versions[1].macro_accuracy <= 1
     detail = stub.GetAdapter(continual_pb2.GetAdapterRequest(task=task.name))
     assert detail.adapter.served_version == 1 and detail.adapter.pinned
     data = detail.adapter.data  # the served version's data, judged when it was published
@@ -353,6 +354,7 @@ def test_learning_status_reports_the_trainers_matrix_and_figures(
     assert math.isnan(status.fwt)  # no task was measured before it was learned
     by_task = {t.task: t for t in status.tasks}
     assert by_task[second.name].version == 2 and by_task[second.name].train_records == 160 + 40
+    assert 0 < by_task[second.name].macro_accuracy <= 1
     data = by_task[second.name].data
     assert (data.train_records, data.imbalance_ratio) == (160 + 40, 1.0)  # 50 records per label
     assert by_task[first.name].forgetting == pytest.approx(expected.forgetting[first.name])

@@ -28,11 +28,16 @@ def test_each_task_is_learned_far_above_chance_and_published(settings: Settings)
         manifest = registry.manifest(task.name, 1)
         assert manifest["metrics"] == {
             "accuracy": state.accuracy,
+            "macro_accuracy": state.macro_accuracy,
+            "label_accuracy": state.label_accuracy,
             "best_accuracy": state.accuracy,
             "train_records": len(task.train),
             "eval_records": len(task.eval),
         }
         assert sorted(manifest["labels"]) == sorted({label for _, label in task.train})
+        # Synthetic eval sets hold as many records of every label: macro accuracy equals micro.
+        assert sorted(state.label_accuracy) == sorted(manifest["labels"])
+        assert state.macro_accuracy == pytest.approx(state.accuracy)
     checkpoint = registry.read_checkpoint()
     assert checkpoint is not None and checkpoint["offsets"] == {
         "0": sum(len(t.train) + len(t.eval) for t in tasks)
