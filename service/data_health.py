@@ -103,3 +103,10 @@ def assess(
         short_labels=tuple(short),
         imbalance_ratio=round(ratio, 3),
     )
+
+
+def normalized(text: str) -> str:
+    """A text as compared for exact duplicates: lower-cased, punctuation and extra spacing dropped
+    ("What's my  balance?" becomes "what s my balance")."""
+    kept = "".join(c if c.isalnum() or c.isspace() else " " for c in text.lower())
+    return " ".join(kept.split())

@@ -149,6 +149,12 @@ class Settings(ServingSettings):
     min_label_train_records: int = Field(
         default=20, ge=0, description="...and training records each of its labels needs."
     )
+    balance_labels_above: float = Field(
+        default=3.0,
+        ge=0,
+        description="A task whose largest label has more than this many times its smallest's training "
+        "records takes its further epochs class-balanced (small labels oversampled; 0: never).",
+    )
 
     # Strategies that share one learner across tasks (see strategies/)
     replay_memory_size: int = Field(

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch.nn import functional
 
+from service.balancing import far_apart, oversampled
 from service.learner import SHARED_ADAPTER, Learner
 from service.metrics import TrainerMetrics
 from service.model import HEAD_PREFIX, AdapterModel
@@ -138,9 +139,9 @@ class Training:
                 continue
             trained[state.name] = len(state.round_examples)
             further = self.settings.epochs - 1 if self.learner is None else 0
-            decay = self.optimisers.decay(further * -(-len(state.round_examples) // size))
-            for _ in range(further):
-                examples = state.round_examples[:]
+            epochs = [self._epoch(state, rng) for _ in range(further)]
+            decay = self.optimisers.decay(sum(-(-len(examples) // size) for examples in epochs))
+            for examples in epochs:
                 rng.shuffle(examples)
                 for i in range(0, len(examples), size):
                     self.step(state, examples[i : i + size], rate=next(decay))
@@ -154,6 +155,14 @@ class Training:
         self.strategy.after_round(self.learner, new)
         self._round_started = False
         return trained
+
+    def _epoch(self, state: TaskState, rng: random.Random) -> list[tuple[str, int]]:
+        """A further epoch's examples of a task: its round's, class-balanced when the task's labels
+        are far apart in size (judged on all its training records, so that a round which happens to
+        hold few of one label of a balanced task is not oversampled)."""
+        if far_apart(state.label_counts.values(), self.settings.balance_labels_above):
+            return oversampled(state.round_examples, rng)
+        return state.round_examples[:]
 
     def _train(self, learner: Learner, examples: Sequence[Example], rate: float = 1.0) -> float:
         """One optimizer step on ``examples`` plus what the strategy replays, at ``rate`` times the

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.data_health import DataHealth, assess
+from service.data_health import DataHealth, assess, normalized
 from service.datasets import TaskData, synthetic
 from service.registry import Registry
 from service.settings import Settings
@@ -45,6 +45,11 @@ def test_the_manifest_form_reads_back_and_old_manifests_have_none() -> None:
     assert DataHealth.from_manifest({"data": health.to_manifest()}) == health
     assert health.to_manifest()["short_labels"] == {"y": 3} and not health.to_manifest()["sufficient"]
     assert DataHealth.from_manifest({"labels": ["x"]}) is None
+
+
+def test_exact_duplicates_are_compared_without_case_punctuation_or_spacing() -> None:
+    assert normalized("  What's my BALANCE?? ") == normalized("what s my balance") == "what s my balance"
+    assert normalized("what is my balance") != normalized("what's my balance")
 
 
 def test_the_trainer_judges_publishes_exports_and_restores_it(settings: Settings) -> None:

@@ -1,0 +1,193 @@
+"""Data-practices benchmark on CLINC150: what the service's guards against data pitfalls are worth.
+
+    .venv/bin/python -m bench.data_practices [--parts imbalance duplicates] [--measure-on val]
+
+- ``imbalance``: each of the 10 domains learned alone by the service's own trainer (the default
+  strategy and settings, all-MiniLM-L6-v2, one round; its val records are the trainer's eval records)
+  with half its intents (every other one, in ``domains.json`` order) cut to 10% of their training
+  records; once with class-balanced further epochs off (``balance_labels_above`` 0) and once with
+  the default, measured on the domain's test records: micro and macro accuracy, means over the
+  domains and per domain.
+- ``duplicates``: how many records of each split repeat a training record, exactly (the same text
+  once lower-cased with punctuation and spacing dropped, ``service.data_health.normalized``) or
+  nearly (cosine of their base-model embeddings at least ``--near`` 0.97), and how many repeat
+  within the training split. A count, no target.
+
+Choose settings with ``--measure-on val``, never on test. Results: bench/results/data_practices.json
+(one part at a time is merged in) and data_practices_imbalance.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from bench.cl_clinc150 import CLINC150, TrainerLearner
+from service.data_health import normalized
+from service.datasets import TaskData, clinc150
+from service.evaluation import label_accuracy, macro_accuracy
+from service.model import build_model
+from service.settings import load_settings
+
+RESULTS = Path(__file__).resolve().parent / "results"
+console = Console()
+
+#: The cut intents keep this share of their training records.
+KEPT_SHARE = 0.10
+
+
+def cut(task: TaskData, intents: Sequence[str]) -> TaskData:
+    """``task`` with every other one of ``intents`` keeping ``KEPT_SHARE`` of its training records."""
+    small = set(intents[1::2])
+    counts = Counter(label for _, label in task.train)
+    left = {label: max(1, round(n * KEPT_SHARE)) if label in small else n for label, n in counts.items()}
+    train = []
+    for text, label in task.train:
+        if left[label] > 0:
+            train.append((text, label))
+            left[label] -= 1
+    return TaskData(task.name, train, task.eval)
+
+
+def learn_one(task: TaskData, measured: TaskData, balance_above: float) -> dict[str, Any]:
+    """A fresh trainer learns ``task`` in one round; micro and macro accuracy on ``measured``'s eval
+    records (in a child process, so every run starts from the same state)."""
+    with tempfile.TemporaryDirectory(prefix="data-practices-") as workdir:
+        settings = load_settings(
+            registry_dir=Path(workdir) / "registry",
+            first_version_records=0,
+            round_max_records=10**9,
+            drift_enabled=False,
+            balance_labels_above=balance_above,
+        )
+        learner = TrainerLearner(settings)
+        learner.learn(task)
+        texts, truth = [t for t, _ in measured.eval], [label for _, label in measured.eval]
+        labels, scores = learner.within(task.name, texts)
+        outcomes = [labels[i] == label for i, label in zip(scores.argmax(-1).tolist(), truth, strict=True)]
+    per_label = label_accuracy(measured.eval, outcomes)
+    return {
+        "micro": sum(outcomes) / len(outcomes),
+        "macro": macro_accuracy(per_label),
+        "per_label": per_label,
+    }
+
+
+def imbalance(measure_on: str) -> dict[str, Any]:
+    """The ``imbalance`` part: every domain cut, learned with and without balancing."""
+    intents = json.loads((CLINC150 / "domains.json").read_text())
+    trained = {t.name: t for t in clinc150(CLINC150, eval_splits=("val",))}
+    measured = {t.name: t for t in clinc150(CLINC150, eval_splits=(measure_on,))}
+    default = load_settings().balance_labels_above
+    per_domain: dict[str, dict[str, Any]] = {}
+    context = multiprocessing.get_context("spawn")
+    for number, (name, task) in enumerate(trained.items(), 1):
+        small = cut(task, intents[name])
+        row: dict[str, Any] = {"train_records": len(small.train)}
+        for key, above in (("unbalanced", 0.0), ("balanced", default)):
+            started = time.monotonic()
+            with context.Pool(1) as pool:
+                result = pool.apply(learn_one, (small, measured[name], above))
+            row[key] = {**result, "wall_s": round(time.monotonic() - started, 1)}
+        per_domain[name] = row
+        console.print(
+            f"imbalance {number}/{len(trained)} {name}: macro {row['unbalanced']['macro']:.1%} -> "
+            f"{row['balanced']['macro']:.1%}, micro {row['unbalanced']['micro']:.1%} -> "
+            f"{row['balanced']['micro']:.1%}"
+        )
+
+    def mean(key: str, figure: str) -> float:
+        return sum(r[key][figure] for r in per_domain.values()) / len(per_domain)
+
+    return {
+        "measured_on": measure_on,
+        "kept_share": KEPT_SHARE,
+        "balance_labels_above": default,
+        "macro_unbalanced": mean("unbalanced", "macro"),
+        "macro_balanced": mean("balanced", "macro"),
+        "micro_unbalanced": mean("unbalanced", "micro"),
+        "micro_balanced": mean("balanced", "micro"),
+        "per_domain": per_domain,
+    }
+
+
+def duplicates(near: float) -> dict[str, Any]:
+    """The ``duplicates`` part: exact and near repeats of training records in CLINC150's splits."""
+    data = json.loads((CLINC150 / "data_full.json").read_text())
+    model = build_model(load_settings())
+    train = [text for text, _ in data["train"]]
+    train_keys = {normalized(text) for text in train}
+    embed = model.base_embeddings
+    train_x = torch.nn.functional.normalize(torch.from_numpy(embed(train)), dim=-1)
+    out: dict[str, Any] = {"near_cosine": near}
+    for split in ("val", "test", "oos_val", "oos_test"):
+        texts = [text for text, _ in data[split]]
+        x = torch.nn.functional.normalize(torch.from_numpy(embed(texts)), dim=-1)
+        best = torch.cat([(chunk @ train_x.T).max(dim=1).values for chunk in x.split(1024)])
+        exact = sum(normalized(text) in train_keys for text in texts)
+        out[split] = {"records": len(texts), "exact": exact, "near": int((best >= near).sum())}
+        console.print(split, out[split])
+    seen: set[str] = set()
+    repeats = 0
+    for text in train:
+        key = normalized(text)
+        repeats += key in seen
+        seen.add(key)
+    out["train"] = {"records": len(train), "exact_within": repeats}
+    return out
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Macro accuracy per domain, unbalanced and balanced."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["imbalance"]["per_domain"]
+    names = list(rows)
+    positions = range(len(names))
+    figure, axis = plt.subplots(figsize=(10, 4.5))
+    for shift, key in ((-0.2, "unbalanced"), (0.2, "balanced")):
+        axis.bar([p + shift for p in positions], [rows[n][key]["macro"] for n in names], 0.4, label=key)
+    axis.set_xticks(list(positions), names, rotation=30, ha="right")
+    axis.set_ylim(0.5, 1.0)
+    axis.set_ylabel("macro accuracy")
+    axis.set_title("Half of each domain's intents cut to 10% of their training records")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parts = ("imbalance", "duplicates")
+    parser.add_argument("--parts", nargs="+", choices=parts, default=list(parts))
+    parser.add_argument("--measure-on", choices=("test", "val"), default="test")
+    parser.add_argument("--near", type=float, default=0.97, help="cosine of a near duplicate")
+    parser.add_argument("--out", type=Path, default=RESULTS / "data_practices.json")
+    args = parser.parse_args()
+    result: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if "duplicates" in args.parts:
+        result["duplicates"] = duplicates(args.near)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if "imbalance" in args.parts:
+        result["imbalance"] = imbalance(args.measure_on)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        plot(result, args.out.with_name(f"{args.out.stem}_imbalance.png"))
+    console.print({k: v for k, v in result.get("imbalance", {}).items() if k != "per_domain"})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Class-balanced sampling: a round's further epochs see a task's small labels as often as its large
+ones, so a model trained on labels far apart in size does not learn to favour the large ones.
+
+Small labels are oversampled (every example repeated, then a seeded draw for the remainder) up to the
+largest label's count; nothing is dropped, so the large labels lose no data. Only for a task whose
+largest label has more than ``balance_labels_above`` times its smallest's training records
+(``far_apart``): near-balanced data trains as it comes.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import TypeVar
+
+Example = TypeVar("Example", bound=tuple[str, int])
+
+
+def far_apart(counts: Iterable[int], above_ratio: float) -> bool:
+    """Whether labels with these training record counts call for balancing: the largest has more than
+    ``above_ratio`` times the smallest (labels with none are left out; 0 turns balancing off)."""
+    present = [n for n in counts if n > 0]
+    return above_ratio > 0 and len(present) >= 2 and max(present) > above_ratio * min(present)
+
+
+def oversampled(examples: Sequence[Example], rng: random.Random) -> list[Example]:
+    """``examples`` (text, label index) with every label oversampled to the largest label's count.
+    Labels in order of first appearance; callers shuffle."""
+    by_label: dict[int, list[Example]] = defaultdict(list)
+    for example in examples:
+        by_label[example[1]].append(example)
+    target = max((len(group) for group in by_label.values()), default=0)
+    out: list[Example] = []
+    for group in by_label.values():
+        copies, remainder = divmod(target, len(group))
+        out.extend(group * copies)
+        out.extend(rng.sample(group, remainder))
+    return out
