@@ -75,7 +75,8 @@ ORDERS = ("given", "reversed", "shuffled")
 #: The settings that shape what is learned, stored with every run (the rest: ports, topics, paths).
 LEARNING_SETTINGS = {
     "base_model", "max_length", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "strategy",
-    "learning_rate", "head_learning_rate", "learning_rate_decay", "base_dropout", "label_smoothing",
+    "learning_rate", "head_learning_rate", "learning_rate_decay", "base_dropout",
+    "label_smoothing", "warmup_steps",
     "batch_size", "epochs", "task_inference", "router_memory_size", "routing_coverage",
     "routing_max_candidates", "routing_label_scores",
     "head_init", "replay_memory_size",

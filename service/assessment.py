@@ -8,6 +8,7 @@ from typing import Any
 
 from service.evaluation import LearningSummary, label_accuracy, macro_accuracy, summarize
 from service.metrics import TrainerMetrics
+from service.report import mistakes
 from service.tasks import TaskState
 from service.training import Training
 
@@ -23,9 +24,13 @@ class Assessment:
         self.before_learning: dict[str, float] = {}
 
     def measure(self, states: Iterable[TaskState], training: Training) -> None:
-        """Each task's accuracy (micro, per label and macro) as trained now, kept in its state."""
+        """Each task's accuracy (micro, per label and macro) and mistakes as trained now, kept in its
+        state."""
         for state in states:
-            outcomes = training.eval_outcomes(state)
+            answers = training.eval_answers(state)
+            records = state.eval_records
+            outcomes = [answer == label for answer, (_, label) in zip(answers, records, strict=True)]
+            state.mistakes = mistakes(state.eval_records, answers)
             state.accuracy = sum(outcomes) / len(outcomes) if outcomes else None
             state.label_accuracy = label_accuracy(state.eval_records, outcomes)
             state.macro_accuracy = macro_accuracy(state.label_accuracy)

@@ -1,4 +1,4 @@
-"""The `continual` command line: train, serve, run (the demo), produce, predict, adapters."""
+"""The `continual` command line: train, serve, run (the demo), produce, predict, adapters, report."""
 
 from __future__ import annotations
 
@@ -218,6 +218,48 @@ def adapters_promote(
     settings = _settings(config)
     info = call(settings, target, "Promote", task=task, version=version, reason=reason)
     Console().print(adapters_table([info]))
+
+
+@app.command()
+def report(
+    task: str,
+    version: Annotated[int, typer.Option(help="The version (0: the served one, or the latest).")] = 0,
+    out: Annotated[
+        Path | None, typer.Option(help="Write report.md and its figures into this folder instead.")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """A version's report: accuracy per label, confused labels, wrong answers, data, change from served.
+
+    Read from the registry (``registry_dir``), where the trainer writes it with every version.
+    """
+    from service.errors import NotFound
+    from service.registry import Registry
+    from service.report import REPORT_FILE, render
+
+    settings = _settings(config)
+    if not (settings.registry_dir / "tasks").is_dir():
+        console.print(f"[red]not found:[/red] no registry in {settings.registry_dir} (registry_dir)")
+        raise typer.Exit(1)
+    registry = Registry(settings.registry_dir)
+    alias = registry.alias(task)
+    versions = registry.versions(task)
+    chosen = version or (alias.served if alias is not None else max(versions, default=0))
+    try:
+        found = registry.report(task, chosen)
+        # A version written before reports existed: made now from its manifest, without comparison.
+        markdown, figures = found if found is not None else render(registry.manifest(task, chosen), None)
+    except NotFound:
+        console.print(f"[red]not found:[/red] {task} v{chosen} in {settings.registry_dir}")
+        raise typer.Exit(1) from None
+    if out is None:
+        typer.echo(markdown, nl=False)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / REPORT_FILE).write_text(markdown)
+    for name, content in figures.items():
+        (out / name).write_bytes(content)
+    console.print(f"wrote {out / REPORT_FILE} and {len(figures)} figure(s)")
 
 
 @app.command()

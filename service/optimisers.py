@@ -26,7 +26,8 @@ class Optimisers:
         self._by_adapter: dict[str, torch.optim.Optimizer] = {}
 
     def at_rate(self, adapter: str, rate: float) -> torch.optim.Optimizer:
-        """The adapter's optimiser with its learning rates at ``rate`` times the set ones."""
+        """The adapter's optimiser with its learning rates at ``rate`` times the set ones (and, in its
+        first ``warmup_steps`` steps, that times a linear warm-up)."""
         optimizer = self._by_adapter.get(adapter)
         if optimizer is None:
             # No requires_grad to set: the forward pass activates the adapter, which makes it trainable.
@@ -35,6 +36,11 @@ class Optimisers:
                 [{"params": lora}, {"params": head}], lr=self.settings.learning_rate, weight_decay=0.01
             )
         rates = (self.settings.learning_rate, self.settings.head_learning_rate)
+        warmup = self.settings.warmup_steps
+        if warmup:
+            # AdamW's own step count: saved with the checkpoint, and back to 0 with fresh moments
+            # (a new adapter, or a head that grew), which are what a warm-up protects.
+            rate *= min(1.0, (_steps_taken(optimizer) + 1) / warmup)
         for group, base in zip(optimizer.param_groups, rates, strict=True):
             group["lr"] = base * rate
         return optimizer
@@ -73,6 +79,13 @@ class Optimisers:
             self.at_rate(adapter, 1.0).load_state_dict({"state": state, "param_groups": groups})
         if RNG_STATE in tensors:
             torch.set_rng_state(tensors[RNG_STATE])
+
+
+def _steps_taken(optimizer: torch.optim.Optimizer) -> int:
+    """How many steps the optimiser has taken (0 before its first)."""
+    for state in optimizer.state.values():
+        return int(state["step"])
+    return 0
 
 
 def unprefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 from service.data_health import DataHealth, assess
 from service.drift import PageHinkley
-from service.errors import CorruptVersion
+from service.errors import CorruptVersion, NotFound
 from service.metrics import TrainerMetrics
 from service.promotion import Decision, LiveAccuracy, gate
 from service.records import Record
 from service.registry import Registry
+from service.report import REPORT_FILE, render
 from service.settings import Settings
 from service.tasks import TaskState
 from service.training import Training, first_version_weights
@@ -49,7 +51,8 @@ class Publisher:
         weights = self.training.version_weights(state)
         health = self._data_health(state)
         manifest = self._manifest(state, health, offsets, round_number)
-        version = self.registry.publish(state.name, weights, state.eval_records, manifest)
+        report = self._report_files(state.name)
+        version = self.registry.publish(state.name, weights, state.eval_records, manifest, report)
         state.version = version
         strategy = self.training.strategy.name
         self.metrics.versions_published.labels(task=state.name, strategy=strategy).inc()
@@ -69,7 +72,7 @@ class Publisher:
         health = self._data_health(state)
         manifest = self._manifest(state, health, {}, 0)
         weights = first_version_weights(self.training.model, state)
-        version = self.registry.publish(state.name, weights, [], manifest)
+        version = self.registry.publish(state.name, weights, [], manifest, self._report_files(state.name))
         self.metrics.versions_published.labels(task=state.name, strategy=self.training.strategy.name).inc()
         self.metrics.record_data(state.name, health)
         self.apply(state.name, version, gate(None, None, None, self.settings.promotion_tolerance))
@@ -196,6 +199,24 @@ class Publisher:
         self.metrics.auto_rollbacks.labels(task=task).inc()
         log.error("task %r: rolled back to v%d: %s", task, good[0], reason)
 
+    def _report_files(self, task: str) -> Callable[[dict[str, Any]], dict[str, bytes]]:
+        """What writes a version's report (``service.report``), against the version served now."""
+        alias = self.registry.alias(task)
+        try:
+            served = self.registry.manifest(task, alias.served) if alias is not None else None
+        except (CorruptVersion, NotFound):
+            served = None
+
+        def files(manifest: dict[str, Any]) -> dict[str, bytes]:
+            try:
+                markdown, figures = render(manifest, served)
+            except Exception:  # a report is for people: it never stands between a round and durability
+                log.exception("task %r: the report of v%s could not be made", task, manifest.get("version"))
+                return {}
+            return {REPORT_FILE: markdown.encode(), **figures}
+
+        return files
+
     def _data_health(self, state: TaskState) -> DataHealth:
         return assess(
             state.labels,
@@ -232,6 +253,7 @@ class Publisher:
                 "train_records": state.train_seen,
             },
             "data": health.to_manifest(),
+            "mistakes": state.mistakes,
             "kafka": {"topic": self.settings.kafka_topic, "offsets": {str(p): o for p, o in offsets.items()}},
             "round": round_number,
         }

@@ -5,6 +5,7 @@ Layout under the root directory::
     tasks/<task>/versions/<000001>/adapter.safetensors   LoRA + head weights
                                   eval.jsonl            the eval records the version was measured on
                                   manifest.json         metrics, labels, base model, offsets, sha256s
+                                  report.md, *.png      the version's report (service.report)
     tasks/<task>/alias.json                             {"served": N, "pinned": bool, "reason": ...}
     tasks/<task>/events.jsonl                           promotions, rejections, rollbacks, pruning
     trainer/checkpoint.json                             which versions the trainer holds + offsets
@@ -37,7 +38,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from service.durable_files import fsync_dir, fsync_file, save_tensors, sha256_of, write_json
 from service.errors import CorruptVersion, NotFound
+from service.report import REPORT_FILE
 from service.settings import TASK_NAME
 
 WEIGHTS_FILE = "adapter.safetensors"
@@ -95,7 +98,7 @@ class Registry:
             raise CorruptVersion(f"{task} v{version}: the manifest lists no sha256 for {WEIGHTS_FILE}")
         for name, expected in files.items():
             try:
-                actual = _sha256(directory / name)
+                actual = sha256_of(directory / name)
             except FileNotFoundError:
                 raise CorruptVersion(f"{task} v{version}: {name} is missing") from None
             if actual != expected:
@@ -112,6 +115,16 @@ class Registry:
         """Whether ``records`` are exactly the records the version was evaluated on (by their sha256)."""
         digest = hashlib.sha256(b"".join(_eval_lines(records))).hexdigest()
         return bool(self.manifest(task, version)["files"][EVAL_FILE] == digest)
+
+    def report(self, task: str, version: int) -> tuple[str, dict[str, bytes]] | None:
+        """The version's report and its figures as written with it (None for a version without)."""
+        directory = self._version_dir(task, version)
+        try:
+            markdown = (directory / REPORT_FILE).read_text()
+        except FileNotFoundError:
+            self.manifest(task, version)  # NotFound if the version itself is not there
+            return None
+        return markdown, {path.name: path.read_bytes() for path in sorted(directory.glob("*.png"))}
 
     def alias(self, task: str) -> Alias | None:
         """The task's alias, or None before its first promotion."""
@@ -139,8 +152,12 @@ class Registry:
         weights: dict[str, torch.Tensor],
         eval_records: list[tuple[str, str]],
         manifest: dict[str, Any],
+        extra_files: Callable[[dict[str, Any]], dict[str, bytes]] | None = None,
     ) -> int:
-        """Write a new version atomically and return its number (one more than the highest so far)."""
+        """Write a new version atomically and return its number (one more than the highest so far).
+
+        ``extra_files`` makes files that go with it (its report) from the complete manifest, version
+        number included; they are not part of the version's integrity (``files``)."""
         staging = self.root / ".tmp" / uuid.uuid4().hex
         staging.mkdir()
         try:
@@ -152,7 +169,7 @@ class Registry:
             with open(staging / EVAL_FILE, "wb") as f:
                 for line in _eval_lines(eval_records):
                     f.write(line)
-            files = {name: _sha256(staging / name) for name in (WEIGHTS_FILE, EVAL_FILE)}
+            files = {name: sha256_of(staging / name) for name in (WEIGHTS_FILE, EVAL_FILE)}
             versions_dir = self._task_dir(task) / "versions"
             versions_dir.mkdir(parents=True, exist_ok=True)
             with self._task_lock(task):
@@ -165,12 +182,15 @@ class Registry:
                     "created_at": time.time(),
                     "files": files,
                 }
-                _write_json(staging / MANIFEST_FILE, body)
-                for name in (WEIGHTS_FILE, EVAL_FILE):
-                    _fsync_file(staging / name)
-                _fsync_dir(staging)
+                write_json(staging / MANIFEST_FILE, body)
+                extra = extra_files(body) if extra_files is not None else {}
+                for name, content in extra.items():
+                    (staging / name).write_bytes(content)
+                for name in (WEIGHTS_FILE, EVAL_FILE, *extra):
+                    fsync_file(staging / name)
+                fsync_dir(staging)
                 os.rename(staging, versions_dir / f"{version:06d}")
-                _fsync_dir(versions_dir)
+                fsync_dir(versions_dir)
             return version
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -193,7 +213,7 @@ class Registry:
         if version not in self.versions(task):
             raise NotFound(f"task {task!r} has no version {version}")
         previous = self.alias(task)
-        _write_json(
+        write_json(
             self._task_dir(task) / "alias.json",
             {"served": version, "pinned": pinned, "reason": reason, "updated_at": time.time()},
         )
@@ -251,7 +271,7 @@ class Registry:
     def write_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Replace the trainer checkpoint atomically and durably."""
         (self.root / "trainer").mkdir(exist_ok=True)
-        _write_json(self.root / "trainer" / "checkpoint.json", checkpoint)
+        write_json(self.root / "trainer" / "checkpoint.json", checkpoint)
 
     def write_learner(self, round_number: int, tensors: dict[str, torch.Tensor]) -> str:
         """Write the trainer's tensors for a checkpoint durably; returns the name the checkpoint keeps.
@@ -260,7 +280,7 @@ class Registry:
         """
         (self.root / "trainer").mkdir(exist_ok=True)
         name = f"learner-{round_number:06d}.safetensors"
-        _save_tensors(self.root / "trainer" / name, tensors)
+        save_tensors(self.root / "trainer" / name, tensors)
         return name
 
     def read_learner(self, name: str) -> dict[str, torch.Tensor]:
@@ -282,12 +302,12 @@ class Registry:
         directory = self.root / "router"
         directory.mkdir(exist_ok=True)
         name = f"router-{round_number:06d}.safetensors"
-        _save_tensors(directory / name, tensors)
+        save_tensors(directory / name, tensors)
         # The previous file stays: a server may have read the old manifest and be loading it now.
         previous = self.router_manifest()
         keep = {name, previous["file"] if previous else name}
-        body = {**manifest, "file": name, "sha256": _sha256(directory / name), "created_at": time.time()}
-        _write_json(directory / "router.json", body)
+        body = {**manifest, "file": name, "sha256": sha256_of(directory / name), "created_at": time.time()}
+        write_json(directory / "router.json", body)
         for path in directory.glob("router-*.safetensors"):
             if path.name not in keep:
                 path.unlink(missing_ok=True)
@@ -304,7 +324,7 @@ class Registry:
     def load_router(self, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The weights a router manifest names, checked against its sha256."""
         path = self.root / "router" / str(manifest["file"])
-        if not path.is_file() or _sha256(path) != manifest["sha256"]:
+        if not path.is_file() or sha256_of(path) != manifest["sha256"]:
             raise CorruptVersion(f"{path.name} is missing or does not match its sha256 in router.json")
         return load_file(str(path))
 
@@ -335,62 +355,3 @@ def _eval_lines(records: list[tuple[str, str]]) -> Iterator[bytes]:
     """A version's eval file, line by line: one JSON object per (text, label)."""
     for text, label in records:
         yield (json.dumps({"text": text, "label": label}, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_json(path: Path, body: dict[str, Any]) -> None:
-    """Replace ``path`` with ``body`` as JSON, atomically and durably."""
-
-    def write(temporary: Path) -> None:
-        with open(temporary, "w", encoding="utf-8") as f:
-            json.dump(body, f, indent=2, sort_keys=True)
-
-    _replace_atomically(path, write)
-
-
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write a safetensors file atomically; a full or failing disk is an OSError like any other."""
-
-    def write(temporary: Path) -> None:
-        try:
-            save_file(tensors, str(temporary))
-        except SafetensorError as exc:
-            raise OSError(f"cannot write {path.name}: {exc}") from exc
-
-    _replace_atomically(path, write)
-
-
-def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Write-then-rename, with fsyncs, so readers see the old file or the new one, never half.
-
-    ``write`` writes the new content to the temporary path it is given.
-    """
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-    try:
-        write(temporary)
-        _fsync_file(temporary)
-        os.replace(temporary, path)
-    finally:
-        # A full disk fails the write halfway: leave no partial file behind to fill it further.
-        temporary.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

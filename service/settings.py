@@ -124,6 +124,12 @@ class Settings(ServingSettings):
         description="The learning rates over a round's further epochs: constant, or down linearly to "
         "zero by the round's last step (its first epoch, trained as records stream in, is at full rate).",
     )
+    warmup_steps: int = Field(
+        default=0,
+        ge=0,
+        description="An adapter's first this many steps (again after its head grew) take the learning "
+        "rates up linearly from 1/N of the set ones (0: none).",
+    )
     round_max_records: int = Field(
         default=2000, ge=1, description="A round closes after this many new records..."
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -32,6 +33,8 @@ class TaskState:
     #: The mean of the per-label accuracies on the eval records (``label_accuracy``).
     macro_accuracy: float | None = None
     label_accuracy: dict[str, float] = field(default_factory=dict)
+    #: What the task gets wrong on its eval records (``service.report.mistakes``; None: not measured).
+    mistakes: dict[str, Any] | None = None
     #: Training examples (text, label index) waiting for a full micro-batch.
     pending: Examples = field(default_factory=list)
     #: This round's training examples, for the round's extra epochs.

@@ -238,22 +238,31 @@ class Training:
         """Probabilities of ``adapter`` for ``texts``, kept to ``columns`` (argmax-ready)."""
         return self.model.predict(adapter, texts, self.settings.eval_batch_size)[:, list(columns)]
 
+    def answers(
+        self, adapter: str, columns: Sequence[int], labels: Sequence[str], texts: Sequence[str]
+    ) -> list[str]:
+        """The label ``adapter`` answers for each text; ``columns`` are its outputs for ``labels`` (the
+        task's columns of a shared head; a published version's are its rows)."""
+        if not texts:
+            return []
+        self.heartbeat()
+        return [labels[p] for p in self.predict_columns(adapter, texts, columns).argmax(dim=-1).tolist()]
+
     def outcomes(
         self, adapter: str, columns: Sequence[int], labels: Sequence[str], rows: Sequence[tuple[str, str]]
     ) -> list[bool]:
-        """For each (text, label), whether ``adapter`` predicts the label; ``columns`` are its outputs
-        for ``labels`` (the task's columns of a shared head; a published version's are its rows)."""
-        if not rows:
-            return []
-        self.heartbeat()
-        predicted = self.predict_columns(adapter, [text for text, _ in rows], columns).argmax(dim=-1).tolist()
-        return [labels[p] == label for p, (_, label) in zip(predicted, rows, strict=True)]
+        """For each (text, label), whether ``adapter`` answers the label (see ``answers``)."""
+        answered = self.answers(adapter, columns, labels, [text for text, _ in rows])
+        return [answer == label for answer, (_, label) in zip(answered, rows, strict=True)]
 
-    def eval_outcomes(self, state: TaskState) -> list[bool]:
-        """Whether the task as trained now answers each of its eval records right."""
+    def eval_answers(self, state: TaskState) -> list[str]:
+        """The label the task as trained now answers for each of its eval records."""
         self.prepare_head(state)  # labels known from eval records only have outputs too
-        return self.outcomes(
-            self.learner_of(state).adapter, self.columns_of(state), state.labels, state.eval_records
+        return self.answers(
+            self.learner_of(state).adapter,
+            self.columns_of(state),
+            state.labels,
+            [text for text, _ in state.eval_records],
         )
 
     # --- what is saved ------------------------------------------------------------------------------

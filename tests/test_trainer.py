@@ -278,3 +278,22 @@ def test_linear_decay_brings_each_round_down_to_its_last_step_rate(settings: Set
     trainer.close_round({0: 10_000})
     (lora, _), *_ = trainer.training.optimisers.state()[0]["param_groups"]
     assert lora["lr"] == pytest.approx(settings.learning_rate / 4)
+
+
+def test_warm_up_takes_the_rates_up_over_an_adapters_first_steps(settings: Settings) -> None:
+    settings = settings.model_copy(update={"warmup_steps": 8, "epochs": 2})
+    (task,) = synthetic(num_tasks=1, labels_per_task=2, train_per_label=40, eval_per_label=4)
+    trainer = new_trainer(settings)
+    train = [item for item in incoming([task]) if item.record.split == "train"]
+    rates = []
+    for step in range(3):  # one micro-batch of 16, one step each
+        trainer.absorb(train[step * 16 : (step + 1) * 16])
+        ((lora, head),) = trainer.training.optimisers.state()[0]["param_groups"]
+        rates.extend([lora["lr"], head["lr"]])
+    set_rates = (settings.learning_rate, settings.head_learning_rate)
+    expected = [rate * k / 8 for k in (1, 2, 3) for rate in set_rates]
+    assert rates == pytest.approx(expected)
+    trainer.absorb(train[48:])
+    trainer.close_round({0: len(train)})  # 5 + 5 steps in all: past the warm-up, at the set rates
+    ((lora, head),) = trainer.training.optimisers.state()[0]["param_groups"]
+    assert (lora["lr"], head["lr"]) == pytest.approx((settings.learning_rate, settings.head_learning_rate))
