@@ -16,6 +16,7 @@ from typing import Any
 
 from service.assessment import Assessment
 from service.data_health import DataHealth
+from service.duplicates import DuplicateIndex
 from service.feature_memory import FeatureMemory
 from service.ingest import Ingest
 from service.metrics import TrainerMetrics
@@ -63,6 +64,7 @@ class Durability:
         publisher: Publisher,
         assessment: Assessment,
         memory: FeatureMemory,
+        duplicates: DuplicateIndex,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -71,6 +73,7 @@ class Durability:
         self.publisher = publisher
         self.assessment = assessment
         self.memory = memory
+        self.duplicates = duplicates
         #: The Kafka offsets of the last durable checkpoint.
         self.offsets: dict[int, int] = {}
         #: The latest closed round while it is not yet durable.
@@ -104,8 +107,10 @@ class Durability:
             plain, tensors = self.training.saved_state()
             memory, memory_tensors = self.memory.saved_state()
             progress, progress_tensors = self.training.optimisers.state()
+            duplicates, duplicates_tensors = self.duplicates.saved_state()
             tensors.update(memory_tensors)
             tensors.update(progress_tensors)
+            tensors.update(duplicates_tensors)
             learner_file = self.registry.write_learner(pending.number, tensors) if tensors else None
             if pending.router is not None:
                 manifest = {
@@ -116,7 +121,9 @@ class Durability:
                 self.registry.write_router(pending.number, pending.router.tensors(), manifest)
                 pending.router = None  # written: a retry does not write it again
             body = self._body(pending, tasks, plain, learner_file)
-            self.registry.write_checkpoint({**body, "memory": memory, "progress": progress})
+            self.registry.write_checkpoint(
+                {**body, "memory": memory, "progress": progress, "duplicates": duplicates}
+            )
             self.registry.prune_learners(keep=learner_file)
             self.offsets = pending.offsets
             for name, version in pending.published.items():
@@ -193,6 +200,7 @@ class Durability:
                 name=name,
                 labels=list(manifest["labels"]),
                 eval_records=self.registry.eval_records(name, version),
+                duplicate_records=self.registry.duplicate_records(name, version),
                 eval_judged=int(saved["eval_seen"]),
                 label_counts=dict(manifest.get("label_counts", {})),
                 best_accuracy=manifest["metrics"].get("best_accuracy"),
@@ -225,6 +233,8 @@ class Durability:
         )
         if "memory" in checkpoint:
             self.memory.restore(checkpoint["memory"], tensors or {})
+        if "duplicates" in checkpoint:
+            self.duplicates.restore(checkpoint["duplicates"], tensors or {})
         if "progress" in checkpoint:
             # Last: loading the adapters above draws from torch's generator too.
             self.training.optimisers.restore(checkpoint["progress"], tensors or {})

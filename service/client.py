@@ -127,6 +127,8 @@ def _data_cells(holder: continual_pb2.AdapterInfo | continual_pb2.TaskLearning) 
         min_label_train_records=data.min_label_train_records,
         short_labels=tuple((c.label, c.records) for c in data.short_labels),
         imbalance_ratio=data.imbalance_ratio,
+        exact_duplicates=data.exact_duplicate_eval_records,
+        near_duplicates=data.near_duplicate_eval_records,
     )
     return health.summary(), f"{health.imbalance_ratio:.1f}:1"
 

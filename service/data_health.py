@@ -31,6 +31,10 @@ class DataHealth:
     #: than two such labels). A label with none is already a short label; counting it here would make
     #: the ratio infinite and say nothing more.
     imbalance_ratio: float
+    #: Eval records set aside because they repeat a training record (``service.duplicates``), exactly
+    #: or nearly; ``eval_records`` counts the rest, the eval set that gates versions.
+    exact_duplicates: int = 0
+    near_duplicates: int = 0
 
     @property
     def sufficient(self) -> bool:
@@ -47,6 +51,8 @@ class DataHealth:
             "min_label_train_records": self.min_label_train_records,
             "short_labels": dict(self.short_labels),
             "imbalance_ratio": self.imbalance_ratio,
+            "exact_duplicates": self.exact_duplicates,
+            "near_duplicates": self.near_duplicates,
         }
 
     @classmethod
@@ -62,12 +68,12 @@ class DataHealth:
             min_label_train_records=int(data["min_label_train_records"]),
             short_labels=tuple((str(label), int(n)) for label, n in data["short_labels"].items()),
             imbalance_ratio=float(data["imbalance_ratio"]),
+            exact_duplicates=int(data.get("exact_duplicates", 0)),
+            near_duplicates=int(data.get("near_duplicates", 0)),
         )
 
     def summary(self) -> str:
-        """One line for a person: "ok", or what falls short."""
-        if self.sufficient:
-            return "ok"
+        """One line for a person: "ok", or what falls short (and eval records set aside)."""
         problems = []
         if self.train_records < self.min_task_train_records:
             problems.append(f"{self.train_records} of {self.min_task_train_records} records")
@@ -77,7 +83,10 @@ class DataHealth:
             problems.append(
                 f"{len(self.short_labels)} label(s) under {self.min_label_train_records}: {names}{more}"
             )
-        return "; ".join(problems)
+        repeats = self.exact_duplicates + self.near_duplicates
+        if repeats:
+            problems.append(f"{repeats} eval record(s) repeat training ones, set aside")
+        return "; ".join(problems) or "ok"
 
 
 def assess(
@@ -86,9 +95,10 @@ def assess(
     eval_records: int,
     min_task_train_records: int,
     min_label_train_records: int,
+    duplicates: Mapping[str, int] | None = None,
 ) -> DataHealth:
-    """Judge a task's data from its labels (every label it knows, eval-only ones included) and its
-    training records per label."""
+    """Judge a task's data from its labels (every label it knows, eval-only ones included), its
+    training records per label, and its eval records set aside as repeats (by kind: exact, near)."""
     counts = {label: int(label_counts.get(label, 0)) for label in labels}
     short = sorted(
         ((label, n) for label, n in counts.items() if n < min_label_train_records), key=lambda x: (x[1], x[0])
@@ -102,6 +112,8 @@ def assess(
         min_label_train_records=min_label_train_records,
         short_labels=tuple(short),
         imbalance_ratio=round(ratio, 3),
+        exact_duplicates=int((duplicates or {}).get("exact", 0)),
+        near_duplicates=int((duplicates or {}).get("near", 0)),
     )
 
 

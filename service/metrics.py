@@ -153,8 +153,15 @@ class TrainerMetrics:
         )
         self.eval_records = Gauge(
             "continual_task_eval_records",
-            "Eval records the trainer has of the task.",
+            "Eval records the trainer has of the task (its eval set, repeats set aside).",
             ["task"],
+            registry=registry,
+        )
+        self.duplicate_eval_records = Gauge(
+            "continual_task_duplicate_eval_records",
+            "Eval records of the task set aside because they repeat one of its training records, "
+            "exactly (kind=exact) or nearly (kind=near, base-model cosine >= duplicate_cosine).",
+            ["task", "kind"],
             registry=registry,
         )
         self.short_labels = Gauge(
@@ -238,6 +245,8 @@ class TrainerMetrics:
         self.data_sufficient.labels(task=task).set(1.0 if health.sufficient else 0.0)
         self.train_records.labels(task=task).set(health.train_records)
         self.eval_records.labels(task=task).set(health.eval_records)
+        self.duplicate_eval_records.labels(task=task, kind="exact").set(health.exact_duplicates)
+        self.duplicate_eval_records.labels(task=task, kind="near").set(health.near_duplicates)
         self.short_labels.labels(task=task).set(len(health.short_labels))
         self.imbalance_ratio.labels(task=task).set(health.imbalance_ratio)
 

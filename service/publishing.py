@@ -25,6 +25,8 @@ from service.tasks import TaskState
 from service.training import Training, first_version_weights
 
 log = logging.getLogger(__name__)
+#: Eval records set aside as repeats that a manifest lists (for the report).
+DUPLICATES_SHOWN = 20
 
 
 class Publisher:
@@ -52,7 +54,9 @@ class Publisher:
         health = self._data_health(state)
         manifest = self._manifest(state, health, offsets, round_number)
         report = self._report_files(state.name)
-        version = self.registry.publish(state.name, weights, state.eval_records, manifest, report)
+        version = self.registry.publish(
+            state.name, weights, state.eval_records, manifest, report, state.duplicate_records
+        )
         state.version = version
         strategy = self.training.strategy.name
         self.metrics.versions_published.labels(task=state.name, strategy=strategy).inc()
@@ -224,6 +228,7 @@ class Publisher:
             len(state.eval_records),
             self.settings.min_task_train_records,
             self.settings.min_label_train_records,
+            state.duplicate_counts(),
         )
 
     def _manifest(
@@ -254,6 +259,8 @@ class Publisher:
             },
             "data": health.to_manifest(),
             "mistakes": state.mistakes,
+            # The first repeats set aside, for the report (all of them: the version's duplicates.jsonl).
+            "duplicates": [list(record) for record in state.duplicate_records[:DUPLICATES_SHOWN]],
             "kafka": {"topic": self.settings.kafka_topic, "offsets": {str(p): o for p, o in offsets.items()}},
             "round": round_number,
         }

@@ -4,6 +4,7 @@ Layout under the root directory::
 
     tasks/<task>/versions/<000001>/adapter.safetensors   LoRA + head weights
                                   eval.jsonl            the eval records the version was measured on
+                                  duplicates.jsonl      eval records set aside as repeats of training ones
                                   manifest.json         metrics, labels, base model, offsets, sha256s
                                   report.md, *.png      the version's report (service.report)
     tasks/<task>/alias.json                             {"served": N, "pinned": bool, "reason": ...}
@@ -28,7 +29,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ from service.settings import TASK_NAME
 
 WEIGHTS_FILE = "adapter.safetensors"
 EVAL_FILE = "eval.jsonl"
+DUPLICATES_FILE = "duplicates.jsonl"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
 
@@ -111,6 +113,12 @@ class Registry:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line]
         return [(row["text"], row["label"]) for row in rows]
 
+    def duplicate_records(self, task: str, version: int) -> list[tuple[str, str, str]]:
+        """The eval records set aside as repeats of training records when the version was published:
+        (text, label, "exact" or "near"); none for versions from before they were kept."""
+        rows = _json_lines(self._version_dir(task, version) / DUPLICATES_FILE)
+        return [(row["text"], row["label"], row["kind"]) for row in rows]
+
     def evaluated_on(self, task: str, version: int, records: list[tuple[str, str]]) -> bool:
         """Whether ``records`` are exactly the records the version was evaluated on (by their sha256)."""
         digest = hashlib.sha256(b"".join(_eval_lines(records))).hexdigest()
@@ -138,11 +146,7 @@ class Registry:
 
     def events(self, task: str) -> list[dict[str, Any]]:
         """The task's history: every promotion, rejection, rollback and pruning, oldest first."""
-        try:
-            text = (self._task_dir(task) / "events.jsonl").read_text()
-        except FileNotFoundError:
-            return []
-        return [json.loads(line) for line in text.splitlines() if line]
+        return _json_lines(self._task_dir(task) / "events.jsonl")
 
     # --- writing ----------------------------------------------------------------------------------
 
@@ -153,6 +157,7 @@ class Registry:
         eval_records: list[tuple[str, str]],
         manifest: dict[str, Any],
         extra_files: Callable[[dict[str, Any]], dict[str, bytes]] | None = None,
+        duplicate_records: list[tuple[str, str, str]] | None = None,
     ) -> int:
         """Write a new version atomically and return its number (one more than the highest so far).
 
@@ -166,9 +171,8 @@ class Registry:
             except SafetensorError as exc:
                 # safetensors reports a full or failing disk as its own error; callers handle OSError.
                 raise OSError(f"cannot write {WEIGHTS_FILE}: {exc}") from exc
-            with open(staging / EVAL_FILE, "wb") as f:
-                for line in _eval_lines(eval_records):
-                    f.write(line)
+            _write_lines(staging / EVAL_FILE, _eval_lines(eval_records))
+            _write_lines(staging / DUPLICATES_FILE, _duplicate_lines(duplicate_records or []))
             files = {name: sha256_of(staging / name) for name in (WEIGHTS_FILE, EVAL_FILE)}
             versions_dir = self._task_dir(task) / "versions"
             versions_dir.mkdir(parents=True, exist_ok=True)
@@ -186,7 +190,7 @@ class Registry:
                 extra = extra_files(body) if extra_files is not None else {}
                 for name, content in extra.items():
                     (staging / name).write_bytes(content)
-                for name in (WEIGHTS_FILE, EVAL_FILE, *extra):
+                for name in (WEIGHTS_FILE, EVAL_FILE, DUPLICATES_FILE, *extra):
                     fsync_file(staging / name)
                 fsync_dir(staging)
                 os.rename(staging, versions_dir / f"{version:06d}")
@@ -349,6 +353,28 @@ class Registry:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _json_lines(path: Path) -> list[dict[str, Any]]:
+    """One JSON object per line of the file (none if there is no file)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line]
+
+
+def _write_lines(path: Path, lines: Iterable[bytes]) -> None:
+    with open(path, "wb") as f:
+        for line in lines:
+            f.write(line)
+
+
+def _duplicate_lines(records: list[tuple[str, str, str]]) -> Iterator[bytes]:
+    """A version's duplicates file, line by line: one JSON object per (text, label, kind)."""
+    for text, label, kind in records:
+        row = {"text": text, "label": label, "kind": kind}
+        yield (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 def _eval_lines(records: list[tuple[str, str]]) -> Iterator[bytes]:

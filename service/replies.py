@@ -90,6 +90,8 @@ def data_health(manifest: Mapping[str, Any]) -> continual_pb2.DataHealth | None:
         min_label_train_records=health.min_label_train_records,
         short_labels=[continual_pb2.LabelCount(label=lb, records=n) for lb, n in health.short_labels],
         imbalance_ratio=health.imbalance_ratio,
+        exact_duplicate_eval_records=health.exact_duplicates,
+        near_duplicate_eval_records=health.near_duplicates,
     )
 
 

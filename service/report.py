@@ -4,8 +4,9 @@ the version that was served when it was published.
 Accuracy alone is a poor exam. Each published version gets ``report.md`` and a figure beside its
 weights in the registry (``Registry.publish``), rendered from its manifest: per-label accuracy, the
 most confused label pairs and a sample of wrong answers with their texts (``mistakes``, measured by
-the trainer on the eval records), data sufficiency and imbalance (``service.data_health``), and the
-change from the served version label by label. ``continual report TASK`` prints or writes it.
+the trainer on the eval records), data sufficiency and imbalance (``service.data_health``), eval
+records set aside as repeats of training ones (``service.duplicates``), and the change from the
+served version label by label. ``continual report TASK`` prints or writes it.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def render(manifest: Mapping[str, Any], served: Mapping[str, Any] | None) -> tup
             lines.append(f"| {name} | {_percent(now)} | {_percent(before)} | {_points(now, before)} |")
     lines.append("")
     lines += _data_section(manifest)
+    lines += _duplicates_section(manifest)
     lines += _label_section(manifest, served)
     lines += _mistakes_section(manifest.get("mistakes"))
     figures = {}
@@ -95,6 +97,26 @@ def _data_section(manifest: Mapping[str, Any]) -> list[str]:
         "the smallest.",
         "",
     ]
+
+
+def _duplicates_section(manifest: Mapping[str, Any]) -> list[str]:
+    health = DataHealth.from_manifest(manifest)
+    if health is None or not health.exact_duplicates + health.near_duplicates:
+        return []
+    shown = manifest.get("duplicates", [])
+    lines = [
+        "## Eval records that repeat training records",
+        "",
+        f"{health.exact_duplicates} exactly and {health.near_duplicates} nearly: set aside from the eval "
+        "set, so the accuracy above is on texts the version was not trained on"
+        + (f" (the first {len(shown)}; all in `duplicates.jsonl`)." if shown else "."),
+        "",
+    ]
+    if shown:
+        lines += ["| text | label | repeat |", "|---|---|---|"]
+        lines += [f"| {_cell(text)} | {_cell(label)} | {kind} |" for text, label, kind in shown]
+        lines.append("")
+    return lines
 
 
 def _label_section(manifest: Mapping[str, Any], served: Mapping[str, Any] | None) -> list[str]:

@@ -155,6 +155,14 @@ class Settings(ServingSettings):
     min_label_train_records: int = Field(
         default=20, ge=0, description="...and training records each of its labels needs."
     )
+    duplicate_cosine: float = Field(
+        default=0.97,
+        gt=0,
+        le=1,
+        description="An eval record whose base-model embedding has at least this cosine with one of its "
+        "task's training records repeats it nearly (exact repeats: the same normalised text) and is set "
+        "aside from the eval set that gates versions (kept, counted and reported).",
+    )
     balance_labels_above: float = Field(
         default=3.0,
         ge=0,

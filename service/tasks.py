@@ -7,7 +7,7 @@ requests by) grow with its training texts. Nothing here touches the model; embed
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,8 @@ class TaskState:
     #: The mean of the per-label accuracies on the eval records (``label_accuracy``).
     macro_accuracy: float | None = None
     label_accuracy: dict[str, float] = field(default_factory=dict)
+    #: Eval records set aside because they repeat a training record: (text, label, "exact" or "near").
+    duplicate_records: list[tuple[str, str, str]] = field(default_factory=list)
     #: What the task gets wrong on its eval records (``service.report.mistakes``; None: not measured).
     mistakes: dict[str, Any] | None = None
     #: Training examples (text, label index) waiting for a full micro-batch.
@@ -85,6 +87,23 @@ class TaskState:
         self.pending.append(example)
         self.round_examples.append(example)
         return example
+
+    def set_aside(self, found: Mapping[int, str]) -> None:
+        """Move the eval records at these positions (of ``service.duplicates.DuplicateIndex.screen``)
+        out of the eval set into ``duplicate_records``: they are kept and reported, never measured."""
+        if not found:
+            return
+        self.duplicate_records.extend((*self.eval_records[i], kind) for i, kind in sorted(found.items()))
+        self.eval_judged -= sum(1 for i in found if i < self.eval_judged)
+        self.eval_records = [record for i, record in enumerate(self.eval_records) if i not in found]
+        self.changed = True
+
+    def duplicate_counts(self) -> dict[str, int]:
+        """Eval records set aside, by kind."""
+        counts: dict[str, int] = {}
+        for _, _, kind in self.duplicate_records:
+            counts[kind] = counts.get(kind, 0) + 1
+        return counts
 
     def add_to_prototypes(self, examples: Sequence[tuple[str, int]], embeddings: torch.Tensor) -> None:
         """Add the base-model embeddings of training examples to their labels' prototype sums."""

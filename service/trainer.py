@@ -20,6 +20,7 @@ from kafka.errors import KafkaError
 
 from service.assessment import Assessment
 from service.checkpoint import Durability, PendingRound
+from service.duplicates import DuplicateIndex
 from service.evaluation import LearningSummary
 from service.feature_memory import FeatureMemory
 from service.ingest import Incoming, Ingest
@@ -70,10 +71,25 @@ class Trainer:
         self.publisher = Publisher(settings, registry, metrics, self.training)
         #: Base embeddings of training texts, evenly per label, that the task router is fitted on.
         self.memory = FeatureMemory(settings.router_memory_size, settings.seed)
+        #: What finds eval records that repeat training records (set aside from the eval sets).
+        self.duplicates = DuplicateIndex(settings.duplicate_cosine)
         self.durability = Durability(
-            settings, registry, metrics, self.training, self.publisher, self.assessment, self.memory
+            settings,
+            registry,
+            metrics,
+            self.training,
+            self.publisher,
+            self.assessment,
+            self.memory,
+            self.duplicates,
         )
         self.rounds.number, self.tasks = self.durability.restore()
+        for name, state in self.tasks.items():
+            if self.duplicates.eval_size(name) != len(state.eval_records):
+                # A checkpoint from before the index, or not in step with its versions: hold the eval
+                # set as restored (its repeats of earlier training records stay unknown).
+                texts = [text for text, _ in state.eval_records]
+                self.duplicates.replace_eval(name, texts, self.training.embed(texts))
         #: Serves new tasks from records read ahead while a round trains.
         self.look_ahead = LookAhead(settings, self.publisher)
         #: The task router as last fitted (None before two labels, or with prototype routing).
@@ -95,6 +111,8 @@ class Trainer:
         # Tasks in the order their first training record arrived (a set's order would change with the
         # interpreter's hash seed, and so would the order of steps and their dropout draws).
         new_train: dict[str, Examples] = {}
+        #: Per task, where this batch's eval records start in its eval set.
+        new_eval: dict[str, int] = {}
         for incoming in batch:
             record = incoming.record
             state = self.tasks.get(record.task) or self._new_task(record.task)
@@ -105,6 +123,8 @@ class Trainer:
                         incoming.partition, incoming.offset, incoming.raw_key, incoming.raw_value, rejection
                     )
                 continue
+            if record.split == "eval":
+                new_eval.setdefault(state.name, len(state.eval_records))
             example = state.take(record)
             if self.training.learner is not None:
                 self.training.column(state.name, record.label)
@@ -113,15 +133,27 @@ class Trainer:
                 new_train.setdefault(state.name, []).append(example)
         # The router reads more of the base model than prototypes and drift: one forward gives both.
         layers = BASE_FEATURE_LAYERS if self._routes() else 1
-        for name, examples in new_train.items():
-            features = self.training.embed([text for text, _ in examples], layers)
-            embeddings = features[:, -self.training.model.hidden_size :]
-            state = self.tasks[name]
-            state.add_to_prototypes(examples, embeddings)
-            if self._routes():
-                self.memory.add(name, [state.labels[index] for _, index in examples], features)
-            if self.settings.drift_enabled:
-                self.rounds.adapt_now |= self.drift.judge(self.tasks[name], embeddings.numpy())
+        hidden = self.training.model.hidden_size
+        for name in dict.fromkeys([*new_train, *new_eval]):
+            state, examples = self.tasks[name], new_train.get(name, [])
+            embeddings = torch.empty(0, hidden)
+            if examples:
+                features = self.training.embed([text for text, _ in examples], layers)
+                embeddings = features[:, -hidden:]
+                state.add_to_prototypes(examples, embeddings)
+                if self._routes():
+                    self.memory.add(name, [state.labels[index] for _, index in examples], features)
+                if self.settings.drift_enabled:
+                    self.rounds.adapt_now |= self.drift.judge(state, embeddings.numpy())
+            fresh = [text for text, _ in state.eval_records[new_eval.get(name, len(state.eval_records)) :]]
+            found = self.duplicates.screen(
+                name,
+                [text for text, _ in examples],
+                embeddings,
+                fresh,
+                self.training.embed(fresh) if fresh else torch.empty(0, hidden),
+            )
+            state.set_aside(found)
         for name in new_train:
             state = self.tasks[name]
             if not self.rounds.serve_first(state):  # else its first version goes out untrained first
