@@ -118,7 +118,8 @@ class DuplicateIndex:
         for i, task in enumerate(tasks):
             index = self._tasks[task]
             prefix = f"{DUPLICATES_PREFIX}{i}."
-            tensors[prefix + "train_fingerprints"] = torch.tensor(sorted(index.train_fingerprints))
+            train_fingerprints = sorted(index.train_fingerprints)
+            tensors[prefix + "train_fingerprints"] = torch.tensor(train_fingerprints, dtype=torch.int64)
             tensors[prefix + "train"] = index.train.contiguous()
             tensors[prefix + "eval_fingerprints"] = torch.tensor(index.eval_fingerprints, dtype=torch.int64)
             tensors[prefix + "eval"] = index.eval.contiguous()
