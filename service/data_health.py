@@ -74,6 +74,14 @@ class DataHealth:
 
     def summary(self) -> str:
         """One line for a person: "ok", or what falls short (and eval records set aside)."""
+        problems = self.shortfalls()
+        repeats = self.exact_duplicates + self.near_duplicates
+        if repeats:
+            problems.append(f"{repeats} eval record(s) repeat training ones, set aside")
+        return "; ".join(problems) or "ok"
+
+    def shortfalls(self) -> list[str]:
+        """What keeps the data from being enough (none when it is)."""
         problems = []
         if self.train_records < self.min_task_train_records:
             problems.append(f"{self.train_records} of {self.min_task_train_records} records")
@@ -83,10 +91,7 @@ class DataHealth:
             problems.append(
                 f"{len(self.short_labels)} label(s) under {self.min_label_train_records}: {names}{more}"
             )
-        repeats = self.exact_duplicates + self.near_duplicates
-        if repeats:
-            problems.append(f"{repeats} eval record(s) repeat training ones, set aside")
-        return "; ".join(problems) or "ok"
+        return problems
 
 
 def assess(

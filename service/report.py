@@ -87,14 +87,18 @@ def _data_section(manifest: Mapping[str, Any]) -> list[str]:
     health = DataHealth.from_manifest(manifest)
     if health is None:
         return []
-    verdict = "enough" if health.sufficient else f"**not enough**: {health.summary()}"
+    verdict = "enough" if health.sufficient else f"**not enough**: {'; '.join(health.shortfalls())}"
+    sizes = (
+        "every label has as many training records"
+        if health.imbalance_ratio == 1
+        else f"the largest label has {health.imbalance_ratio:g} times the training records of the smallest"
+    )
     return [
         "## Data",
         "",
         f"- Training data: {verdict} (minimums: {health.min_task_train_records} records per task, "
         f"{health.min_label_train_records} per label).",
-        f"- Label sizes: the largest label has {health.imbalance_ratio:g} times the training records of "
-        "the smallest.",
+        f"- Label sizes: {sizes}.",
         "",
     ]
 
@@ -178,9 +182,9 @@ def _label_figure(task: str, version: int, accuracy: Mapping[str, float], served
     axes.set_xlim(0, 1)
     axes.set_xlabel("accuracy on eval records")
     shown = "" if len(labels) == len(accuracy) else f" (the {len(labels)} least accurate labels)"
-    axes.set_title(f"{task} v{version}: accuracy per label{shown}", fontsize=10)
+    axes.set_title(f"{task} v{version}: accuracy per label{shown}", fontsize=10, loc="left")
     axes.tick_params(axis="y", labelsize=7)
-    axes.legend(loc="lower right", fontsize=7)
+    axes.legend(loc="lower right", bbox_to_anchor=(1.0, 1.04), ncol=2, fontsize=7, frameon=False)
     figure.tight_layout()
     out = io.BytesIO()
     figure.savefig(out, format="png", dpi=100)

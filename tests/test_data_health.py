@@ -66,6 +66,8 @@ def test_the_trainer_judges_publishes_exports_and_restores_it(settings: Settings
         "min_label_train_records": settings.min_label_train_records,
         "short_labels": {"label2": 6},
         "imbalance_ratio": 5.0,
+        "exact_duplicates": 0,
+        "near_duplicates": 0,
     }
 
     for owner in (trainer, new_trainer(settings)):  # a restarted trainer exports it again at once

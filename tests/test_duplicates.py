@@ -8,6 +8,7 @@ import pytest
 import torch
 from prometheus_client import generate_latest
 
+from service.data_health import assess
 from service.datasets import TaskData, synthetic
 from service.duplicates import EXACT, NEAR, DuplicateIndex
 from service.model import build_model
@@ -53,6 +54,10 @@ def test_setting_aside_keeps_the_records_and_the_live_watch_in_step() -> None:
     assert state.duplicate_records == [("a", "x", EXACT), ("d", "y", NEAR)]
     assert state.eval_judged == 2  # "b" and "c" were judged already; nothing new is skipped
     assert state.duplicate_counts() == {EXACT: 1, NEAR: 1}
+    health = assess(["x", "y"], {"x": 30, "y": 30}, 2, 50, 20, state.duplicate_counts())
+    assert health.sufficient is True  # repeats say nothing about the training data's size
+    assert health.summary() == "2 eval record(s) repeat training ones, set aside"
+    assert (health.exact_duplicates, health.near_duplicates) == (1, 1)
 
 
 @pytest.mark.slow
