@@ -43,8 +43,10 @@ class _TaskIndex:
     """One task's training fingerprints and embeddings, and those of its eval set in its order."""
 
     def __init__(self, width: int) -> None:
+        self.width = width
         self.train_fingerprints: set[int] = set()
-        self.train = torch.empty(0, width, dtype=torch.float16)
+        #: In the chunks they arrived in: appending never copies what is there.
+        self.train: list[torch.Tensor] = []
         self.eval_fingerprints: list[int] = []
         self.eval = torch.empty(0, width, dtype=torch.float16)
 
@@ -73,7 +75,8 @@ class DuplicateIndex:
         new_train = [fingerprint(text) for text in train_texts]
         index.train_fingerprints.update(new_train)
         new_train_vectors = _unit(train_embeddings)
-        index.train = torch.cat([index.train, new_train_vectors])
+        if len(new_train_vectors):
+            index.train.append(new_train_vectors)
         held = len(index.eval_fingerprints)
         found: dict[int, str] = {}
         # Held eval records against the new training texts only (they were checked against the rest).
@@ -81,7 +84,7 @@ class DuplicateIndex:
         for position, value in enumerate(index.eval_fingerprints):
             if value in new_train_set:
                 found[position] = EXACT
-        for position in _near(index.eval, new_train_vectors, self.near_cosine):
+        for position in _near(index.eval, [new_train_vectors], self.near_cosine):
             found.setdefault(position, NEAR)
         # New eval records against every training text.
         new_eval = [fingerprint(text) for text in eval_texts]
@@ -120,7 +123,8 @@ class DuplicateIndex:
             prefix = f"{DUPLICATES_PREFIX}{i}."
             train_fingerprints = sorted(index.train_fingerprints)
             tensors[prefix + "train_fingerprints"] = torch.tensor(train_fingerprints, dtype=torch.int64)
-            tensors[prefix + "train"] = index.train.contiguous()
+            empty = torch.empty(0, index.width, dtype=torch.float16)
+            tensors[prefix + "train"] = torch.cat([empty, *index.train])
             tensors[prefix + "eval_fingerprints"] = torch.tensor(index.eval_fingerprints, dtype=torch.int64)
             tensors[prefix + "eval"] = index.eval.contiguous()
         return {"tasks": tasks}, tensors
@@ -132,7 +136,7 @@ class DuplicateIndex:
             prefix = f"{DUPLICATES_PREFIX}{i}."
             index = _TaskIndex(tensors[prefix + "train"].shape[1])
             index.train_fingerprints = set(tensors[prefix + "train_fingerprints"].tolist())
-            index.train = tensors[prefix + "train"]
+            index.train = [tensors[prefix + "train"]]
             index.eval_fingerprints = tensors[prefix + "eval_fingerprints"].tolist()
             index.eval = tensors[prefix + "eval"]
             self._tasks[str(task)] = index
@@ -142,17 +146,18 @@ def _unit(embeddings: torch.Tensor) -> torch.Tensor:
     return functional.normalize(embeddings.float(), dim=-1).to(torch.float16)
 
 
-def _near(rows: torch.Tensor, against: torch.Tensor, cosine: float) -> list[int]:
-    """The rows whose cosine with one of ``against`` (both unit) reaches ``cosine``, in blocks so that
-    a long eval set against a long training set never holds the whole product in memory."""
-    if not len(rows) or not len(against):
+def _near(rows: torch.Tensor, against: Sequence[torch.Tensor], cosine: float) -> list[int]:
+    """The rows whose cosine with a row of one of the ``against`` chunks (all unit) reaches ``cosine``,
+    in blocks so that a long eval set against a long training set never holds the whole product."""
+    if not len(rows) or not any(len(chunk) for chunk in against):
         return []
     found: list[int] = []
     for start in range(0, len(rows), BLOCK):
         block = rows[start : start + BLOCK].float()
         best = torch.full((len(block),), -1.0)
-        for offset in range(0, len(against), BLOCK):
-            products = block @ against[offset : offset + BLOCK].float().T
-            best = torch.maximum(best, products.max(dim=1).values)
+        for chunk in against:
+            for offset in range(0, len(chunk), BLOCK):
+                products = block @ chunk[offset : offset + BLOCK].float().T
+                best = torch.maximum(best, products.max(dim=1).values)
         found.extend(start + int(i) for i in torch.nonzero(best >= cosine).flatten())
     return found
