@@ -164,8 +164,13 @@ class Durability:
             "round": pending.number,
             "topic": self.settings.kafka_topic,
             "offsets": {str(p): o for p, o in pending.offsets.items()},
+            # Eval records absorbed: the eval set and the repeats of training records set aside from it.
             "tasks": {
-                s.name: {"version": s.version, "train_seen": s.train_seen, "eval_seen": len(s.eval_records)}
+                s.name: {
+                    "version": s.version,
+                    "train_seen": s.train_seen,
+                    "eval_seen": len(s.eval_records) + len(s.duplicate_records),
+                }
                 for s in tasks.values()
                 if s.version is not None
             },
@@ -196,12 +201,13 @@ class Durability:
             if self.training.learner is None:
                 self.training.model.load(name, weights)
             prototype_sums, prototype_counts = stored_prototypes(weights)
+            eval_records = self.registry.eval_records(name, version)
             tasks[name] = TaskState(
                 name=name,
                 labels=list(manifest["labels"]),
-                eval_records=self.registry.eval_records(name, version),
+                eval_records=eval_records,
                 duplicate_records=self.registry.duplicate_records(name, version),
-                eval_judged=int(saved["eval_seen"]),
+                eval_judged=len(eval_records),  # the live watch judged them all before the checkpoint
                 label_counts=dict(manifest.get("label_counts", {})),
                 best_accuracy=manifest["metrics"].get("best_accuracy"),
                 prototype_sums=prototype_sums,

@@ -238,6 +238,7 @@ def _report(
                 "accuracy": a.accuracy,
                 "train": a.train_records,
                 "eval": a.eval_records,
+                "eval_repeats": _absorbed(a)[1] - a.eval_records,
             }
             for a in adapters
         },

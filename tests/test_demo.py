@@ -31,6 +31,8 @@ def test_continual_run_learns_the_stream_and_writes_results(
             "CONTINUAL_HEAD_LEARNING_RATE": str(settings.head_learning_rate),
             "CONTINUAL_EPOCHS": str(settings.epochs),
             "CONTINUAL_BATCH_SIZE": str(settings.batch_size),
+            # As in every tiny-model test (conftest): its embeddings are all alike, no near repeats.
+            "CONTINUAL_DUPLICATE_COSINE": str(settings.duplicate_cosine),
             "CONTINUAL_ROUND_IDLE_S": "0.5",
             "CONTINUAL_GRPC_PORT": str(free_port()),
             "CONTINUAL_TRAINER_METRICS_PORT": "0",
