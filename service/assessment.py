@@ -30,9 +30,9 @@ class Assessment:
             answers = training.eval_answers(state)
             records = state.eval_records
             outcomes = [answer == label for answer, (_, label) in zip(answers, records, strict=True)]
-            state.mistakes = mistakes(state.eval_records, answers)
+            state.mistakes = mistakes(records, answers)
             state.accuracy = sum(outcomes) / len(outcomes) if outcomes else None
-            state.label_accuracy = label_accuracy(state.eval_records, outcomes)
+            state.label_accuracy = label_accuracy(records, outcomes)
             state.macro_accuracy = macro_accuracy(state.label_accuracy)
             if state.train_seen == 0 and state.accuracy is not None:
                 # FWT's R[i-1][i]: the last measurement before the task is learned, with everything

@@ -202,12 +202,14 @@ def _follow(
                 time.sleep(1)
 
 
+def _repeats(info: continual_pb2.AdapterInfo) -> int:
+    """Eval records of a served version's task set aside as repeats of its training records."""
+    return info.data.exact_duplicate_eval_records + info.data.near_duplicate_eval_records
+
+
 def _absorbed(info: continual_pb2.AdapterInfo) -> tuple[int, int]:
-    """The (train, eval) records a served version was trained and measured after, eval records set
-    aside as repeats of training ones included."""
-    data = info.data
-    repeats = data.exact_duplicate_eval_records + data.near_duplicate_eval_records
-    return info.train_records, info.eval_records + repeats
+    """The (train, eval) records a served version was trained and measured after, repeats included."""
+    return info.train_records, info.eval_records + _repeats(info)
 
 
 def _report(
@@ -238,7 +240,7 @@ def _report(
                 "accuracy": a.accuracy,
                 "train": a.train_records,
                 "eval": a.eval_records,
-                "eval_repeats": _absorbed(a)[1] - a.eval_records,
+                "eval_repeats": _repeats(a),
             }
             for a in adapters
         },

@@ -172,7 +172,8 @@ class Registry:
                 # safetensors reports a full or failing disk as its own error; callers handle OSError.
                 raise OSError(f"cannot write {WEIGHTS_FILE}: {exc}") from exc
             _write_lines(staging / EVAL_FILE, _eval_lines(eval_records))
-            _write_lines(staging / DUPLICATES_FILE, _duplicate_lines(duplicate_records or []))
+            repeats = ({"text": t, "label": label, "kind": k} for t, label, k in duplicate_records or [])
+            _write_lines(staging / DUPLICATES_FILE, _json_line_bytes(repeats))
             files = {name: sha256_of(staging / name) for name in (WEIGHTS_FILE, EVAL_FILE)}
             versions_dir = self._task_dir(task) / "versions"
             versions_dir.mkdir(parents=True, exist_ok=True)
@@ -370,14 +371,12 @@ def _write_lines(path: Path, lines: Iterable[bytes]) -> None:
             f.write(line)
 
 
-def _duplicate_lines(records: list[tuple[str, str, str]]) -> Iterator[bytes]:
-    """A version's duplicates file, line by line: one JSON object per (text, label, kind)."""
-    for text, label, kind in records:
-        row = {"text": text, "label": label, "kind": kind}
+def _json_line_bytes(rows: Iterable[dict[str, Any]]) -> Iterator[bytes]:
+    """One JSON object per line, UTF-8 (what ``_json_lines`` reads back)."""
+    for row in rows:
         yield (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 def _eval_lines(records: list[tuple[str, str]]) -> Iterator[bytes]:
     """A version's eval file, line by line: one JSON object per (text, label)."""
-    for text, label in records:
-        yield (json.dumps({"text": text, "label": label}, ensure_ascii=False) + "\n").encode("utf-8")
+    return _json_line_bytes({"text": text, "label": label} for text, label in records)
