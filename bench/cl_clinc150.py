@@ -350,10 +350,10 @@ class TrainerLearner:
 
     @property
     def router(self) -> Router | None:
-        return self.trainer.router
+        return self.trainer.inference.router
 
-    def learn(self, task: TaskData) -> None:
-        self._round(list(records([task])))
+    def learn(self, task: TaskData, unlabeled: Sequence[Record] = ()) -> None:
+        self._round([*records([task]), *unlabeled])
 
     def learn_all(self, tasks: list[TaskData]) -> None:
         stream = list(records(tasks))

@@ -1,6 +1,7 @@
 """Data-practices benchmark on CLINC150: what the service's guards against data pitfalls are worth.
 
-    .venv/bin/python -m bench.data_practices [--parts imbalance duplicates] [--measure-on val]
+    .venv/bin/python -m bench.data_practices [--parts imbalance oos self_training duplicates]
+        [--measure-on val]
 
 - ``imbalance``: each of the 10 domains learned alone by the service's own trainer (the default
   strategy and settings, all-MiniLM-L6-v2, one round; its val records are the trainer's eval records)
@@ -8,6 +9,18 @@
   records; once with class-balanced further epochs off (``balance_labels_above`` 0) and once with
   the default, measured on the domain's test records: micro and macro accuracy, means over the
   domains and per domain.
+- ``oos``: the 10 domains learned in order by the service's own trainer (default strategy and
+  settings, one round each, val records as its eval records, so the out-of-scope threshold is
+  calibrated on val), then CLINC150's test and oos_test records asked with no task, answered the way a
+  server answers them: ``in_scope_accuracy`` (an in-scope text judged out of scope counts as wrong),
+  ``in_scope_accuracy_without_rejection``, ``oos_recall`` and ``oos_precision``. Beside the default,
+  the same trained service with other weights of the prototype view (``by_prototype_weight``, each
+  threshold calibrated the same way; 0 is the router's confidence alone), each also measured on
+  oos_val, which is what the weight was chosen on.
+- ``self_training``: each domain learned alone by the service's own trainer (default settings, one
+  round) from 20 labelled training records per intent, once alone (``labelled_only``) and once with
+  the rest of its training records sent unlabeled (``self_trained``: split ``unlabeled``, pseudo-
+  labelled by the service), measured task-aware on the domain's test records.
 - ``duplicates``: how many records of each split repeat a training record, exactly (the same text
   once lower-cased with punctuation and spacing dropped, ``service.data_health.normalized``) or
   nearly (cosine of their base-model embeddings at least ``--near`` 0.97), and how many repeat
@@ -36,7 +49,10 @@ from bench.cl_clinc150 import CLINC150, TrainerLearner
 from service.data_health import normalized
 from service.datasets import TaskData, clinc150
 from service.evaluation import label_accuracy, macro_accuracy
-from service.model import build_model
+from service.model import BASE_FEATURE_LAYERS, build_model, unit_prototypes
+from service.out_of_scope import calibrated, scope_scores
+from service.records import Record
+from service.router import answer_without_task
 from service.settings import load_settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -121,6 +137,176 @@ def imbalance(measure_on: str) -> dict[str, Any]:
     }
 
 
+def out_of_scope(measure_on: str) -> dict[str, Any]:
+    """The ``oos`` part (in a child process, so that it starts from a fresh model)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        result: dict[str, Any] = pool.apply(_out_of_scope, (measure_on,))
+    return result
+
+
+def _out_of_scope(measure_on: str) -> dict[str, Any]:
+    data = json.loads((CLINC150 / "data_full.json").read_text())
+    tasks = clinc150(CLINC150, eval_splits=("val",))
+    with tempfile.TemporaryDirectory(prefix="data-practices-") as workdir:
+        settings = load_settings(
+            registry_dir=Path(workdir) / "registry",
+            first_version_records=0,
+            round_max_records=10**9,
+            drift_enabled=False,
+        )
+        learner = TrainerLearner(settings)
+        started = time.monotonic()
+        for number, task in enumerate(tasks, 1):
+            learner.learn(task)
+            console.print(
+                f"oos: learned {number}/{len(tasks)} {task.name} ({time.monotonic() - started:.0f} s)"
+            )
+        trainer, router = learner.trainer, learner.router
+        assert router is not None and router.scope is not None, "the default trainer calibrates a rule"
+        seen = [task.name for task in tasks]
+        hidden = learner.model.hidden_size
+        prototypes = torch.cat([unit_prototypes(trainer.tasks[t].prototype_tensors(hidden)) for t in seen])
+
+        def scored(texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+            """Base features of ``texts`` and their router row probabilities over every task."""
+            features = torch.from_numpy(
+                learner.model.base_embeddings(list(texts), layers=BASE_FEATURE_LAYERS)
+            )
+            return features, router.label_probabilities(features, seen)[1]
+
+        inside = data[measure_on]
+        texts = [text for text, _ in inside]
+        x_in, p_in = scored(texts)
+        answered: list[bool] = []
+        probabilities = router.task_probabilities(x_in, seen)
+        priors = router.label_priors(x_in, seen, [learner.labels(t) for t in seen])
+
+        def answer(task: int, rows: list[int]) -> torch.Tensor:
+            return learner.within(seen[task], [texts[r] for r in rows])[1]
+
+        for a, (_, label) in zip(
+            answer_without_task(
+                probabilities, answer, settings.routing_coverage, settings.routing_max_candidates, priors
+            ),
+            inside,
+            strict=True,
+        ):
+            answered.append(learner.labels(seen[a.task])[int(a.label_probabilities.argmax())] == label)
+        right = torch.tensor(answered)
+        outside = {
+            split: scored([text for text, _ in data[split]]) for split in (f"oos_{measure_on}", "oos_val")
+        }
+        calibration, _, _ = trainer.inference.scope_memory.features()
+        _, p_calibration = router.label_probabilities(calibration, seen)
+
+        def figures(weight: float) -> dict[str, float]:
+            rule = calibrated(
+                scope_scores(p_calibration, calibration[:, -hidden:], prototypes, weight),
+                settings.out_of_scope_reject_rate,
+                weight,
+            )
+            assert rule is not None
+
+            def rejected(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+                return rule.scores(p, x[:, -hidden:], prototypes) < rule.threshold
+
+            kept = ~rejected(x_in, p_in)
+            caught = rejected(*outside[f"oos_{measure_on}"])
+            flagged = int(caught.sum()) + int((~kept).sum())
+            return {
+                "threshold": rule.threshold,
+                "in_scope_accuracy": float((right & kept).float().mean()),
+                "in_scope_rejected": float((~kept).float().mean()),
+                "oos_recall": float(caught.float().mean()),
+                "oos_precision": int(caught.sum()) / flagged if flagged else float("nan"),
+                "oos_val_recall": float(rejected(*outside["oos_val"]).float().mean()),
+            }
+
+        default = settings.out_of_scope_prototype_weight
+        by_weight = {str(weight): figures(weight) for weight in (0.0, 2.0, default, 10.0, 20.0)}
+        assert abs(by_weight[str(default)]["threshold"] - router.scope.threshold) < 1e-6
+    return {
+        "measured_on": measure_on,
+        "reject_rate": settings.out_of_scope_reject_rate,
+        "prototype_weight": default,
+        "calibration_records": router.scope.calibration_records,
+        "in_scope_records": len(inside),
+        "oos_records": len(data[f"oos_{measure_on}"]),
+        "in_scope_accuracy_without_rejection": float(right.float().mean()),
+        **{k: v for k, v in by_weight[str(default)].items() if k != "threshold"},
+        "by_prototype_weight": by_weight,
+        "wall_s": round(time.monotonic() - started, 1),
+    }
+
+
+#: Labelled training records per intent in the ``self_training`` part; the rest are sent unlabeled.
+LABELLED_PER_INTENT = 20
+
+
+def learn_with_unlabeled(task: TaskData, unlabeled: list[str], measured: TaskData) -> dict[str, Any]:
+    """A fresh trainer learns ``task`` and the ``unlabeled`` texts in one round; task-aware accuracy on
+    ``measured``'s eval records and what self-training did (in a child process)."""
+    with tempfile.TemporaryDirectory(prefix="data-practices-") as workdir:
+        settings = load_settings(
+            registry_dir=Path(workdir) / "registry",
+            first_version_records=0,
+            round_max_records=10**9,
+            drift_enabled=False,
+        )
+        learner = TrainerLearner(settings)
+        texts = [
+            Record(id=f"u{i}", task=task.name, text=text, label=None, split="unlabeled")
+            for i, text in enumerate(unlabeled)
+        ]
+        learner.learn(task, texts)
+        state = learner.trainer.tasks[task.name]
+        eval_texts, truth = [t for t, _ in measured.eval], [label for _, label in measured.eval]
+        labels, scores = learner.within(task.name, eval_texts)
+        right = [labels[i] == label for i, label in zip(scores.argmax(-1).tolist(), truth, strict=True)]
+        return {"accuracy": sum(right) / len(right), "pseudo_labelled": state.pseudo_labelled}
+
+
+def self_training(measure_on: str) -> dict[str, Any]:
+    """The ``self_training`` part: every domain from few labels, without and with its unlabeled rest."""
+    full = {t.name: t for t in clinc150(CLINC150, eval_splits=("val",))}
+    few = {t.name: t for t in clinc150(CLINC150, eval_splits=("val",), train_per_label=LABELLED_PER_INTENT)}
+    measured = {t.name: t for t in clinc150(CLINC150, eval_splits=(measure_on,))}
+    per_domain: dict[str, dict[str, Any]] = {}
+    context = multiprocessing.get_context("spawn")
+    for number, (name, task) in enumerate(few.items(), 1):
+        kept = set(task.train)
+        rest = [text for text, label in full[name].train if (text, label) not in kept]
+        row: dict[str, Any] = {"labelled": len(task.train), "unlabeled": len(rest)}
+        for key, texts in (("labelled_only", []), ("self_trained", rest)):
+            started = time.monotonic()
+            with context.Pool(1) as pool:
+                result = pool.apply(learn_with_unlabeled, (task, texts, measured[name]))
+            row[key] = {**result, "wall_s": round(time.monotonic() - started, 1)}
+        per_domain[name] = row
+        console.print(
+            f"self_training {number}/{len(few)} {name}: {row['labelled_only']['accuracy']:.1%} -> "
+            f"{row['self_trained']['accuracy']:.1%} "
+            f"({row['self_trained']['pseudo_labelled']} pseudo-labelled)"
+        )
+
+    def mean(key: str) -> float:
+        return sum(r[key]["accuracy"] for r in per_domain.values()) / len(per_domain)
+
+    settings = load_settings()
+    return {
+        "measured_on": measure_on,
+        "labelled_per_intent": LABELLED_PER_INTENT,
+        "self_training_precision": settings.self_training_precision,
+        "self_training_weight": settings.self_training_weight,
+        "labelled_only": mean("labelled_only"),
+        "self_trained": mean("self_trained"),
+        "worst_domain_change": min(
+            r["self_trained"]["accuracy"] - r["labelled_only"]["accuracy"] for r in per_domain.values()
+        ),
+        "per_domain": per_domain,
+    }
+
+
 def duplicates(near: float) -> dict[str, Any]:
     """The ``duplicates`` part: exact and near repeats of training records in CLINC150's splits."""
     data = json.loads((CLINC150 / "data_full.json").read_text())
@@ -172,7 +358,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parts = ("imbalance", "duplicates")
+    parts = ("imbalance", "oos", "self_training", "duplicates")
     parser.add_argument("--parts", nargs="+", choices=parts, default=list(parts))
     parser.add_argument("--measure-on", choices=("test", "val"), default="test")
     parser.add_argument("--near", type=float, default=0.97, help="cosine of a near duplicate")
@@ -182,6 +368,14 @@ def main() -> None:
     if "duplicates" in args.parts:
         result["duplicates"] = duplicates(args.near)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if "oos" in args.parts:
+        result["oos"] = out_of_scope(args.measure_on)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        console.print({k: v for k, v in result["oos"].items() if k != "by_prototype_weight"})
+    if "self_training" in args.parts:
+        result["self_training"] = self_training(args.measure_on)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        console.print({k: v for k, v in result["self_training"].items() if k != "per_domain"})
     if "imbalance" in args.parts:
         result["imbalance"] = imbalance(args.measure_on)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

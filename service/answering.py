@@ -53,6 +53,9 @@ class Prediction:
     ranked: list[tuple[str, float]]
     task_inferred: bool = False
     task_confidence: float = 1.0
+    #: A request naming no task that belongs to none of the served tasks (``service.out_of_scope``);
+    #: ``ranked`` is still the best guess.
+    out_of_scope: bool = False
 
 
 @dataclass
@@ -75,6 +78,7 @@ class Pending:
     embedding: torch.Tensor | None = None
     #: Answers already back (a task-less request's first candidate's), before ``future``'s.
     earlier: list[torch.Tensor] = field(default_factory=list)
+    out_of_scope: bool = False
 
 
 class DriftSampler:
@@ -206,10 +210,13 @@ class Answerer:
             served = [loaded for loaded in served_by_task.values() if len(loaded.prototypes)]
             if not served:
                 raise NotFound("no served version has label prototypes yet, so a request must name its task")
-            routed, priors, confidence = None, None, 1.0
+            routed, priors, confidence, out_of_scope = None, None, 1.0, False
             if router is not None and {loaded.task for loaded in served} <= router.tasks():
                 tasks = [loaded.task for loaded in served]
                 routed = router.task_probabilities(features.unsqueeze(0), tasks)
+                every = torch.cat([loaded.prototypes for loaded in served])
+                judged = router.out_of_scope(features.unsqueeze(0), tasks, every)
+                out_of_scope = judged is not None and bool(judged[0])
                 chosen = candidates(routed[0], coverage, most)
                 if self.settings.routing_label_scores == "router-times-adapter":
                     labels = [loaded.labels for loaded in served]
@@ -225,8 +232,16 @@ class Answerer:
         versions = [served[i] for i in chosen]
         if routed is not None:
             routed = routed[:, chosen]  # the candidates' probabilities under the router, in their order
-        request, deadline, observed = pending.request, pending.deadline, pending.observed
-        return Pending(request, deadline, observed, future, versions, routed, priors, confidence, embedding)
+        return replace(
+            pending,
+            future=future,
+            versions=versions,
+            routed=routed,
+            priors=priors,
+            confidence=confidence,
+            embedding=embedding,
+            out_of_scope=out_of_scope,
+        )
 
     def narrow(self, pending: Pending) -> Pending:
         """For a request naming no task, once its first candidate has answered: queue the rows of the
@@ -286,7 +301,11 @@ class Answerer:
         )
         if self.pool.drift is not None and pending.observed:
             self.pool.drift.observe(loaded.task, embedding.numpy(), ranked[0][0])
-        return Prediction(loaded.task, loaded.version, ranked, not pending.request.task, confidence)
+        if not pending.request.task:
+            self.pool.metrics.task_less_answers.labels(out_of_scope=str(pending.out_of_scope).lower()).inc()
+        return Prediction(
+            loaded.task, loaded.version, ranked, not pending.request.task, confidence, pending.out_of_scope
+        )
 
 
 def attempt(step: Callable[..., T], *args: object) -> T | ContinualError:

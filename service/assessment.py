@@ -20,6 +20,8 @@ class Assessment:
         self.metrics = metrics
         #: Row i holds every task's accuracy right after task i was last learned (rows in learning order).
         self.matrix: dict[str, dict[str, float]] = {}
+        #: The same rows with every task's macro accuracy (the mean of its labels' accuracies).
+        self.macro_matrix: dict[str, dict[str, float]] = {}
         #: A task's accuracy measured before its first training record (eval records came first): FWT.
         self.before_learning: dict[str, float] = {}
 
@@ -42,12 +44,18 @@ class Assessment:
     def record(self, trained: Iterable[str], tasks: Mapping[str, TaskState]) -> None:
         """A row for every task the round trained, then the matrix and its figures to the metrics."""
         now = {s.name: s.accuracy for s in tasks.values() if s.accuracy is not None}
+        macro_now = {s.name: s.macro_accuracy for s in tasks.values() if s.macro_accuracy is not None}
         for name in trained:
-            self.matrix.pop(name, None)  # re-inserted last: the newest row is the latest learned
-            self.matrix[name] = dict(now)
-        for after, row in self.matrix.items():
-            for task, accuracy in row.items():
-                self.metrics.accuracy_matrix.labels(after_task=after, task=task).set(accuracy)
+            for matrix, row in ((self.matrix, now), (self.macro_matrix, macro_now)):
+                matrix.pop(name, None)  # re-inserted last: the newest row is the latest learned
+                matrix[name] = dict(row)
+        for matrix, gauge in (
+            (self.matrix, self.metrics.accuracy_matrix),
+            (self.macro_matrix, self.metrics.macro_accuracy_matrix),
+        ):
+            for after, cells in matrix.items():
+                for task, accuracy in cells.items():
+                    gauge.labels(after_task=after, task=task).set(accuracy)
         summary = self.summary(tasks)
         for gauge, value in ((self.metrics.bwt, summary.bwt), (self.metrics.fwt, summary.fwt)):
             if value is not None:
@@ -70,10 +78,12 @@ class Assessment:
         objects get their keys sorted)."""
         return {
             "accuracy_matrix": [[name, row] for name, row in self.matrix.items()],
+            "macro_accuracy_matrix": [[name, row] for name, row in self.macro_matrix.items()],
             "accuracy_before_learning": self.before_learning,
         }
 
     def restore(self, checkpoint: Mapping[str, Any]) -> None:
         """Put back what ``saved`` returned."""
         self.matrix = {name: dict(row) for name, row in checkpoint.get("accuracy_matrix", [])}
+        self.macro_matrix = {name: dict(row) for name, row in checkpoint.get("macro_accuracy_matrix", [])}
         self.before_learning = dict(checkpoint.get("accuracy_before_learning", {}))

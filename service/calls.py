@@ -12,7 +12,7 @@ from typing import TypeVar
 import grpc
 
 from service.errors import status_of
-from service.metrics import ServerMetrics
+from service.server_metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 

@@ -65,6 +65,8 @@ class Durability:
         assessment: Assessment,
         memory: FeatureMemory,
         duplicates: DuplicateIndex,
+        scope_memory: FeatureMemory,
+        scope_outside: FeatureMemory,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -74,6 +76,8 @@ class Durability:
         self.assessment = assessment
         self.memory = memory
         self.duplicates = duplicates
+        self.scope_memory = scope_memory
+        self.scope_outside = scope_outside
         #: The Kafka offsets of the last durable checkpoint.
         self.offsets: dict[int, int] = {}
         #: The latest closed round while it is not yet durable.
@@ -108,7 +112,11 @@ class Durability:
             memory, memory_tensors = self.memory.saved_state()
             progress, progress_tensors = self.training.optimisers.state()
             duplicates, duplicates_tensors = self.duplicates.saved_state()
+            scope_memory, scope_tensors = self.scope_memory.saved_state()
+            scope_outside, outside_tensors = self.scope_outside.saved_state()
             tensors.update(memory_tensors)
+            tensors.update(scope_tensors)
+            tensors.update(outside_tensors)
             tensors.update(progress_tensors)
             tensors.update(duplicates_tensors)
             learner_file = self.registry.write_learner(pending.number, tensors) if tensors else None
@@ -118,11 +126,20 @@ class Durability:
                     "round": pending.number,
                     "base_model": self.settings.base_model,
                 }
+                if pending.router.scope is not None:
+                    manifest["out_of_scope"] = pending.router.scope.manifest()
                 self.registry.write_router(pending.number, pending.router.tensors(), manifest)
                 pending.router = None  # written: a retry does not write it again
             body = self._body(pending, tasks, plain, learner_file)
             self.registry.write_checkpoint(
-                {**body, "memory": memory, "progress": progress, "duplicates": duplicates}
+                {
+                    **body,
+                    "memory": memory,
+                    "progress": progress,
+                    "duplicates": duplicates,
+                    "scope_memory": scope_memory,
+                    "scope_outside": scope_outside,
+                }
             )
             self.registry.prune_learners(keep=learner_file)
             self.offsets = pending.offsets
@@ -170,6 +187,14 @@ class Durability:
                     "version": s.version,
                     "train_seen": s.train_seen,
                     "eval_seen": len(s.eval_records) + len(s.duplicate_records),
+                    # Unlabeled texts are kept, not only learned from: the pool is part of the state.
+                    "unlabeled": s.unlabeled,
+                    "self_training": {
+                        "dropped": s.unlabeled_dropped,
+                        "checked": s.pseudo_checked,
+                        "right": s.pseudo_right,
+                        "given": [[text, label] for text, label in s.pseudo_labels.items()],
+                    },
                 }
                 for s in tasks.values()
                 if s.version is not None
@@ -218,7 +243,13 @@ class Durability:
                 accuracy=manifest["metrics"]["accuracy"],
                 macro_accuracy=manifest["metrics"].get("macro_accuracy"),
                 label_accuracy=dict(manifest["metrics"].get("label_accuracy", {})),
+                unlabeled=[str(text) for text in saved.get("unlabeled", [])],
             )
+            self_training = saved.get("self_training", {})
+            tasks[name].unlabeled_dropped = int(self_training.get("dropped", 0))
+            tasks[name].pseudo_checked = int(self_training.get("checked", 0))
+            tasks[name].pseudo_right = int(self_training.get("right", 0))
+            tasks[name].pseudo_labels = {str(k): str(v) for k, v in self_training.get("given", [])}
             health = DataHealth.from_manifest(manifest)
             if health is not None:  # exported again, so an alert on it holds across a restart
                 self.metrics.record_data(name, health)
@@ -241,6 +272,10 @@ class Durability:
             self.memory.restore(checkpoint["memory"], tensors or {})
         if "duplicates" in checkpoint:
             self.duplicates.restore(checkpoint["duplicates"], tensors or {})
+        if "scope_memory" in checkpoint:
+            self.scope_memory.restore(checkpoint["scope_memory"], tensors or {})
+        if "scope_outside" in checkpoint:
+            self.scope_outside.restore(checkpoint["scope_outside"], tensors or {})
         if "progress" in checkpoint:
             # Last: loading the adapters above draws from torch's generator too.
             self.training.optimisers.restore(checkpoint["progress"], tensors or {})

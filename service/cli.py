@@ -147,6 +147,8 @@ def predict(
     settings = _settings(config)
     response = call(settings, target, "Predict", task=task, text=text, top_k=top_k)
     inferred = f" (inferred, {response.task_confidence:.0%} sure)" if response.task_inferred else ""
+    if response.out_of_scope:
+        inferred += " — out of scope: none of the served tasks; best guess below"
     table = Table(title=f"{response.task} v{response.version}{inferred}")
     table.add_column("label")
     table.add_column("score", justify="right")

@@ -167,11 +167,11 @@ def learning_tables(status: continual_pb2.LearningStatus) -> list[Table]:
             *_data_cells(t),
         )
     columns = [row.after_task for row in status.accuracy_matrix]
-    matrix = Table(title="accuracy matrix (row: after learning; column: accuracy on)")
+    matrix = Table(title="accuracy matrix, micro / macro (row: after learning; column: accuracy on)")
     matrix.add_column("after \\ on")
     for name in columns:
         matrix.add_column(name, justify="right")
     for row in status.accuracy_matrix:
-        cells = {c.task: c.accuracy for c in row.cells}
-        matrix.add_row(row.after_task, *(_percent(cells[n]) if n in cells else "" for n in columns))
+        cells = {c.task: f"{_percent(c.accuracy)} / {_percent(c.macro_accuracy)}" for c in row.cells}
+        matrix.add_row(row.after_task, *(cells.get(n, "") for n in columns))
     return [summary, tasks, matrix]

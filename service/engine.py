@@ -41,8 +41,8 @@ from typing import TypeVar
 import torch
 
 from service.errors import CorruptVersion, DeadlineExceeded, ResourceExhausted
-from service.metrics import ServerMetrics
 from service.served_model import ServedModel
+from service.server_metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 

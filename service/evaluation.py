@@ -113,6 +113,8 @@ class LearningStatus:
     matrix: dict[str, dict[str, float]]
     tasks: list[TaskLearning]
     summary: LearningSummary
+    #: The matrix's rows with macro accuracies (empty from a checkpoint written before them).
+    macro_matrix: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def learning_status(
@@ -138,4 +140,5 @@ def learning_status(
     chance = {t.task: 1.0 / t.labels for t in tasks if t.labels}
     before = {str(k): float(v) for k, v in checkpoint.get("accuracy_before_learning", {}).items()}
     strategy, round_number = str(checkpoint.get("strategy", "")), int(checkpoint["round"])
-    return LearningStatus(strategy, round_number, matrix, tasks, summarize(matrix, before, chance))
+    macro = {name: dict(row) for name, row in checkpoint.get("macro_accuracy_matrix", [])}
+    return LearningStatus(strategy, round_number, matrix, tasks, summarize(matrix, before, chance), macro)

@@ -29,9 +29,11 @@ Key = tuple[str, str]
 class FeatureMemory:
     """Per (task, label): a uniform sample of its training texts' base embeddings, ``size`` rows in all."""
 
-    def __init__(self, size: int, seed: int) -> None:
+    def __init__(self, size: int, seed: int, prefix: str = MEMORY_PREFIX) -> None:
         self.size = size
         self.seed = seed
+        #: Keys of its tensors in the learner file (two memories share it).
+        self.prefix = prefix
         self._rows: dict[Key, list[torch.Tensor]] = {}
         self._seen: dict[Key, int] = {}
         #: Embeddings offered so far (kept or not): tells whether the memory changed.
@@ -106,7 +108,7 @@ class FeatureMemory:
             "added": self.added,
         }
         tensors = {
-            f"{MEMORY_PREFIX}{i}": torch.stack(self._rows[key]).contiguous()
+            f"{self.prefix}{i}": torch.stack(self._rows[key]).contiguous()
             for i, key in enumerate(keys)
             if self._rows[key]
         }
@@ -118,6 +120,6 @@ class FeatureMemory:
         self.added = int(plain["added"])
         for i, ((task, label), seen) in enumerate(zip(plain["keys"], plain["seen"], strict=True)):
             key = (str(task), str(label))
-            stacked = tensors.get(f"{MEMORY_PREFIX}{i}")
+            stacked = tensors.get(f"{self.prefix}{i}")
             self._rows[key] = list(stacked.unbind()) if stacked is not None else []
             self._seen[key] = int(seen)

@@ -1,4 +1,5 @@
-"""Every Prometheus metric continual exports, with fixed label sets.
+"""The trainer's Prometheus metrics and the drift metrics trainer and server share, with fixed label
+sets (the server's own: ``service.server_metrics``).
 
 The collector registry is passed in, never global, so each process (and each test) gets its own.
 """
@@ -30,7 +31,7 @@ class TrainerMetrics:
     def __init__(self, registry: CollectorRegistry, strategy: str) -> None:
         self.registry = registry
         self.strategy = strategy
-        _process_collectors(registry)
+        process_collectors(registry)
         self.drift = DriftMetrics(registry)
         self.consumer_lag = Gauge(
             "continual_consumer_lag",
@@ -120,6 +121,12 @@ class TrainerMetrics:
         self.accuracy_matrix = Gauge(
             "continual_accuracy_matrix",
             "R[i][j]: accuracy on task j right after the trainer last learned task i.",
+            ["after_task", "task"],
+            registry=registry,
+        )
+        self.macro_accuracy_matrix = Gauge(
+            "continual_macro_accuracy_matrix",
+            "The accuracy matrix with macro accuracies (each the mean of task j's labels' accuracies).",
             ["after_task", "task"],
             registry=registry,
         )
@@ -226,6 +233,35 @@ class TrainerMetrics:
             buckets=(1, 2, 5, 10, 30, 60, 120, 300, 600),
             registry=registry,
         )
+        self.unlabeled_records = Gauge(
+            "continual_task_unlabeled_records",
+            "Unlabeled texts in the task's pool (split unlabeled), pseudo-labelled when it trains.",
+            ["task"],
+            registry=registry,
+        )
+        self.unlabeled_dropped = Gauge(
+            "continual_task_unlabeled_dropped",
+            "Unlabeled texts pushed out of the task's pool by newer ones (self_training_pool_size).",
+            ["task"],
+            registry=registry,
+        )
+        self.pseudo_labelled = Gauge(
+            "continual_task_pseudo_labelled",
+            "Unlabeled texts pseudo-labelled and trained on in the task's last trained round.",
+            ["task"],
+            registry=registry,
+        )
+        self.pseudo_label_accuracy = Gauge(
+            "continual_task_pseudo_label_accuracy",
+            "Share of pseudo-labels that a later labelled copy of the same text agreed with.",
+            ["task"],
+            registry=registry,
+        )
+        self.out_of_scope_recall = Gauge(
+            "continual_out_of_scope_recall",
+            "Share of the eval records of no task (label null) the out-of-scope threshold turns away.",
+            registry=registry,
+        )
         self.router_fit_seconds = Histogram(
             "continual_router_fit_seconds",
             "Wall time of refitting the task router on the feature memory (part of a round).",
@@ -249,6 +285,16 @@ class TrainerMetrics:
         self.duplicate_eval_records.labels(task=task, kind="near").set(health.near_duplicates)
         self.short_labels.labels(task=task).set(len(health.short_labels))
         self.imbalance_ratio.labels(task=task).set(health.imbalance_ratio)
+
+    def record_self_training(
+        self, task: str, pool: int, dropped: int, pseudo_labelled: int, accuracy: float | None
+    ) -> None:
+        """Export a task's unlabeled pool and what its last round pseudo-labelled."""
+        self.unlabeled_records.labels(task=task).set(pool)
+        self.unlabeled_dropped.labels(task=task).set(dropped)
+        self.pseudo_labelled.labels(task=task).set(pseudo_labelled)
+        if accuracy is not None:
+            self.pseudo_label_accuracy.labels(task=task).set(accuracy)
 
     def record_accuracy(self, task: str, version: int, previous: int | None, accuracy: float) -> None:
         """Set the task's accuracy for its new version, dropping the superseded version's series."""
@@ -303,82 +349,10 @@ class DriftMetrics:
         self.windows.labels(**labels, drifted=str(result.drifted).lower()).inc()
 
 
-def _process_collectors(registry: CollectorRegistry) -> None:
+def process_collectors(registry: CollectorRegistry) -> None:
     # Memory, CPU and open files of this process (process_*), and the Python version (python_info).
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
-
-
-class ServerMetrics:
-    """What a server exports: requests, latency and what it serves."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
-        _process_collectors(registry)
-        self.drift = DriftMetrics(registry)
-        self.adapters_loaded = Gauge(
-            "continual_adapters_loaded",
-            "Adapter versions in this server's memory (a cache of max_loaded_adapters, LRU out).",
-            registry=registry,
-        )
-        self.requests = Counter(
-            "continual_requests",
-            "gRPC calls by method and status code.",
-            ["method", "code"],
-            registry=registry,
-        )
-        self.latency = Histogram(
-            "continual_request_latency_seconds",
-            "gRPC call latency by method and status code.",
-            ["method", "code"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.served_version = Gauge(
-            "continual_served_version",
-            "Adapter version this server answers with, per task.",
-            ["task"],
-            registry=registry,
-        )
-        self.version_swaps = Counter(
-            "continual_version_swaps",
-            "Times this server switched a task to another version.",
-            ["task"],
-            registry=registry,
-        )
-        self.load_failures = Counter(
-            "continual_version_load_failures",
-            "Versions this server could not load (it keeps serving what it had).",
-            ["task"],
-            registry=registry,
-        )
-        self.adapter_loads = Counter(
-            "continual_adapter_loads",
-            "Adapter versions loaded into the model (new versions, and ones evicted then asked for again).",
-            registry=registry,
-        )
-        self.batch_rows = Histogram(
-            "continual_inference_batch_rows",
-            "Rows (texts) per batch the inference engine ran.",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
-            registry=registry,
-        )
-        self.batch_seconds = Histogram(
-            "continual_inference_batch_seconds",
-            "Time the inference engine spent on one batch (forwards and heads).",
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.queue_rejections = Counter(
-            "continual_inference_queue_rejections",
-            "Requests refused with RESOURCE_EXHAUSTED because the inference queue was full.",
-            registry=registry,
-        )
-        self.deadline_drops = Counter(
-            "continual_inference_deadline_drops",
-            "Requests dropped before their forward because the client's deadline had passed.",
-            registry=registry,
-        )
 
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> int:

@@ -19,7 +19,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from service import calls
 from service.answering import Answerer, Prediction, Request
 from service.errors import ContinualError, InvalidArgument, NotFound
-from service.metrics import ServerMetrics
+from service.server_metrics import ServerMetrics
 from service.serving import AdapterPool, LoadedVersion
 
 #: What ModelMetadata says runs a model.

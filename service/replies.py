@@ -70,7 +70,12 @@ def learning_reply(
         accuracy_matrix=[
             continual_pb2.AccuracyRow(
                 after_task=after,
-                cells=[continual_pb2.AccuracyCell(task=t, accuracy=a) for t, a in row.items()],
+                cells=[
+                    continual_pb2.AccuracyCell(
+                        task=t, accuracy=a, macro_accuracy=or_nan(status.macro_matrix.get(after, {}).get(t))
+                    )
+                    for t, a in row.items()
+                ],
             )
             for after, row in status.matrix.items()
         ],

@@ -20,7 +20,7 @@ route costs one adapter forward, an unsure one a few. Servers and the benchmark 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -28,7 +28,9 @@ from torch.nn import functional
 
 from service.errors import CorruptVersion
 from service.feature_memory import FeatureMemory
+from service.out_of_scope import ScopeRule, calibrated, scope_scores
 from service.registry import Registry
+from service.settings import Settings
 
 #: L2 penalty of the router's weights (the frozen-embedding reference's: ample data, little to fear).
 ROUTER_WEIGHT_DECAY = 1e-4
@@ -45,6 +47,8 @@ class Router:
     rows: tuple[tuple[str, str], ...]
     weight: torch.Tensor
     bias: torch.Tensor
+    #: When a text belongs to none of the tasks (``service.out_of_scope``); None: never judged.
+    scope: ScopeRule | None = None
 
     def tasks(self) -> set[str]:
         """The tasks the router can route to."""
@@ -86,6 +90,18 @@ class Router:
         logits = self.inputs(features) @ self.weight[kept].T + self.bias[kept]
         return [self.rows[i] for i in kept], torch.softmax(logits, dim=-1)
 
+    @torch.no_grad()
+    def out_of_scope(
+        self, features: torch.Tensor, tasks: Sequence[str], prototypes: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Per text, whether it belongs to none of ``tasks`` (whose unit label prototypes are
+        ``prototypes``); None without a calibrated rule."""
+        if self.scope is None:
+            return None
+        _, probabilities = self.label_probabilities(features, tasks)
+        embeddings = features[:, -prototypes.shape[-1] :] if len(prototypes) else features
+        return self.scope.out_of_scope(probabilities, embeddings, prototypes)
+
     def inputs(self, features: torch.Tensor) -> torch.Tensor:
         """The columns of base features (``service.model.base_features``) this router was fitted on:
         the last ones, as many as it has weights for (one layer's for a router from before)."""
@@ -99,12 +115,14 @@ class Router:
         return {ROUTER_WEIGHT: self.weight.contiguous(), ROUTER_BIAS: self.bias.contiguous()}
 
     @classmethod
-    def from_tensors(cls, rows: Sequence[Sequence[str]], tensors: dict[str, torch.Tensor]) -> Router:
+    def from_tensors(
+        cls, rows: Sequence[Sequence[str]], tensors: dict[str, torch.Tensor], scope: ScopeRule | None = None
+    ) -> Router:
         """A router from ``tensors()`` and its rows; ValueError if they do not fit together."""
         weight, bias = tensors[ROUTER_WEIGHT], tensors[ROUTER_BIAS]
         if weight.shape[0] != len(rows) or bias.shape != (len(rows),):
             raise ValueError(f"router weights have {weight.shape[0]} rows, its manifest lists {len(rows)}")
-        return cls(tuple((str(task), str(label)) for task, label in rows), weight, bias)
+        return cls(tuple((str(task), str(label)) for task, label in rows), weight, bias, scope)
 
 
 def fit_router(memory: FeatureMemory, heartbeat: Callable[[], None] = lambda: None) -> Router | None:
@@ -134,6 +152,30 @@ def fit_router(memory: FeatureMemory, heartbeat: Callable[[], None] = lambda: No
     return Router(tuple(keys), weight.detach().clone(), bias.detach().clone())
 
 
+def scoped(
+    router: Router,
+    inside: FeatureMemory,
+    outside: FeatureMemory,
+    prototypes: torch.Tensor,
+    settings: Settings,
+) -> Router:
+    """``router`` with its out-of-scope rule (``service.out_of_scope``) calibrated on ``inside``, base
+    features of eval records (in scope by construction), and ``outside``, those of eval records of no
+    task; ``prototypes`` are the unit label prototypes of its tasks. No rule while ``inside`` holds
+    too few records."""
+    tasks, weight = sorted(router.tasks()), settings.out_of_scope_prototype_weight
+
+    def scores(memory: FeatureMemory) -> torch.Tensor:
+        features, _, _ = memory.features()
+        if not len(features):
+            return torch.empty(0)
+        _, probabilities = router.label_probabilities(features, tasks)
+        return scope_scores(probabilities, features[:, -prototypes.shape[-1] :], prototypes, weight)
+
+    rule = calibrated(scores(inside), settings.out_of_scope_reject_rate, weight, scores(outside))
+    return replace(router, scope=rule)
+
+
 def load_router(registry: Registry, manifest: dict[str, Any] | None = None) -> Router | None:
     """The router ``manifest`` names (default: the registry's current one; None before the first);
     CorruptVersion if it does not check."""
@@ -141,8 +183,9 @@ def load_router(registry: Registry, manifest: dict[str, Any] | None = None) -> R
     if manifest is None:
         return None
     try:
-        return Router.from_tensors(manifest["rows"], registry.load_router(manifest))
-    except (KeyError, ValueError) as exc:
+        scope = ScopeRule.from_manifest(manifest.get("out_of_scope"))
+        return Router.from_tensors(manifest["rows"], registry.load_router(manifest), scope)
+    except (KeyError, ValueError, TypeError) as exc:
         raise CorruptVersion(f"router {manifest.get('file')}: {exc}") from None
 
 

@@ -27,11 +27,12 @@ from service.answering import Answerer, Prediction, Request
 from service.api import continual_pb2, continual_pb2_grpc
 from service.errors import ContinualError, Unauthenticated, status_of
 from service.evaluation import learning_status
-from service.metrics import ServerMetrics, serve_metrics
+from service.metrics import serve_metrics
 from service.oip import InferenceServicer
 from service.registry import Registry
 from service.replies import learning_reply, served_figures, version_info
 from service.served_model import ServedModel, build_served_model
+from service.server_metrics import ServerMetrics
 from service.serving import AdapterPool, LoadedVersion, RegistryWatcher
 from service.settings import Settings
 
@@ -242,6 +243,7 @@ def _response(prediction: Prediction) -> continual_pb2.PredictResponse:
         version=prediction.version,
         task_inferred=prediction.task_inferred,
         task_confidence=prediction.task_confidence,
+        out_of_scope=prediction.out_of_scope,
     )
 
 

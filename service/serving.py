@@ -22,11 +22,11 @@ import torch
 from service.drift import DriftMonitor
 from service.engine import InferenceEngine, Row, engine_shape
 from service.errors import CorruptVersion, FailedPrecondition, InvalidArgument, NotFound
-from service.metrics import ServerMetrics
 from service.model import unit_prototypes
 from service.registry import Registry
 from service.router import Router, load_router
 from service.served_model import ServedModel
+from service.server_metrics import ServerMetrics
 from service.settings import TASK_NAME, Settings
 
 log = logging.getLogger(__name__)

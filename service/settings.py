@@ -208,6 +208,35 @@ class Settings(ServingSettings):
         description="Candidates compared by router x adapter per (task, label), or p(task) x best label.",
     )
 
+    out_of_scope_reject_rate: float = Field(
+        default=0.02,
+        ge=0,
+        lt=1,
+        description="Share of in-scope eval records the out-of-scope threshold turns away (0: never "
+        "judge a task-less request out of scope); see service/out_of_scope.py.",
+    )
+    out_of_scope_prototype_weight: float = Field(
+        default=5.0, ge=0, description="Weight of the nearest-prototype cosine in the scope score."
+    )
+    out_of_scope_memory_size: int = Field(
+        default=5_000, ge=1, description="Eval records' base features kept to calibrate the threshold."
+    )
+
+    # Self-training on unlabeled records (see service/self_training.py)
+    self_training_precision: float = Field(
+        default=0.95,
+        ge=0,
+        le=1,
+        description="Pseudo-labels are given where the task's confidence passes the lowest threshold at "
+        "which its answers to its eval records are at least this precise.",
+    )
+    self_training_weight: float = Field(
+        default=0.5, ge=0, le=1, description="Loss weight of a pseudo-labelled example (0: no self-training)."
+    )
+    self_training_pool_size: int = Field(
+        default=5_000, ge=0, description="Unlabeled texts kept per task (the latest); older ones are dropped."
+    )
+
     # Demo data
     clinc150_dir: Path = Path("../shared/data/clinc150")
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from service.data_health import normalized
 from service.model import PROTOTYPE_COUNTS, PROTOTYPE_SUMS
 from service.records import Record, Rejection
 
@@ -55,6 +56,17 @@ class TaskState:
     eval_judged: int = 0
     #: Head rows already started from their label's prototype (or trained before a restart).
     head_initialized: set[int] = field(default_factory=set)
+    #: Unlabeled texts (the latest ``self_training_pool_size``), pseudo-labelled when the task trains.
+    unlabeled: list[str] = field(default_factory=list)
+    #: Unlabeled texts pushed out of the pool by newer ones before any round used them.
+    unlabeled_dropped: int = 0
+    #: Unlabeled texts pseudo-labelled (and trained on) in the task's last trained round.
+    pseudo_labelled: int = 0
+    #: The label last given to each pseudo-labelled text (normalised), to check when a labelled copy
+    #: comes; and how many were checked so, and right.
+    pseudo_labels: dict[str, str] = field(default_factory=dict)
+    pseudo_checked: int = 0
+    pseudo_right: int = 0
 
     def label_index(self, label: str) -> int:
         """The class index of ``label``, appending it if new (indices never move)."""
@@ -65,7 +77,15 @@ class TaskState:
             return len(self.labels) - 1
 
     def refusal(self, record: Record, max_labels: int) -> Rejection | None:
-        """Why the task cannot take ``record`` (a new label past the task's limit), or None."""
+        """Why the task cannot take ``record`` (a new label past the task's limit; an unlabeled text
+        before the task has any label to give it), or None."""
+        if record.label is None:
+            if record.split == "unlabeled" and not self.labels:
+                return Rejection(
+                    "no_labelled_records",
+                    f"task {record.task!r} has no labelled records yet to learn unlabeled texts from",
+                )
+            return None
         if record.label in self.labels or len(self.labels) < max_labels:
             return None
         return Rejection(
@@ -73,9 +93,18 @@ class TaskState:
             f"task {record.task!r} already has {len(self.labels)} labels, the limit is {max_labels}",
         )
 
-    def take(self, record: Record) -> tuple[str, int] | None:
-        """File an accepted record: an eval record joins the eval set; a training record is returned as
-        the (text, label index) example that waits for a step."""
+    def take(self, record: Record, pool_size: int = 0) -> tuple[str, int] | None:
+        """File an accepted record: an eval record joins the eval set; an unlabeled text the pool (of
+        at most ``pool_size``, the oldest pushed out); a training record is returned as the (text,
+        label index) example that waits for a step."""
+        if record.label is None:
+            self.unlabeled.append(record.text)
+            overflow = len(self.unlabeled) - pool_size
+            if overflow > 0:
+                self.unlabeled_dropped += overflow
+                del self.unlabeled[:overflow]
+            return None
+        self._check_pseudo_label(record.text, record.label)
         index = self.label_index(record.label)
         self.changed = True
         if record.split == "eval":
@@ -87,6 +116,27 @@ class TaskState:
         self.pending.append(example)
         self.round_examples.append(example)
         return example
+
+    def remember_pseudo_labels(self, labelled: Mapping[str, str], most: int) -> None:
+        """Keep the pseudo-labels just given (text: label), the newest ``most`` of all."""
+        for text, label in labelled.items():
+            key = normalized(text)
+            self.pseudo_labels.pop(key, None)
+            self.pseudo_labels[key] = label
+        for key in list(self.pseudo_labels)[: max(0, len(self.pseudo_labels) - most)]:
+            del self.pseudo_labels[key]
+
+    def _check_pseudo_label(self, text: str, label: str) -> None:
+        """A labelled copy of a pseudo-labelled text: was the pseudo-label right?"""
+        given = self.pseudo_labels.pop(normalized(text), None) if self.pseudo_labels else None
+        if given is not None:
+            self.pseudo_checked += 1
+            self.pseudo_right += given == label
+
+    @property
+    def pseudo_label_accuracy(self) -> float | None:
+        """Share of pseudo-labels a later labelled copy of the same text agreed with (None: none yet)."""
+        return self.pseudo_right / self.pseudo_checked if self.pseudo_checked else None
 
     def set_aside(self, found: Mapping[int, str]) -> None:
         """Move the eval records at these positions (of ``service.duplicates.DuplicateIndex.screen``)

@@ -22,16 +22,16 @@ from service.assessment import Assessment
 from service.checkpoint import Durability, PendingRound
 from service.duplicates import DuplicateIndex
 from service.evaluation import LearningSummary
-from service.feature_memory import FeatureMemory
 from service.ingest import Incoming, Ingest
 from service.look_ahead import LookAhead
 from service.metrics import TrainerMetrics
 from service.model import BASE_FEATURE_LAYERS, AdapterModel, build_model
+from service.out_of_scope import OUTSIDE_LABEL
 from service.publishing import Publisher
 from service.registry import Registry
 from service.rounds import RoundPolicy, RoundReport
-from service.router import Router, fit_router, load_router
 from service.settings import Settings
+from service.task_inference import TaskInference
 from service.tasks import Examples, TaskState
 from service.training import Training
 from service.training_drift import TrainingDrift
@@ -69,8 +69,8 @@ class Trainer:
         self.rounds = RoundPolicy(settings)
         self.assessment = Assessment(metrics)
         self.publisher = Publisher(settings, registry, metrics, self.training)
-        #: Base embeddings of training texts, evenly per label, that the task router is fitted on.
-        self.memory = FeatureMemory(settings.router_memory_size, settings.seed)
+        #: The task router, its memories and its out-of-scope rule.
+        self.inference = TaskInference(settings, metrics)
         #: What finds eval records that repeat training records (set aside from the eval sets).
         self.duplicates = DuplicateIndex(settings.duplicate_cosine)
         self.durability = Durability(
@@ -80,8 +80,10 @@ class Trainer:
             self.training,
             self.publisher,
             self.assessment,
-            self.memory,
+            self.inference.memory,
             self.duplicates,
+            self.inference.scope_memory,
+            self.inference.scope_outside,
         )
         self.rounds.number, self.tasks = self.durability.restore()
         for name, state in self.tasks.items():
@@ -92,9 +94,7 @@ class Trainer:
                 self.duplicates.replace_eval(name, texts, self.training.embed(texts))
         #: Serves new tasks from records read ahead while a round trains.
         self.look_ahead = LookAhead(settings, self.publisher)
-        #: The task router as last fitted (None before two labels, or with prototype routing).
-        self.router: Router | None = load_router(registry) if self._routes() else None
-        self._memory_fitted = self.memory.added
+        self.inference.restored(registry)
         #: The ingest being polled; long work keeps the group membership alive through it.
         self._ingest: Ingest | None = None
         #: True while a round closes: a rebalance then must not start another one.
@@ -113,26 +113,33 @@ class Trainer:
         new_train: dict[str, Examples] = {}
         #: Per task, where this batch's eval records start in its eval set.
         new_eval: dict[str, int] = {}
+        #: Eval records of texts that belong to no task (``"label": null``), per task they came with.
+        outside: dict[str, list[str]] = {}
         for incoming in batch:
             record = incoming.record
-            state = self.tasks.get(record.task) or self._new_task(record.task)
-            rejection = state.refusal(record, self.settings.max_labels_per_task)
+            if record.out_of_scope:
+                outside.setdefault(record.task, []).append(record.text)
+                self.rounds.records += 1
+                continue
+            known = self.tasks.get(record.task)
+            rejection = (known or TaskState(record.task)).refusal(record, self.settings.max_labels_per_task)
             if rejection is not None:
                 if ingest is not None:
                     ingest.dead_letter(
                         incoming.partition, incoming.offset, incoming.raw_key, incoming.raw_value, rejection
                     )
                 continue
+            state = known or self._new_task(record.task)
+            self.rounds.records += 1
             if record.split == "eval":
                 new_eval.setdefault(state.name, len(state.eval_records))
-            example = state.take(record)
-            if self.training.learner is not None:
+            example = state.take(record, self.settings.self_training_pool_size)
+            if self.training.learner is not None and record.label is not None:
                 self.training.column(state.name, record.label)
-            self.rounds.records += 1
             if example is not None:
                 new_train.setdefault(state.name, []).append(example)
         # The router reads more of the base model than prototypes and drift: one forward gives both.
-        layers = BASE_FEATURE_LAYERS if self._routes() else 1
+        layers = BASE_FEATURE_LAYERS if self.inference.enabled else 1
         hidden = self.training.model.hidden_size
         for name in dict.fromkeys([*new_train, *new_eval]):
             state, examples = self.tasks[name], new_train.get(name, [])
@@ -141,19 +148,24 @@ class Trainer:
                 features = self.training.embed([text for text, _ in examples], layers)
                 embeddings = features[:, -hidden:]
                 state.add_to_prototypes(examples, embeddings)
-                if self._routes():
-                    self.memory.add(name, [state.labels[index] for _, index in examples], features)
+                if self.inference.enabled:
+                    self.inference.memory.add(name, [state.labels[index] for _, index in examples], features)
                 if self.settings.drift_enabled:
                     self.rounds.adapt_now |= self.drift.judge(state, embeddings.numpy())
-            fresh = [text for text, _ in state.eval_records[new_eval.get(name, len(state.eval_records)) :]]
+            records = state.eval_records[new_eval.get(name, len(state.eval_records)) :]
+            fresh = [text for text, _ in records]
+            eval_features = self.training.embed(fresh, layers) if fresh else torch.empty(0, hidden)
+            if fresh and self.inference.enabled:
+                self.inference.scope_memory.add(name, [label for _, label in records], eval_features)
             found = self.duplicates.screen(
-                name,
-                [text for text, _ in examples],
-                embeddings,
-                fresh,
-                self.training.embed(fresh) if fresh else torch.empty(0, hidden),
+                name, [text for text, _ in examples], embeddings, fresh, eval_features[:, -hidden:]
             )
             state.set_aside(found)
+        if self.inference.enabled:
+            for name, texts in outside.items():
+                self.inference.scope_outside.add(
+                    name, [OUTSIDE_LABEL] * len(texts), self.training.embed(texts, layers)
+                )
         for name in new_train:
             state = self.tasks[name]
             if not self.rounds.serve_first(state):  # else its first version goes out untrained first
@@ -204,7 +216,8 @@ class Trainer:
             for name in sorted(early):
                 self.publisher.publish_first(self.tasks[name])
         trained = self.training.finish_round(list(self.tasks.values()), early, rng)
-        router = self._refit_router() if trained else None
+        hidden = self.training.model.hidden_size
+        router = self.inference.refit(self.tasks, hidden, self._keep_group) if trained else None
 
         changed = [s for s in self.tasks.values() if s.changed]
         to_evaluate = changed if self.training.strategy.isolates_tasks else list(self.tasks.values())
@@ -238,25 +251,6 @@ class Trainer:
         report = RoundReport(self.rounds.number, trained, dict(pending.published), accuracy, seconds)
         log.info("%s", report)
         return report
-
-    def _routes(self) -> bool:
-        return self.settings.task_inference == "router"
-
-    def _refit_router(self) -> Router | None:
-        """The router refit on the memory if it changed since the last fit (else None: nothing new).
-
-        Only rounds that train refit it: a round that only serves new tasks' first versions stays
-        seconds long, and those tasks are routed by their prototypes until their first trained round.
-        """
-        if not self._routes() or self._memory_fitted == self.memory.added:
-            return None
-        started = time.monotonic()
-        router = fit_router(self.memory, heartbeat=self._keep_group)
-        self._memory_fitted = self.memory.added
-        if router is not None:
-            self.router = router
-            self.metrics.router_fit_seconds.observe(time.monotonic() - started)
-        return router
 
     # --- the loop -----------------------------------------------------------------------------------
 

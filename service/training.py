@@ -22,6 +22,7 @@ from service.learner import SHARED_ADAPTER, Learner
 from service.metrics import TrainerMetrics
 from service.model import HEAD_PREFIX, AdapterModel
 from service.optimisers import Optimisers, unprefixed
+from service.self_training import self_train
 from service.settings import Settings
 from service.tasks import TaskState
 from strategies import Example, Strategy
@@ -112,6 +113,14 @@ class Training:
         loss = self._train(self.learner_of(state), [(text, columns[index]) for text, index in examples], rate)
         state.round_losses.append(loss)
 
+    def step_weighted(self, state: TaskState, examples: Sequence[tuple[str, int, float]]) -> None:
+        """One training step on (text, label index, weight) examples of one task: each example's
+        loss counts its weight (a pseudo-labelled one less than a labelled one)."""
+        columns = self.columns_of(state)
+        batch = [(text, columns[index]) for text, index, _ in examples]
+        loss = self._train(self.learner_of(state), batch, weights=[weight for _, _, weight in examples])
+        state.round_losses.append(loss)
+
     def step_full_batches(self, state: TaskState) -> None:
         """Step on the task's pending examples while a full micro-batch waits."""
         size = self.settings.batch_size
@@ -145,6 +154,8 @@ class Training:
                 rng.shuffle(examples)
                 for i in range(0, len(examples), size):
                     self.step(state, examples[i : i + size], rate=next(decay))
+            if self.learner is None:
+                self_train(self, state, rng)
         new: list[Example] = []
         if self.learner is not None:
             states = [state for state in tasks if state.name in trained]
@@ -152,6 +163,8 @@ class Training:
                 columns = self.columns_of(state)
                 new.extend((text, columns[index]) for text, index in state.round_examples)
             self._rehearse(self.learner, new, states, rng)
+            for state in states:
+                self_train(self, state, rng)
         self.strategy.after_round(self.learner, new)
         self._round_started = False
         return trained
@@ -164,9 +177,16 @@ class Training:
             return oversampled(state.round_examples, rng)
         return state.round_examples[:]
 
-    def _train(self, learner: Learner, examples: Sequence[Example], rate: float = 1.0) -> float:
+    def _train(
+        self,
+        learner: Learner,
+        examples: Sequence[Example],
+        rate: float = 1.0,
+        weights: Sequence[float] | None = None,
+    ) -> float:
         """One optimizer step on ``examples`` plus what the strategy replays, at ``rate`` times the
-        set learning rates; returns the loss."""
+        set learning rates; returns the loss. With ``weights`` (one per example; replayed ones weigh
+        1), each example's loss counts that much."""
         self.heartbeat()
         if not self._round_started:
             self._round_started = True
@@ -179,11 +199,14 @@ class Training:
         with self.model.training(learner.adapter):
             # Only the labels seen so far compete; outputs reserved for unseen ones stay out of it.
             logits = learner.logits(texts)
-            loss = functional.cross_entropy(
-                logits,
-                torch.tensor([column for _, column in batch]),
-                label_smoothing=self.settings.label_smoothing,
-            )
+            targets = torch.tensor([column for _, column in batch])
+            smoothing = self.settings.label_smoothing
+            if weights is None:
+                loss = functional.cross_entropy(logits, targets, label_smoothing=smoothing)
+            else:
+                each = functional.cross_entropy(logits, targets, label_smoothing=smoothing, reduction="none")
+                weight = torch.tensor([*weights, *[1.0] * (len(batch) - len(weights))])
+                loss = (each * weight).sum() / len(batch)
             extra = self.strategy.extra_loss(self.learner, texts, logits)
             if extra is not None:
                 loss = loss + extra

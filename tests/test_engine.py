@@ -17,9 +17,9 @@ from prometheus_client import CollectorRegistry
 
 from service.engine import InferenceEngine, Row
 from service.errors import CorruptVersion, DeadlineExceeded, ResourceExhausted
-from service.metrics import ServerMetrics
 from service.model import BASE_FEATURE_LAYERS, AdapterModel, build_model
 from service.served_model import ServedModel, build_served_model
+from service.server_metrics import ServerMetrics
 from service.settings import Settings
 
 TEXTS = [f"text number {i} {'with more words ' * (i % 4)}" for i in range(24)]

@@ -23,7 +23,7 @@ GOOD = {"id": "1", "task": "banking", "text": "what is my balance", "label": "ba
 BAD = [
     (b"banking", b"\xc3\x28 broken utf-8", "not_utf8"),
     (b"banking", b"{oops", "not_json"),
-    (b"banking", json.dumps({**GOOD, "label": None}).encode(), "wrong_type"),
+    (b"banking", json.dumps({**GOOD, "label": None}).encode(), "missing_label"),
     (b"travel", json.dumps(GOOD).encode(), "key_mismatch"),
 ]
 

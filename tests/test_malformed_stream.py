@@ -50,8 +50,9 @@ def _good(task: str, label: str, split: str, words: list[str], n: int) -> dict[s
     return {"id": f"r{n}", "task": task, "text": " ".join(words), "label": label, "split": split}
 
 
-# Mostly good records, and every reason the service can reject one for.
-KINDS = ["good"] * 6 + list(REASONS)
+# Mostly good records (labelled; unlabeled texts; eval records of no task), and every reason the
+# service can reject one for.
+KINDS = ["good"] * 6 + ["unlabeled", "outside"] + list(REASONS)
 
 
 def stream_record(rng: random.Random, n: int) -> Sent:
@@ -64,12 +65,26 @@ def stream_record(rng: random.Random, n: int) -> Sent:
     key = task.encode()
     if kind == "good":
         return Sent(key, json.dumps(body).encode(), None, task, label, split)
+    if kind == "unlabeled":
+        # Learned from once its task has a label; before that it is dead-lettered (no_labelled_records).
+        unlabeled = {k: v for k, v in body.items() if k != "label"} | {"split": "unlabeled"}
+        return Sent(key, json.dumps(unlabeled).encode(), "no_labelled_records?", task, "", "unlabeled")
+    if kind == "outside":
+        outside = {**body, "split": "eval", "label": None}
+        return Sent(key, json.dumps(outside).encode(), None, task, "", "outside")
+    if kind == "no_labelled_records":
+        # A task that never gets a label.
+        fresh = {k: v for k, v in body.items() if k != "label"} | {"split": "unlabeled", "task": "fresh"}
+        return Sent(b"fresh", json.dumps(fresh).encode(), kind)
     if kind == "too_many_labels":
         # Task "wide" keeps receiving new labels; beyond MAX_LABELS of them each new one is refused.
         wide_label = f"w{rng.randint(0, 12)}"
         wide = {**body, "task": "wide", "label": wide_label}
         return Sent(b"wide", json.dumps(wide).encode(), "too_many_labels?", "wide", wide_label, split)
     junk: object = rng.choice([rng.randint(-5, 5), None, [1, 2], {"a": 1}])
+    wrong_field = rng.choice(["id", "text", "label", "split"])
+    if wrong_field == "label" and junk is None:
+        junk = 7  # a null label is a kind of its own (missing_label, or an out-of-scope eval record)
     value: bytes
     if kind == "not_utf8":
         value = b"\xff\xfe" + rng.randbytes(rng.randint(0, 30))
@@ -81,7 +96,11 @@ def stream_record(rng: random.Random, n: int) -> Sent:
         dropped = rng.choice(["id", "task", "text", "label", "split"])
         value = json.dumps({k: v for k, v in body.items() if k != dropped}).encode()
     elif kind == "wrong_type":
-        value = json.dumps({**body, rng.choice(["id", "text", "label", "split"]): junk}).encode()
+        value = json.dumps({**body, wrong_field: junk}).encode()
+    elif kind == "missing_label":
+        value = json.dumps({**body, "split": "train", "label": None}).encode()
+    elif kind == "unexpected_label":
+        value = json.dumps({**body, "split": "unlabeled"}).encode()
     elif kind == "bad_value":
         value = json.dumps({**body, "split": rng.choice(["test", "TRAIN", "", "validation"])}).encode()
     elif kind == "text_too_long":
@@ -100,10 +119,16 @@ def expected_outcomes(sent: list[Sent]) -> tuple[Counter[str], Counter[tuple[str
     learned: Counter[tuple[str, str]] = Counter()
     labels: dict[str, list[str]] = {}
     for record in sent:
-        if record.reason is not None and record.reason != "too_many_labels?":
+        if record.reason is not None and not record.reason.endswith("?"):
             reasons[record.reason] += 1
             continue
         seen = labels.setdefault(record.task, [])
+        if record.split in ("unlabeled", "outside"):
+            if record.split == "unlabeled" and not seen:
+                reasons["no_labelled_records"] += 1
+            else:
+                learned[(record.task, record.split)] += 1
+            continue
         if record.label not in seen and len(seen) >= MAX_LABELS:
             reasons["too_many_labels"] += 1
             continue
@@ -157,6 +182,10 @@ def test_a_generated_stream_of_good_and_bad_records_loses_nothing(
         for name, task in checkpoint["tasks"].items():
             counts[(name, "train")] += task["train_seen"]
             counts[(name, "eval")] += task["eval_seen"]
+            counts[(name, "unlabeled")] += len(task["unlabeled"]) + task["self_training"]["dropped"]
+        outside = checkpoint["scope_outside"]
+        for (name, _), seen in zip(outside["keys"], outside["seen"], strict=True):
+            counts[(name, "outside")] += seen
         return +counts
 
     with running_trainer(settings) as running:

@@ -24,8 +24,9 @@ from service.api import continual_pb2, continual_pb2_grpc
 from service.datasets import TaskData, records, synthetic
 from service.ingest import ensure_topics
 from service.local_kafka import free_port
-from service.metrics import ServerMetrics, TrainerMetrics
+from service.metrics import TrainerMetrics
 from service.producer import produce
+from service.server_metrics import ServerMetrics
 from service.settings import Settings
 from tests.helpers import eventually
 

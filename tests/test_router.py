@@ -228,15 +228,17 @@ def test_the_trainer_fits_writes_and_restores_its_router(settings: Settings) -> 
     router = load_router(registry)
     labels = {(task.name, label) for task in tasks for _, label in task.train}
     assert router is not None and set(router.rows) == labels
-    assert trainer.router is not None and torch.equal(trainer.router.weight, router.weight)
+    assert trainer.inference.router is not None and torch.equal(
+        trainer.inference.router.weight, router.weight
+    )
     # The router reads several layers of the base model (the tiny one has two and its embeddings).
-    assert router.weight.shape[1] == trainer.memory.width == 3 * trainer.training.model.hidden_size
+    assert router.weight.shape[1] == trainer.inference.memory.width == 3 * trainer.training.model.hidden_size
     # The memory comes back with the checkpoint, so the restarted trainer refits the same router.
     restarted = new_trainer(settings)
-    assert same(restarted.memory, trainer.memory)
-    refit = fit_router(restarted.memory)
+    assert same(restarted.inference.memory, trainer.inference.memory)
+    refit = fit_router(restarted.inference.memory)
     assert refit is not None and torch.allclose(refit.weight, router.weight, atol=1e-6)
-    assert restarted.router is not None and restarted.router.rows == router.rows
+    assert restarted.inference.router is not None and restarted.inference.router.rows == router.rows
 
 
 def test_a_server_routes_by_the_newest_router_and_refuses_a_corrupt_one(settings: Settings) -> None:

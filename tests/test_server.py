@@ -349,6 +349,9 @@ def test_learning_status_reports_the_trainers_matrix_and_figures(
     assert {
         row.after_task: {c.task: c.accuracy for c in row.cells} for row in status.accuracy_matrix
     } == trained.assessment.matrix
+    assert {
+        row.after_task: {c.task: c.macro_accuracy for c in row.cells} for row in status.accuracy_matrix
+    } == trained.assessment.macro_matrix
     assert status.acc == pytest.approx(expected.acc)
     assert status.bwt == pytest.approx(expected.bwt)
     assert math.isnan(status.fwt)  # no task was measured before it was learned

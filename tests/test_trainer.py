@@ -102,8 +102,19 @@ def test_the_accuracy_matrix_and_backward_transfer(settings: Settings) -> None:
         "continual_accuracy_matrix", {"after_task": second.name, "task": first.name}
     )
     assert gauge == matrix[second.name][first.name]
+    # Macro accuracy beside micro, cell for cell: the mean of each task's labels' accuracies.
+    macro = trainer.assessment.macro_matrix
+    assert {row: set(cells) for row, cells in macro.items()} == {row: set(c) for row, c in matrix.items()}
+    assert macro[third.name][third.name] == trainer.tasks[third.name].macro_accuracy
+    assert (
+        trainer.metrics.registry.get_sample_value(
+            "continual_macro_accuracy_matrix", {"after_task": second.name, "task": first.name}
+        )
+        == macro[second.name][first.name]
+    )
     restored = new_trainer(settings)
     assert restored.assessment.matrix == matrix
+    assert restored.assessment.macro_matrix == macro
 
 
 def test_forward_transfer_when_a_tasks_eval_records_come_first(settings: Settings) -> None:
