@@ -240,6 +240,21 @@ class AdapterModel:
         width = min(layers, self.output_layers) * self.hidden_size
         return torch.cat(rows).numpy() if rows else np.empty((0, width), dtype=np.float32)
 
+    @torch.no_grad()  # not inference mode: callers fit on these (service/head_refit.py)
+    def features(self, name: str, texts: Sequence[str], batch_size: int = 128) -> torch.Tensor:
+        """What ``name``'s head reads for each text (its adapter's pooled outputs), in eval mode."""
+        rows = []
+        for i in range(0, len(texts), batch_size):
+            batch = self.tokenizer(
+                list(texts[i : i + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
+            rows.append(self.pooled(name, batch["input_ids"], batch["attention_mask"]))
+        return torch.cat(rows) if rows else torch.empty(0, self.hidden_size)
+
     @torch.inference_mode()
     def predict(self, name: str, texts: Sequence[str], batch_size: int = 128) -> torch.Tensor:
         """Class probabilities, one row per text."""

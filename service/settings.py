@@ -118,6 +118,11 @@ class Settings(ServingSettings):
         description="Dropout inside the frozen base model while training (LoRA's: lora_dropout).",
     )
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0, description="Of the training loss.")
+    head_refit: bool = Field(
+        default=False,
+        description="Shared learners: after a round's epochs, refit the head to convergence on the "
+        "adapter's features of the rehearsed examples when they hold every label (service/head_refit.py).",
+    )
     epochs: int = Field(default=3, ge=1, description="Passes over each round's new training records.")
     learning_rate_decay: Literal["none", "linear"] = Field(
         default="none",

@@ -18,6 +18,7 @@ import torch
 from torch.nn import functional
 
 from service.balancing import far_apart, oversampled
+from service.head_refit import refit_head
 from service.learner import SHARED_ADAPTER, Learner
 from service.metrics import TrainerMetrics
 from service.model import HEAD_PREFIX, AdapterModel
@@ -163,6 +164,10 @@ class Training:
                 columns = self.columns_of(state)
                 new.extend((text, columns[index]) for text, index in state.round_examples)
             self._rehearse(self.learner, new, states, rng)
+            if self.settings.head_refit and states:
+                rehearsed = self.strategy.rehearsal(new)
+                size = self.settings.eval_batch_size
+                refit_head(self.model, SHARED_ADAPTER, rehearsed, self.learner.in_use, size, self.heartbeat)
             for state in states:
                 self_train(self, state, rng)
         self.strategy.after_round(self.learner, new)
