@@ -253,8 +253,11 @@ class Durability:
             health = DataHealth.from_manifest(manifest)
             if health is not None:  # exported again, so an alert on it holds across a restart
                 self.metrics.record_data(name, health)
-        for name in tasks:
+        for name, state in tasks.items():
             self.metrics.start_task(name)
+            self.metrics.record_self_training(
+                name, len(state.unlabeled), state.unlabeled_dropped, 0, state.pseudo_label_accuracy
+            )
         self.assessment.restore(checkpoint)
         for name, rows in checkpoint.get("untrained", {}).items():
             state = tasks[name]

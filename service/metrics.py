@@ -235,7 +235,7 @@ class TrainerMetrics:
         )
         self.unlabeled_records = Gauge(
             "continual_task_unlabeled_records",
-            "Unlabeled texts in the task's pool (split unlabeled), pseudo-labelled when it trains.",
+            "Unlabeled texts in the task's pool (split unlabeled) as of its last trained round.",
             ["task"],
             registry=registry,
         )
@@ -275,6 +275,8 @@ class TrainerMetrics:
             counter.labels(task=task)
         self.versions_published.labels(task=task, strategy=self.strategy)
         self.training_examples.labels(task=task, strategy=self.strategy)
+        self.record_self_training(task, 0, 0, 0, None)
+        self.pseudo_label_accuracy.labels(task=task).set(float("nan"))  # none checked yet
 
     def record_data(self, task: str, health: DataHealth) -> None:
         """Export the judgement of the task's data made when its latest version was published."""

@@ -80,6 +80,8 @@ class ServerMetrics:
             ["out_of_scope"],
             registry=registry,
         )
+        for judged in ("true", "false"):  # both series from the start, for the share's denominator
+            self.task_less_answers.labels(out_of_scope=judged)
         self.deadline_drops = Counter(
             "continual_inference_deadline_drops",
             "Requests dropped before their forward because the client's deadline had passed.",
