@@ -53,7 +53,7 @@ from service.model import BASE_FEATURE_LAYERS, build_model, unit_prototypes
 from service.out_of_scope import calibrated, scope_scores
 from service.records import Record
 from service.router import answer_without_task
-from service.settings import load_settings
+from service.settings import Settings, load_settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 console = Console()
@@ -75,17 +75,22 @@ def cut(task: TaskData, intents: Sequence[str]) -> TaskData:
     return TaskData(task.name, train, task.eval)
 
 
+def one_round_settings(workdir: str, **overrides: Any) -> Settings:
+    """The default settings, a registry in ``workdir``, rounds closed by the benchmark alone."""
+    return load_settings(
+        registry_dir=Path(workdir) / "registry",
+        first_version_records=0,
+        round_max_records=10**9,
+        drift_enabled=False,
+        **overrides,
+    )
+
+
 def learn_one(task: TaskData, measured: TaskData, balance_above: float) -> dict[str, Any]:
     """A fresh trainer learns ``task`` in one round; micro and macro accuracy on ``measured``'s eval
     records (in a child process, so every run starts from the same state)."""
     with tempfile.TemporaryDirectory(prefix="data-practices-") as workdir:
-        settings = load_settings(
-            registry_dir=Path(workdir) / "registry",
-            first_version_records=0,
-            round_max_records=10**9,
-            drift_enabled=False,
-            balance_labels_above=balance_above,
-        )
+        settings = one_round_settings(workdir, balance_labels_above=balance_above)
         learner = TrainerLearner(settings)
         learner.learn(task)
         texts, truth = [t for t, _ in measured.eval], [label for _, label in measured.eval]
@@ -148,12 +153,7 @@ def _out_of_scope(measure_on: str) -> dict[str, Any]:
     data = json.loads((CLINC150 / "data_full.json").read_text())
     tasks = clinc150(CLINC150, eval_splits=("val",))
     with tempfile.TemporaryDirectory(prefix="data-practices-") as workdir:
-        settings = load_settings(
-            registry_dir=Path(workdir) / "registry",
-            first_version_records=0,
-            round_max_records=10**9,
-            drift_enabled=False,
-        )
+        settings = one_round_settings(workdir)
         learner = TrainerLearner(settings)
         started = time.monotonic()
         for number, task in enumerate(tasks, 1):
@@ -247,12 +247,7 @@ def learn_with_unlabeled(task: TaskData, unlabeled: list[str], measured: TaskDat
     """A fresh trainer learns ``task`` and the ``unlabeled`` texts in one round; task-aware accuracy on
     ``measured``'s eval records and what self-training did (in a child process)."""
     with tempfile.TemporaryDirectory(prefix="data-practices-") as workdir:
-        settings = load_settings(
-            registry_dir=Path(workdir) / "registry",
-            first_version_records=0,
-            round_max_records=10**9,
-            drift_enabled=False,
-        )
+        settings = one_round_settings(workdir)
         learner = TrainerLearner(settings)
         texts = [
             Record(id=f"u{i}", task=task.name, text=text, label=None, split="unlabeled")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModel, AutoTokenizer, BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
 
 from service.settings import Settings
 
@@ -220,14 +220,7 @@ class AdapterModel:
         rows = []
         context = self._peft.disable_adapter() if self._peft is not None else nullcontext()
         with context:
-            for i in range(0, len(texts), batch_size):
-                batch = self.tokenizer(
-                    list(texts[i : i + batch_size]),
-                    padding=True,
-                    truncation=True,
-                    max_length=self.max_length,
-                    return_tensors="pt",
-                )
+            for batch in self._batches(texts, batch_size):
                 hidden = self._base(
                     input_ids=batch["input_ids"],
                     attention_mask=batch["attention_mask"],
@@ -243,17 +236,22 @@ class AdapterModel:
     @torch.no_grad()  # not inference mode: callers fit on these (service/head_refit.py)
     def features(self, name: str, texts: Sequence[str], batch_size: int = 128) -> torch.Tensor:
         """What ``name``'s head reads for each text (its adapter's pooled outputs), in eval mode."""
-        rows = []
+        rows = [
+            self.pooled(name, batch["input_ids"], batch["attention_mask"])
+            for batch in self._batches(texts, batch_size)
+        ]
+        return torch.cat(rows) if rows else torch.empty(0, self.hidden_size)
+
+    def _batches(self, texts: Sequence[str], batch_size: int) -> Iterator[BatchEncoding]:
+        """``texts`` tokenised ``batch_size`` at a time, padded within each batch."""
         for i in range(0, len(texts), batch_size):
-            batch = self.tokenizer(
+            yield self.tokenizer(
                 list(texts[i : i + batch_size]),
                 padding=True,
                 truncation=True,
                 max_length=self.max_length,
                 return_tensors="pt",
             )
-            rows.append(self.pooled(name, batch["input_ids"], batch["attention_mask"]))
-        return torch.cat(rows) if rows else torch.empty(0, self.hidden_size)
 
     @torch.inference_mode()
     def predict(self, name: str, texts: Sequence[str], batch_size: int = 128) -> torch.Tensor:
