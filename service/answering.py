@@ -123,6 +123,8 @@ class Answerer:
         self._drift_sampler = DriftSampler(
             pool.settings.drift_sample_rate, pool.settings.drift_max_samples_per_s, pool.settings.seed
         )
+        self._stack_lock = threading.Lock()
+        self._stacked: tuple[tuple[LoadedVersion, ...], torch.Tensor] = ((), torch.empty(0))
 
     def predict(self, request: Request, deadline: float | None = None) -> Prediction:
         """One request, start to finish. ``deadline`` (time.monotonic()) drops it if still queued then."""
@@ -213,15 +215,14 @@ class Answerer:
             routed, priors, confidence, out_of_scope = None, None, 1.0, False
             if router is not None and {loaded.task for loaded in served} <= router.tasks():
                 tasks = [loaded.task for loaded in served]
-                routed = router.task_probabilities(features.unsqueeze(0), tasks)
-                every = torch.cat([loaded.prototypes for loaded in served])
-                judged = router.out_of_scope(features.unsqueeze(0), tasks, every)
-                out_of_scope = judged is not None and bool(judged[0])
+                scored = self.settings.routing_label_scores == "router-times-adapter"
+                labels = [loaded.labels for loaded in served] if scored else None
+                route = router.route(features.unsqueeze(0), tasks, labels, self._prototypes(served))
+                routed = route.task_probabilities
+                out_of_scope = route.out_of_scope is not None and bool(route.out_of_scope[0])
                 chosen = candidates(routed[0], coverage, most)
-                if self.settings.routing_label_scores == "router-times-adapter":
-                    labels = [loaded.labels for loaded in served]
-                    priors = router.label_priors(features.unsqueeze(0), tasks, labels)
-                    priors = [priors[i] for i in chosen] if priors is not None else None
+                if route.label_priors is not None:
+                    priors = [route.label_priors[i] for i in chosen]
             else:
                 prototypes = [loaded.prototypes for loaded in served]
                 choices, confidences = nearest_task(embedding.unsqueeze(0), prototypes)
@@ -242,6 +243,16 @@ class Answerer:
             embedding=embedding,
             out_of_scope=out_of_scope,
         )
+
+    def _prototypes(self, served: Sequence[LoadedVersion]) -> torch.Tensor:
+        """The served versions' label prototypes stacked, as the last request stacked them if the
+        same versions are served (with a thousand tasks a fresh stack is megabytes per request)."""
+        with self._stack_lock:
+            cached, stacked = self._stacked
+            if len(cached) != len(served) or any(a is not b for a, b in zip(cached, served, strict=False)):
+                cached, stacked = tuple(served), torch.cat([loaded.prototypes for loaded in served])
+                self._stacked = cached, stacked  # holding the versions, so none is freed while cached
+            return stacked
 
     def narrow(self, pending: Pending) -> Pending:
         """For a request naming no task, once its first candidate has answered: queue the rows of the

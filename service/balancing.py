@@ -1,18 +1,28 @@
 """Class-balanced sampling: a round's further epochs see a task's small labels as often as its large
 ones, so a model trained on labels far apart in size does not learn to favour the large ones.
 
-Small labels are oversampled (every example repeated, then a seeded draw for the remainder) up to the
-largest label's count; nothing is dropped, so the large labels lose no data. Only for a task whose
-largest label has more than ``balance_labels_above`` times its smallest's training records
-(``far_apart``): near-balanced data trains as it comes.
+Two remedies (``balance_method``), only for a task whose largest label has more than
+``balance_labels_above`` times its smallest's training records (``far_apart``): near-balanced data
+trains as it comes.
+
+- ``oversample``: in the further epochs small labels are oversampled (every example repeated, then a
+  seeded draw for the remainder) up to the largest label's count; nothing is dropped, so the large
+  labels lose no data.
+- ``logit-adjustment`` (Menon et al., "Long-tail learning via logit adjustment", ICLR 2021): every
+  training step, the first epoch's too, adds tau * log(label prior) to the logits its loss sees. A large
+  label's examples then need less margin, a small label's more, and the plain logits the service
+  answers with minimise the *balanced* error; it needs no repeated examples, so the model does not
+  learn the small labels' few texts by heart.
 """
 
 from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TypeVar
+
+import torch
 
 Example = TypeVar("Example", bound=tuple[str, int])
 
@@ -37,3 +47,14 @@ def oversampled(examples: Sequence[Example], rng: random.Random) -> list[Example
         out.extend(group * copies)
         out.extend(rng.sample(group, remainder))
     return out
+
+
+def logit_adjustment(counts: Mapping[int, int], width: int, tau: float) -> torch.Tensor:
+    """``tau`` * log(prior) per logit column (``width`` of them), the prior from ``counts`` (column ->
+    training records); a column without records is left at 0, which its loss never meets as a target."""
+    adjustment = torch.zeros(width)
+    total = sum(n for n in counts.values() if n > 0)
+    for column, n in counts.items():
+        if n > 0:
+            adjustment[column] = tau * torch.log(torch.tensor(n / total))
+    return adjustment

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -55,30 +56,36 @@ class Router:
         return {task for task, _ in self.rows}
 
     @torch.no_grad()
+    def route(
+        self,
+        features: torch.Tensor,
+        tasks: Sequence[str],
+        labels: Sequence[Sequence[str]] | None,
+        prototypes: torch.Tensor,
+    ) -> Route:
+        """Everything a request naming no task needs of the router, out of one softmax over the rows
+        of ``tasks``: their probabilities, the label priors (with ``labels``, as ``label_priors``) and
+        the out-of-scope judgement (``prototypes`` as for ``out_of_scope``)."""
+        rows, probabilities = self.label_probabilities(features, tasks)
+        return Route(
+            _task_totals(rows, probabilities, tasks),
+            _priors(rows, probabilities, tasks, labels) if labels is not None else None,
+            self._judged(probabilities, features, prototypes),
+        )
+
+    @torch.no_grad()
     def label_priors(
         self, features: torch.Tensor, tasks: Sequence[str], labels: Sequence[Sequence[str]]
     ) -> list[torch.Tensor] | None:
         """Per task of ``tasks``, each text's probability of each of the task's ``labels`` (in
         that order), out of one softmax over every label of ``tasks``; None if the router lacks one
         (a version published before the router was refitted on its labels)."""
-        rows, probabilities = self.label_probabilities(features, tasks)
-        column = {row: i for i, row in enumerate(rows)}
-        try:
-            return [
-                probabilities[:, [column[(task, label)] for label in names]]
-                for task, names in zip(tasks, labels, strict=True)
-            ]
-        except KeyError:
-            return None
+        return _priors(*self.label_probabilities(features, tasks), tasks, labels)
 
     @torch.no_grad()
     def task_probabilities(self, features: torch.Tensor, tasks: Sequence[str]) -> torch.Tensor:
         """Per text, each of ``tasks``' probability (rows of other tasks left out of the softmax)."""
-        index = {task: i for i, task in enumerate(tasks)}
-        rows, label_probabilities = self.label_probabilities(features, tasks)
-        owner = torch.tensor([index[task] for task, _ in rows], dtype=torch.long)
-        totals = torch.zeros(len(features), len(tasks), dtype=label_probabilities.dtype)
-        return totals.index_add_(1, owner, label_probabilities)
+        return _task_totals(*self.label_probabilities(features, tasks), tasks)
 
     @torch.no_grad()
     def label_probabilities(
@@ -86,6 +93,9 @@ class Router:
     ) -> tuple[list[tuple[str, str]], torch.Tensor]:
         """The (task, label) rows of ``tasks`` and, per text, each row's probability."""
         wanted = set(tasks)
+        if wanted >= self._tasks:  # a server routing to every task it has: no rows to pick out
+            logits = self.inputs(features) @ self.weight.T + self.bias
+            return list(self.rows), torch.softmax(logits, dim=-1)
         kept = [i for i, (task, _) in enumerate(self.rows) if task in wanted]
         logits = self.inputs(features) @ self.weight[kept].T + self.bias[kept]
         return [self.rows[i] for i in kept], torch.softmax(logits, dim=-1)
@@ -98,9 +108,19 @@ class Router:
         ``prototypes``); None without a calibrated rule."""
         if self.scope is None:
             return None
-        _, probabilities = self.label_probabilities(features, tasks)
+        return self._judged(self.label_probabilities(features, tasks)[1], features, prototypes)
+
+    def _judged(
+        self, probabilities: torch.Tensor, features: torch.Tensor, prototypes: torch.Tensor
+    ) -> torch.Tensor | None:
+        if self.scope is None:
+            return None
         embeddings = features[:, -prototypes.shape[-1] :] if len(prototypes) else features
         return self.scope.out_of_scope(probabilities, embeddings, prototypes)
+
+    @cached_property
+    def _tasks(self) -> frozenset[str]:
+        return frozenset(self.tasks())
 
     def inputs(self, features: torch.Tensor) -> torch.Tensor:
         """The columns of base features (``service.model.base_features``) this router was fitted on:
@@ -123,6 +143,41 @@ class Router:
         if weight.shape[0] != len(rows) or bias.shape != (len(rows),):
             raise ValueError(f"router weights have {weight.shape[0]} rows, its manifest lists {len(rows)}")
         return cls(tuple((str(task), str(label)) for task, label in rows), weight, bias, scope)
+
+
+@dataclass(frozen=True)
+class Route:
+    """What ``Router.route`` tells of texts: each task's probability, the label priors (None when not
+    asked for or the router lacks a label) and which texts are out of scope (None: no rule)."""
+
+    task_probabilities: torch.Tensor
+    label_priors: list[torch.Tensor] | None
+    out_of_scope: torch.Tensor | None
+
+
+def _task_totals(
+    rows: Sequence[tuple[str, str]], probabilities: torch.Tensor, tasks: Sequence[str]
+) -> torch.Tensor:
+    index = {task: i for i, task in enumerate(tasks)}
+    owner = torch.tensor([index[task] for task, _ in rows], dtype=torch.long)
+    totals = torch.zeros(len(probabilities), len(tasks), dtype=probabilities.dtype)
+    return totals.index_add_(1, owner, probabilities)
+
+
+def _priors(
+    rows: Sequence[tuple[str, str]],
+    probabilities: torch.Tensor,
+    tasks: Sequence[str],
+    labels: Sequence[Sequence[str]],
+) -> list[torch.Tensor] | None:
+    column = {row: i for i, row in enumerate(rows)}
+    try:
+        return [
+            probabilities[:, [column[(task, label)] for label in names]]
+            for task, names in zip(tasks, labels, strict=True)
+        ]
+    except KeyError:
+        return None
 
 
 def fit_router(memory: FeatureMemory, heartbeat: Callable[[], None] = lambda: None) -> Router | None:

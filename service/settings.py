@@ -172,8 +172,15 @@ class Settings(ServingSettings):
         default=3.0,
         ge=0,
         description="A task whose largest label has more than this many times its smallest's training "
-        "records takes its further epochs class-balanced (small labels oversampled; 0: never).",
+        "records is trained class-balanced, by balance_method (0: never).",
     )
+    balance_method: Literal["oversample", "logit-adjustment", "both"] = Field(
+        default="oversample",
+        description="How such a task is balanced: small labels oversampled in the further epochs, the "
+        "loss's logits shifted by tau * log(label prior) in every step (tasks with their own adapter), or "
+        "both; see service/balancing.py.",
+    )
+    logit_adjustment_tau: float = Field(default=1.0, ge=0, description="tau of the logit adjustment.")
 
     # Strategies that share one learner across tasks (see strategies/)
     replay_memory_size: int = Field(

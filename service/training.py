@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.nn import functional
 
-from service.balancing import far_apart, oversampled
+from service.balancing import far_apart, logit_adjustment, oversampled
 from service.head_refit import refit_head
 from service.learner import SHARED_ADAPTER, Learner
 from service.metrics import TrainerMetrics
@@ -111,7 +111,8 @@ class Training:
         ``rate`` times the set learning rates."""
         self.prepare_head(state)
         columns = self.columns_of(state)
-        loss = self._train(self.learner_of(state), [(text, columns[index]) for text, index in examples], rate)
+        batch = [(text, columns[index]) for text, index in examples]
+        loss = self._train(self.learner_of(state), batch, rate, adjustment=self._adjustment(state))
         state.round_losses.append(loss)
 
     def step_weighted(self, state: TaskState, examples: Sequence[tuple[str, int, float]]) -> None:
@@ -119,7 +120,8 @@ class Training:
         loss counts its weight (a pseudo-labelled one less than a labelled one)."""
         columns = self.columns_of(state)
         batch = [(text, columns[index]) for text, index, _ in examples]
-        loss = self._train(self.learner_of(state), batch, weights=[weight for _, _, weight in examples])
+        weights = [weight for _, _, weight in examples]
+        loss = self._train(self.learner_of(state), batch, weights=weights, adjustment=self._adjustment(state))
         state.round_losses.append(loss)
 
     def step_full_batches(self, state: TaskState) -> None:
@@ -175,12 +177,30 @@ class Training:
         return trained
 
     def _epoch(self, state: TaskState, rng: random.Random) -> list[tuple[str, int]]:
-        """A further epoch's examples of a task: its round's, class-balanced when the task's labels
-        are far apart in size (judged on all its training records, so that a round which happens to
-        hold few of one label of a balanced task is not oversampled)."""
-        if far_apart(state.label_counts.values(), self.settings.balance_labels_above):
+        """A further epoch's examples of a task: its round's, oversampled to balance when the task's
+        labels are far apart in size and ``balance_method`` says so."""
+        if self.settings.balance_method != "logit-adjustment" and self._imbalanced(state):
             return oversampled(state.round_examples, rng)
         return state.round_examples[:]
+
+    def _imbalanced(self, state: TaskState) -> bool:
+        """Whether the task's labels are far apart in size, judged on all its training records (so that
+        a round which happens to hold few of one label of a balanced task is not balanced)."""
+        return far_apart(state.label_counts.values(), self.settings.balance_labels_above)
+
+    def _adjustment(self, state: TaskState) -> torch.Tensor | None:
+        """What the loss adds to the logits of a step on the task: tau * log(label prior) where the task
+        is imbalanced, has its own adapter and is balanced by logit adjustment; otherwise None. (A shared
+        head's competitors are every task's labels, rehearsed from a class-balanced memory: their prior
+        is not the task's.)"""
+        if (
+            self.learner is not None
+            or self.settings.balance_method == "oversample"
+            or not self._imbalanced(state)
+        ):
+            return None
+        counts = {index: state.label_counts.get(label, 0) for index, label in enumerate(state.labels)}
+        return logit_adjustment(counts, len(state.labels), self.settings.logit_adjustment_tau)
 
     def _train(
         self,
@@ -188,10 +208,12 @@ class Training:
         examples: Sequence[Example],
         rate: float = 1.0,
         weights: Sequence[float] | None = None,
+        adjustment: torch.Tensor | None = None,
     ) -> float:
         """One optimizer step on ``examples`` plus what the strategy replays, at ``rate`` times the
         set learning rates; returns the loss. With ``weights`` (one per example; replayed ones weigh
-        1), each example's loss counts that much."""
+        1), each example's loss counts that much; ``adjustment`` is added to the logits the loss sees
+        (logit adjustment), never to what the model answers."""
         self.heartbeat()
         if not self._round_started:
             self._round_started = True
@@ -206,10 +228,13 @@ class Training:
             logits = learner.logits(texts)
             targets = torch.tensor([column for _, column in batch])
             smoothing = self.settings.label_smoothing
+            adjusted = logits if adjustment is None else logits + adjustment
             if weights is None:
-                loss = functional.cross_entropy(logits, targets, label_smoothing=smoothing)
+                loss = functional.cross_entropy(adjusted, targets, label_smoothing=smoothing)
             else:
-                each = functional.cross_entropy(logits, targets, label_smoothing=smoothing, reduction="none")
+                each = functional.cross_entropy(
+                    adjusted, targets, label_smoothing=smoothing, reduction="none"
+                )
                 weight = torch.tensor([*weights, *[1.0] * (len(batch) - len(weights))])
                 loss = (each * weight).sum() / len(batch)
             extra = self.strategy.extra_loss(self.learner, texts, logits)

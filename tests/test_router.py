@@ -16,6 +16,7 @@ from service.datasets import synthetic
 from service.errors import CorruptVersion
 from service.feature_memory import FeatureMemory
 from service.local_kafka import free_port
+from service.out_of_scope import ScopeRule
 from service.registry import Registry
 from service.router import (
     Answer,
@@ -287,3 +288,26 @@ def test_a_server_routes_by_the_newest_router_and_refuses_a_corrupt_one(settings
     finally:
         server.stop()
     assert named == {task.name for task in tasks}
+
+
+@pytest.mark.parametrize("tasks", [["a", "b"], ["b"]])
+def test_one_route_gives_what_the_separate_questions_give(tasks: list[str]) -> None:
+    # A server asks route() once per task-less request; it must answer as the three questions do
+    # (over every task the router has, or a subset of them).
+    generator = torch.Generator().manual_seed(0)
+    scope = ScopeRule(threshold=-0.5, prototype_weight=5.0, reject_rate=0.02, calibration_records=100)
+    rows = (("a", "x"), ("a", "y"), ("b", "z"))
+    router = Router(rows, torch.randn(3, 4, generator=generator), torch.randn(3, generator=generator), scope)
+    features = torch.randn(5, 4, generator=generator)
+    prototypes = torch.nn.functional.normalize(torch.randn(3, 4, generator=generator), dim=-1)
+    labels = [[label for task, label in rows if task == name][::-1] for name in tasks]
+    route = router.route(features, tasks, labels, prototypes)
+    assert torch.equal(route.task_probabilities, router.task_probabilities(features, tasks))
+    assert route.label_priors is not None
+    expected = router.label_priors(features, tasks, labels)
+    assert expected is not None and all(
+        torch.equal(a, b) for a, b in zip(route.label_priors, expected, strict=True)
+    )
+    judged = router.out_of_scope(features, tasks, prototypes)
+    assert route.out_of_scope is not None and judged is not None and torch.equal(route.out_of_scope, judged)
+    assert router.route(features, tasks, None, prototypes).label_priors is None
