@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PROTO_OUT := service/api
 PROTO_SRC := protos/continual/v1/continual.proto
 
-.PHONY: setup protos kafka-jars kafka-up kafka-down prometheus run test test-fast lint lock clean
+.PHONY: setup protos kafka-jars tools kafka-up kafka-down prometheus run test test-fast lint lock clean
 
 setup: $(STAMP) protos kafka-jars
 
@@ -37,6 +37,14 @@ $(PROTO_OUT)/continual_pb2.py: $(PROTO_SRC) $(STAMP) Makefile
 kafka-jars:
 	deploy/kafka/kafka.sh fetch
 
+# Helm, built from its Go module (the proxy serves it; no binary downloads here), for the chart's tests
+# (tests/test_deploy.py renders deploy/helm/continual). About 4 minutes on two cores, once per clone.
+HELM_VERSION := v4.3.2
+tools: .tools/bin/helm
+
+.tools/bin/helm:
+	GOBIN=$(CURDIR)/.tools/bin go install helm.sh/helm/v4/cmd/helm@$(HELM_VERSION)
+
 kafka-up: kafka-jars
 	deploy/kafka/kafka.sh start
 
@@ -55,7 +63,7 @@ run: setup
 
 # Lint, types, then every test (slow ones included). Tests start their own broker and Prometheus on
 # free ports (the broker: unless CONTINUAL_KAFKA_BOOTSTRAP points at one).
-test: setup prometheus lint
+test: setup tools prometheus lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: setup
@@ -71,4 +79,4 @@ lock:
 	$(BIN)/uv pip compile -q pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
 
 clean:
-	rm -rf $(VENV) $(PROTO_OUT) deploy/kafka/target .kafka .continual
+	rm -rf $(VENV) $(PROTO_OUT) deploy/kafka/target .kafka .continual .tools
