@@ -33,9 +33,15 @@ def address(settings: Settings, target: str | None = None) -> str:
 
 
 def open_channel(settings: Settings, target: str | None = None) -> grpc.Channel:
-    """A channel to the server: TLS when the settings name a CA to trust, plaintext otherwise."""
+    """A channel to the server: TLS when the settings name a CA to trust (presenting the client
+    certificate when one is set, for mutual TLS), plaintext otherwise."""
     if settings.tls_ca_file is not None:
-        credentials = grpc.ssl_channel_credentials(root_certificates=settings.tls_ca_file.read_bytes())
+        cert, key = settings.tls_client_cert_file, settings.tls_client_key_file
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=settings.tls_ca_file.read_bytes(),
+            private_key=key.read_bytes() if key is not None else None,
+            certificate_chain=cert.read_bytes() if cert is not None else None,
+        )
         return grpc.secure_channel(address(settings, target), credentials)
     return grpc.insecure_channel(address(settings, target))
 

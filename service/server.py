@@ -315,8 +315,12 @@ def start_server(settings: Settings, model: ServedModel | None = None) -> Runnin
     reflection.enable_server_reflection(names, server)
     bind = f"{settings.grpc_host}:{settings.grpc_port}"
     if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+        # Mutual TLS when a client CA is set: a client without a certificate it signed is refused.
+        client_ca = settings.tls_client_ca_file
         credentials = grpc.ssl_server_credentials(
-            [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())]
+            [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+            root_certificates=client_ca.read_bytes() if client_ca is not None else None,
+            require_client_auth=client_ca is not None,
         )
         port = server.add_secure_port(bind, credentials)
     else:

@@ -71,6 +71,15 @@ class ServingSettings(BaseSettings):
     tls_cert_file: Path | None = Field(default=None, description="Server certificate (PEM); enables TLS.")
     tls_key_file: Path | None = Field(default=None, description="Server private key (PEM).")
     tls_ca_file: Path | None = Field(default=None, description="CA the CLI trusts when calling a TLS server.")
+    tls_client_ca_file: Path | None = Field(
+        default=None,
+        description="Mutual TLS: the server requires a client certificate signed by this CA (PEM); "
+        "needs tls_cert_file and tls_key_file.",
+    )
+    tls_client_cert_file: Path | None = Field(
+        default=None, description="The certificate the CLI presents to a mutual-TLS server (PEM)."
+    )
+    tls_client_key_file: Path | None = Field(default=None, description="...and its private key (PEM).")
 
     # Drift
     drift_enabled: bool = True
@@ -103,7 +112,14 @@ class ServingSettings(BaseSettings):
     def _tls_pair(self) -> ServingSettings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
-        for path in (self.tls_cert_file, self.tls_key_file, self.tls_ca_file):
+        if (self.tls_client_cert_file is None) != (self.tls_client_key_file is None):
+            raise ValueError("tls_client_cert_file and tls_client_key_file go together: set both or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError(
+                "tls_client_ca_file (mutual TLS) needs the server's own tls_cert_file and tls_key_file"
+            )
+        files = (self.tls_cert_file, self.tls_key_file, self.tls_ca_file, self.tls_client_ca_file)
+        for path in (*files, self.tls_client_cert_file, self.tls_client_key_file):
             if path is not None and not path.is_file():
                 raise ValueError(f"TLS file {path} does not exist")
         return self

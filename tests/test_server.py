@@ -28,7 +28,7 @@ from service.datasets import TaskData, synthetic
 from service.local_kafka import free_port
 from service.registry import Registry
 from service.server import SERVICE_NAME, RunningServer, start_server
-from service.settings import Settings, SettingsError
+from service.settings import Settings, SettingsError, load_settings
 from service.trainer import Trainer
 from tests.helpers import eventually, incoming, train_in_process
 
@@ -429,6 +429,69 @@ def test_tls(settings: Settings, trained: Trainer, tmp_path: Path) -> None:
             )
     finally:
         running.stop()
+
+
+def _openssl(command: str, *paths: Path | str) -> None:
+    """openssl with ``command``'s words, each ``{}`` in it replaced by the next of ``paths``."""
+    words = command.split()
+    filled = iter(paths)
+    subprocess.run(
+        ["openssl", *[str(next(filled)) if w == "{}" else w for w in words]], check=True, capture_output=True
+    )
+
+
+def _authority(name: str, folder: Path) -> tuple[Path, Path]:
+    """A self-signed CA: its certificate and key."""
+    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
+    _openssl(
+        "req -x509 -newkey rsa:2048 -nodes -days 1 -subj {} -keyout {} -out {}", f"/CN={name}", key, cert
+    )
+    return cert, key
+
+
+def _signed(ca: tuple[Path, Path], name: str, folder: Path, extensions: str) -> tuple[Path, Path]:
+    """A key and certificate for ``name``, signed by ``ca`` (its certificate and key)."""
+    key, request, cert, ext = (folder / f"{name}.{suffix}" for suffix in ("key", "csr", "pem", "ext"))
+    ext.write_text(extensions + "\n")
+    _openssl("req -newkey rsa:2048 -nodes -subj {} -keyout {} -out {}", f"/CN={name}", key, request)
+    _openssl(
+        "x509 -req -CAcreateserial -days 1 -in {} -CA {} -CAkey {} -out {} -extfile {}",
+        request,
+        *ca,
+        cert,
+        ext,
+    )
+    return cert, key
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_mutual_tls_refuses_a_client_without_a_certificate_the_ca_signed(
+    settings: Settings, trained: Trainer, tmp_path: Path
+) -> None:
+    ca, stranger = _authority("test-ca", tmp_path), _authority("other-ca", tmp_path)
+    server_cert, server_key = _signed(ca, "localhost", tmp_path, "subjectAltName=DNS:localhost,IP:127.0.0.1")
+    client_cert, client_key = _signed(ca, "client", tmp_path, "extendedKeyUsage=clientAuth")
+    forged_cert, forged_key = _signed(stranger, "forged", tmp_path, "extendedKeyUsage=clientAuth")
+    served = {"tls_cert_file": server_cert, "tls_key_file": server_key, "tls_client_ca_file": ca[0]}
+    running = start_server(settings.model_copy(update=served))
+    request = continual_pb2.PredictRequest(task=TASKS[0].name, text="hi")
+    try:
+        client = {"tls_ca_file": ca[0], "grpc_port": running.port, "grpc_host": "localhost"}
+        with_cert = {"tls_client_cert_file": client_cert, "tls_client_key_file": client_key}
+        with open_channel(settings.model_copy(update={**client, **with_cert})) as channel:
+            assert continual_pb2_grpc.ContinualStub(channel).Predict(request, timeout=10).version == 1
+        forged = {"tls_client_cert_file": forged_cert, "tls_client_key_file": forged_key}
+        for refused in (client, {**client, **forged}):
+            with (
+                open_channel(settings.model_copy(update=refused)) as channel,
+                pytest.raises(grpc.RpcError) as error,
+            ):
+                continual_pb2_grpc.ContinualStub(channel).Predict(request, timeout=5)
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        running.stop()
+    with pytest.raises(SettingsError, match="tls_client_ca_file"):
+        load_settings(tls_client_ca_file=ca[0])
 
 
 def test_two_servers_on_one_registry_converge(settings: Settings, trained: Trainer) -> None:
