@@ -282,8 +282,9 @@ def main() -> None:
         or result.duplicated
         or not result.caught_up
         or result.dead_lettered != result.malformed_produced
+        or result.dead_letter_copies != result.malformed_produced
     ):
-        console.print("[red]FAILED[/red]: records lost, duplicated or not dead-lettered")
+        console.print("[red]FAILED[/red]: records lost, duplicated, or not dead-lettered exactly once")
         sys.exit(1)
     console.print(f"[green]OK[/green]: wrote {RESULTS}")
 

@@ -134,6 +134,8 @@ def imbalance(measure_on: str) -> dict[str, Any]:
         "measured_on": measure_on,
         "kept_share": KEPT_SHARE,
         "balance_labels_above": default,
+        "balance_method": load_settings().balance_method,
+        "logit_adjustment_tau": load_settings().logit_adjustment_tau,
         "macro_unbalanced": mean("unbalanced", "macro"),
         "macro_balanced": mean("balanced", "macro"),
         "micro_unbalanced": mean("unbalanced", "micro"),

@@ -85,9 +85,10 @@ def train(config: ConfigOption = None) -> None:
     stop = _stop_on_signals()
     metrics = TrainerMetrics(CollectorRegistry(), settings.strategy)
     port = serve_metrics(metrics.registry, settings.metrics_host, settings.trainer_metrics_port)
-    trainer = Trainer(settings, Registry(settings.registry_dir), metrics)
+    registry = Registry(settings.registry_dir)
+    trainer = Trainer(settings, registry, metrics)
     ensure_topics(settings)
-    ingest = Ingest(settings, metrics, trainer.durability.offsets)
+    ingest = Ingest(settings, metrics, trainer.durability.offsets, registry.checkpoint_written_at())
     logging.getLogger("continual").info(
         "training from %s topic %s (metrics on :%d)", settings.kafka_bootstrap, settings.kafka_topic, port
     )

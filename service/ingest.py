@@ -23,19 +23,20 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
+from service.dead_letters import (
+    ERROR_HEADER,
+    ORIGIN_OFFSET_HEADER,
+    ORIGIN_PARTITION_HEADER,
+    ORIGIN_TOPIC_HEADER,
+    REASON_HEADER,
+    dead_lettered_since,
+)
 from service.metrics import TrainerMetrics
 from service.producer import ReliableProducer
 from service.records import Record, Rejection, decode
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
-
-#: Headers on every dead-lettered record: why, and where it came from.
-ERROR_HEADER = "continual.error"
-REASON_HEADER = "continual.reason"
-ORIGIN_TOPIC_HEADER = "continual.origin.topic"
-ORIGIN_PARTITION_HEADER = "continual.origin.partition"
-ORIGIN_OFFSET_HEADER = "continual.origin.offset"
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,15 @@ class _RebalanceListener(ConsumerRebalanceListener):
 class Ingest:
     """Polls the training topic, hands valid records over, and dead-letters invalid ones."""
 
-    def __init__(self, settings: Settings, metrics: TrainerMetrics, start_offsets: Mapping[int, int]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: TrainerMetrics,
+        start_offsets: Mapping[int, int],
+        checkpoint_written_at: float | None = None,
+    ) -> None:
+        """``start_offsets`` and ``checkpoint_written_at`` (seconds since the epoch) are the durable
+        checkpoint's offsets and time; records dead-lettered since it are not dead-lettered again."""
         if settings.kafka_bootstrap is None:
             raise ValueError("kafka_bootstrap must be set to consume")
         self.settings = settings
@@ -148,6 +157,10 @@ class Ingest:
             group_instance_id=settings.kafka_group_instance_id,
         )
         self.consumer.subscribe([settings.kafka_topic], listener=_RebalanceListener(self))
+        #: Records of the training topic already in the dead-letter topic: (partition, offset).
+        self.dead_lettered = dead_lettered_since(
+            settings, checkpoint_written_at, settings.dead_letter_timeout_s
+        )
         self.dead_letters = ReliableProducer(
             settings.kafka_bootstrap, "continual-dead-letter", on_retry=metrics.dead_letter_failures.inc
         )
@@ -250,7 +263,11 @@ class Ingest:
         value: bytes | None,
         rejection: Rejection,
     ) -> None:
-        """Send one record, unchanged, to the dead-letter topic with its reason and origin in headers."""
+        """Send one record, unchanged, to the dead-letter topic with its reason and origin in headers
+        (unless the topic holds it already: read before a restart, dead-lettered, not yet durable)."""
+        if (partition, offset) in self.dead_lettered:
+            log.info("partition %d offset %d is in the dead-letter topic already", partition, offset)
+            return
         headers = [
             (REASON_HEADER, rejection.reason.encode()),
             (ERROR_HEADER, rejection.detail.encode("utf-8")),

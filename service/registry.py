@@ -273,6 +273,14 @@ class Registry:
         except FileNotFoundError:
             return None
 
+    def checkpoint_written_at(self) -> float | None:
+        """When the trainer checkpoint was last written (seconds since the epoch; it is replaced whole,
+        by a rename), or None on a fresh registry."""
+        try:
+            return (self.root / "trainer" / "checkpoint.json").stat().st_mtime
+        except FileNotFoundError:
+            return None
+
     def write_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Replace the trainer checkpoint atomically and durably."""
         (self.root / "trainer").mkdir(exist_ok=True)

@@ -85,12 +85,21 @@ class Trains(Protocol):
 
 
 def self_train(training: Trains, state: TaskState, rng: random.Random) -> None:
-    """After a task's epochs: one more over its round's examples and the unlabeled texts the task as
-    trained now labels confidently enough, those weighing ``self_training_weight``."""
+    """After a task's epochs: ``self_training_epochs`` more over its round's examples and the unlabeled
+    texts the task as trained then labels confidently enough, those weighing ``self_training_weight``
+    (each epoch labels them again, with the model the epoch before left)."""
     settings = training.settings
     if not state.unlabeled or settings.self_training_weight <= 0 or not state.round_examples:
         return
     training.prepare_head(state)
+    for _ in range(settings.self_training_epochs):
+        if not _self_training_epoch(training, state, rng):
+            return
+
+
+def _self_training_epoch(training: Trains, state: TaskState, rng: random.Random) -> bool:
+    """One epoch over the round's examples and the pool's pseudo-labels; False when none passed."""
+    settings = training.settings
     truth = torch.tensor([state.labels.index(label) for _, label in state.eval_records], dtype=torch.long)
     given = pseudo_labels(
         training.predict_task(state, [text for text, _ in state.eval_records]),
@@ -108,7 +117,7 @@ def self_train(training: Trains, state: TaskState, rng: random.Random) -> None:
         state.pseudo_label_accuracy,
     )
     if given is None or not given.examples:
-        return
+        return False
     state.remember_pseudo_labels(
         {text: state.labels[index] for text, index in given.examples}, settings.self_training_pool_size
     )
@@ -117,3 +126,4 @@ def self_train(training: Trains, state: TaskState, rng: random.Random) -> None:
     rng.shuffle(examples)
     for i in range(0, len(examples), settings.batch_size):
         training.step_weighted(state, examples[i : i + settings.batch_size])
+    return True

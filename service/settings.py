@@ -175,10 +175,10 @@ class Settings(ServingSettings):
         "records is trained class-balanced, by balance_method (0: never).",
     )
     balance_method: Literal["oversample", "logit-adjustment", "both"] = Field(
-        default="oversample",
+        default="both",
         description="How such a task is balanced: small labels oversampled in the further epochs, the "
         "loss's logits shifted by tau * log(label prior) in every step (tasks with their own adapter), or "
-        "both; see service/balancing.py.",
+        "both (chosen on CLINC150 val, bench/README.md); see service/balancing.py.",
     )
     logit_adjustment_tau: float = Field(default=1.0, ge=0, description="tau of the logit adjustment.")
 
@@ -244,6 +244,9 @@ class Settings(ServingSettings):
     )
     self_training_weight: float = Field(
         default=0.5, ge=0, le=1, description="Loss weight of a pseudo-labelled example (0: no self-training)."
+    )
+    self_training_epochs: int = Field(
+        default=1, ge=1, description="Epochs over a round's examples and pseudo-labels, each labelling anew."
     )
     self_training_pool_size: int = Field(
         default=5_000, ge=0, description="Unlabeled texts kept per task (the latest); older ones are dropped."

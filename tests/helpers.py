@@ -80,7 +80,12 @@ class RunningTrainer:
 def running_trainer(settings: Settings) -> Iterator[RunningTrainer]:
     """Run ``Trainer.run`` against the settings' broker until the block ends, then stop it gracefully."""
     trainer = new_trainer(settings)
-    ingest = Ingest(settings, trainer.metrics, trainer.durability.offsets)
+    ingest = Ingest(
+        settings,
+        trainer.metrics,
+        trainer.durability.offsets,
+        Registry(settings.registry_dir).checkpoint_written_at(),
+    )
     stop = threading.Event()
     thread = threading.Thread(target=trainer.run, args=(ingest, stop), name="trainer")
     thread.start()

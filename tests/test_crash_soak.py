@@ -33,3 +33,5 @@ def test_repeated_kill_9_of_the_trainer_loses_and_repeats_nothing(
     assert (result.lost, result.duplicated) == (0, 0), result.per_task
     assert result.absorbed == result.produced
     assert result.dead_lettered == result.malformed_produced > 0
+    # ...each once: a record dead-lettered after the last checkpoint is not sent again after a kill.
+    assert result.dead_letter_copies == result.malformed_produced, result

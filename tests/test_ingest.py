@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client import CollectorRegistry
@@ -10,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from service.ingest import (
     ERROR_HEADER,
     ORIGIN_OFFSET_HEADER,
+    ORIGIN_PARTITION_HEADER,
     ORIGIN_TOPIC_HEADER,
     REASON_HEADER,
     Ingest,
@@ -81,3 +84,58 @@ def test_bad_records_are_dead_lettered_and_good_ones_delivered(
     partition = received[0].partition
     assert check.committed(TopicPartition(settings.kafka_topic, partition)) == handled[partition]
     check.close()
+
+
+def test_a_restarted_trainer_dead_letters_each_record_once(settings: Settings, kafka_bootstrap: str) -> None:
+    settings = settings.model_copy(update={"kafka_bootstrap": kafka_bootstrap})
+    ensure_topics(settings)
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+
+    def produce(values: list[tuple[bytes, bytes]]) -> None:
+        for key, value in values:
+            producer.send(settings.kafka_topic, key=key, value=value)
+        producer.flush()
+
+    def read(ingest: Ingest, records: int) -> None:
+        eventually(
+            lambda: ingest.poll(timeout_s=0.5) is not None and sum(ingest.positions.values()) == records,
+            timeout_s=60,
+            what=f"{records} records read",
+        )
+
+    produce([(b"banking", json.dumps(GOOD).encode()), *[(key, value) for key, value, _ in BAD]])
+    first = Ingest(settings, TrainerMetrics(CollectorRegistry(), "lora-per-task"), start_offsets={})
+    assert first.dead_lettered == set()
+    read(first, 1 + len(BAD))
+    first.flush_dead_letters()
+    first.close()  # killed before its checkpoint: nothing committed, the records will be read again
+
+    # A checkpoint written long after these dead letters bounds the read-back: none is in its stretch.
+    assert (
+        Ingest(settings, TrainerMetrics(CollectorRegistry(), "x"), {}, time.time() + 3600).dead_lettered
+        == set()
+    )
+    restarted = Ingest(settings, TrainerMetrics(CollectorRegistry(), "lora-per-task"), {}, time.time())
+    assert len(restarted.dead_lettered) == len(BAD)
+    produce([(b"banking", b"{a new bad record")])
+    read(restarted, 2 + len(BAD))
+    restarted.flush_dead_letters()
+    restarted.close()
+
+    dead = KafkaConsumer(
+        settings.kafka_dead_letter_topic, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest"
+    )
+    letters: list[Any] = []
+    eventually(
+        lambda: (
+            letters.extend(m for ms in dead.poll(500).values() for m in ms) or len(letters) >= len(BAD) + 1
+        ),
+        60,
+    )
+    time.sleep(1)  # a duplicate, if any, would arrive now
+    letters.extend(m for ms in dead.poll(1000).values() for m in ms)
+    dead.close()
+    origins = [
+        (dict(m.headers)[ORIGIN_PARTITION_HEADER], dict(m.headers)[ORIGIN_OFFSET_HEADER]) for m in letters
+    ]
+    assert len(origins) == len(set(origins)) == len(BAD) + 1  # each bad record once, the new one too
