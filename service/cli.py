@@ -40,6 +40,17 @@ def _settings(config: Path | None, **overrides: Any) -> Settings:
         raise typer.Exit(2) from None
 
 
+def _check_kafka_access(settings: Settings) -> None:
+    """Exit 2 with a message naming the setting if the brokers refuse our password or certificate."""
+    from service.kafka_access import check_access
+
+    try:
+        check_access(settings)
+    except SettingsError as exc:
+        console.print(f"[red]settings error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
 def _stop_on_signals() -> threading.Event:
     stop = threading.Event()
 
@@ -85,6 +96,7 @@ def train(config: ConfigOption = None) -> None:
     stop = _stop_on_signals()
     metrics = TrainerMetrics(CollectorRegistry(), settings.strategy)
     port = serve_metrics(metrics.registry, settings.metrics_host, settings.trainer_metrics_port)
+    _check_kafka_access(settings)
     registry = Registry(settings.registry_dir)
     trainer = Trainer(settings, registry, metrics)
     ensure_topics(settings)
@@ -130,6 +142,7 @@ def produce(
     if settings.kafka_bootstrap is None:
         console.print("[red]settings error:[/red] kafka_bootstrap: CONTINUAL_KAFKA_BOOTSTRAP is required")
         raise typer.Exit(2)
+    _check_kafka_access(settings)
     data, _source = load_dataset(settings, dataset, tasks, train_per_label, console)
     produce_with_progress(settings, data, console)
 

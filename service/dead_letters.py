@@ -18,6 +18,7 @@ import time
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
+from service.kafka_access import client_options
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ def _read(settings: Settings, since_s: float | None, timeout_s: float) -> set[tu
         client_id="continual-dead-letter-reader",
         enable_auto_commit=False,
         request_timeout_ms=int(timeout_s * 1000),
+        **client_options(settings),
     )
     try:
         partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]

@@ -21,6 +21,7 @@ from service.api import continual_pb2, continual_pb2_grpc
 from service.client import address, open_channel
 from service.datasets import TaskData, clinc150, records, synthetic
 from service.ingest import ensure_topics
+from service.kafka_access import client_options
 from service.local_kafka import LocalKafka
 from service.producer import produce
 from service.registry import Registry
@@ -63,6 +64,7 @@ def produce_with_progress(
             settings.kafka_topic,
             records(data),
             on_sent=lambda _record: progress.advance(bar),
+            options=client_options(settings),
         )
 
 

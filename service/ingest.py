@@ -31,6 +31,7 @@ from service.dead_letters import (
     REASON_HEADER,
     dead_lettered_since,
 )
+from service.kafka_access import client_options
 from service.metrics import TrainerMetrics
 from service.producer import ReliableProducer
 from service.records import Record, Rejection, decode
@@ -53,7 +54,9 @@ class Incoming:
 def ensure_topics(settings: Settings) -> None:
     """Create the training and dead-letter topics if they do not exist yet."""
     assert settings.kafka_bootstrap is not None
-    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="continual-admin")
+    admin = KafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap, client_id="continual-admin", **client_options(settings)
+    )
     try:
         existing = set(admin.list_topics())
         wanted = [
@@ -71,7 +74,9 @@ def ensure_topics(settings: Settings) -> None:
 
 def committed_offsets(settings: Settings) -> dict[int, int]:
     """Per partition of the training topic, the offset the trainer's group has committed."""
-    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="continual-admin")
+    admin = KafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap, client_id="continual-admin", **client_options(settings)
+    )
     try:
         offsets = admin.list_group_offsets([settings.kafka_group_id])[settings.kafka_group_id]
     finally:
@@ -155,6 +160,7 @@ class Ingest:
             max_poll_interval_ms=int(settings.kafka_max_poll_interval_s * 1000),
             session_timeout_ms=int(settings.kafka_session_timeout_s * 1000),
             group_instance_id=settings.kafka_group_instance_id,
+            **client_options(settings),
         )
         self.consumer.subscribe([settings.kafka_topic], listener=_RebalanceListener(self))
         #: Records of the training topic already in the dead-letter topic: (partition, offset).
@@ -162,7 +168,10 @@ class Ingest:
             settings, checkpoint_written_at, settings.dead_letter_timeout_s
         )
         self.dead_letters = ReliableProducer(
-            settings.kafka_bootstrap, "continual-dead-letter", on_retry=metrics.dead_letter_failures.inc
+            settings.kafka_bootstrap,
+            "continual-dead-letter",
+            on_retry=metrics.dead_letter_failures.inc,
+            options=client_options(settings),
         )
 
     def poll(self, timeout_s: float) -> list[Incoming]:

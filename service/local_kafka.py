@@ -37,6 +37,17 @@ class ClusterMembership:
     replication: int
 
 
+@dataclass(frozen=True)
+class SecureListeners:
+    """Two more listeners for a node: SASL_SSL (SCRAM-SHA-512, ``scram_user``'s name and password) and
+    SSL requiring a client certificate; ``tls_dir`` holds ca.pem and broker.pem (key and certificate)."""
+
+    tls_dir: Path
+    scram_user: tuple[str, str]
+    sasl_ssl_port: int
+    ssl_port: int
+
+
 class LocalKafka:
     """A KRaft node in ``data_dir`` (alone: a single-node cluster); a context manager or start()/stop().
 
@@ -50,8 +61,10 @@ class LocalKafka:
         fresh: bool = True,
         ports: tuple[int, int] | None = None,
         membership: ClusterMembership | None = None,
+        secure: SecureListeners | None = None,
     ) -> None:
         self.data_dir = data_dir
+        self.secure = secure
         self.fresh = fresh
         self.port, self.controller_port = ports or (free_port(), free_port())
         self.membership = membership
@@ -68,6 +81,13 @@ class LocalKafka:
             "KAFKA_CONTROLLER_PORT": str(self.controller_port),
             "KAFKA_DATA_DIR": str(self.data_dir),
         }
+        if self.secure is not None:
+            env.update(
+                KAFKA_TLS_DIR=str(self.secure.tls_dir),
+                KAFKA_SCRAM_USER="=".join(self.secure.scram_user),
+                KAFKA_SASL_SSL_PORT=str(self.secure.sasl_ssl_port),
+                KAFKA_SSL_PORT=str(self.secure.ssl_port),
+            )
         if self.membership is not None:
             env.update(
                 KAFKA_NODE_ID=str(self.membership.node_id),

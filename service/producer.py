@@ -14,8 +14,9 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
@@ -60,8 +61,11 @@ class ReliableProducer:
         client_id: str,
         on_retry: Callable[[int], None] | None = None,
         linger_ms: int = 0,
+        options: Mapping[str, Any] | None = None,
     ) -> None:
+        """``options``: more kafka-python settings (security: ``service.kafka_access.client_options``)."""
         self._config = {
+            **(options or {}),
             "bootstrap_servers": bootstrap,
             "client_id": client_id,
             "acks": "all",
@@ -167,13 +171,14 @@ def produce(
     stream: Iterable[Record],
     on_sent: Callable[[Record], None] | None = None,
     timeout_s: float = 300.0,
+    options: Mapping[str, Any] | None = None,
 ) -> Counter[tuple[str, str]]:
     """Send every record keyed by its task and wait until Kafka acknowledged all of them.
 
     Survives the broker going away for up to ``timeout_s`` (records are sent again when it is back);
     returns counts by (task, split), or raises Unacknowledged.
     """
-    producer = ReliableProducer(bootstrap, "continual-producer", linger_ms=20)
+    producer = ReliableProducer(bootstrap, "continual-producer", linger_ms=20, options=options)
     counts: Counter[tuple[str, str]] = Counter()
     try:
         for record in stream:

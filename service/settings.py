@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -58,6 +58,18 @@ class Settings(ServingSettings):
         description="Static group membership (KIP-345): a trainer restarted under the same id takes its "
         "partitions back at once instead of waiting out the session timeout; one id per trainer.",
     )
+    # Kafka security (service/kafka_access.py): what real clusters use
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT", description="How the trainer and producers talk to the brokers."
+    )
+    kafka_sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"
+    kafka_sasl_username: str | None = Field(default=None, description="SASL user (SASL_* protocols).")
+    kafka_sasl_password: SecretStr | None = Field(default=None, description="...and its password.")
+    kafka_ssl_cafile: Path | None = Field(default=None, description="CA the brokers' certificates chain to.")
+    kafka_ssl_certfile: Path | None = Field(
+        default=None, description="Client certificate (PEM) for brokers that require one (SSL)."
+    )
+    kafka_ssl_keyfile: Path | None = Field(default=None, description="...and its private key (PEM).")
     kafka_session_timeout_s: float = Field(
         default=45.0, ge=6.0, description="How long the group waits for a silent trainer before reassigning."
     )
@@ -281,11 +293,28 @@ class Settings(ServingSettings):
             raise ValueError("Kafka names use letters, digits, '.', '_' and '-' only")
         return value
 
+    @model_validator(mode="after")
+    def _kafka_security(self) -> Settings:
+        sasl = self.kafka_security_protocol.startswith("SASL_")
+        if sasl and (self.kafka_sasl_username is None or self.kafka_sasl_password is None):
+            raise ValueError(
+                f"kafka_sasl_username and kafka_sasl_password: {self.kafka_security_protocol} needs both"
+            )
+        if (self.kafka_ssl_certfile is None) != (self.kafka_ssl_keyfile is None):
+            raise ValueError("kafka_ssl_certfile and kafka_ssl_keyfile go together: set both or neither")
+        for name in ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: {path} does not exist")
+        return self
+
     def to_yaml(self) -> str:
         """These settings as a YAML file that load_settings reads back (secrets included: keep it private)."""
         body = self.model_dump(mode="json")
-        if self.admin_token is not None:
-            body["admin_token"] = self.admin_token.get_secret_value()
+        for secret in ("admin_token", "kafka_sasl_password"):
+            value = getattr(self, secret)
+            if value is not None:
+                body[secret] = value.get_secret_value()
         return yaml.safe_dump(body)
 
     def base_model_path(self) -> Path:

@@ -22,6 +22,11 @@
 #   KAFKA_CLUSTER_ID      shared by every node of a cluster (default: a new random one)
 #   KAFKA_REPLICATION     replicas of internal and new topics (default 1); min.insync.replicas is
 #                         2 when it is 3 or more, else 1
+#   KAFKA_TLS_DIR         with ca.pem (the CA clients' certificates must chain to) and broker.pem (the
+#                         broker's private key and certificate): adds two listeners, SASL_SSL with
+#                         SCRAM-SHA-512 on KAFKA_SASL_SSL_PORT and SSL requiring a client certificate
+#                         on KAFKA_SSL_PORT (the PLAINTEXT one stays, for the broker itself)
+#   KAFKA_SCRAM_USER      name=password of a SCRAM-SHA-512 user created when the storage is formatted
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -34,6 +39,8 @@ ready_timeout="${KAFKA_READY_TIMEOUT:-90}"
 node_id="${KAFKA_NODE_ID:-1}"
 voters="${KAFKA_VOTERS:-}"
 replication="${KAFKA_REPLICATION:-1}"
+tls_dir="${KAFKA_TLS_DIR:-}"
+scram_user="${KAFKA_SCRAM_USER:-}"
 min_isr=1
 if [ "$replication" -ge 3 ]; then min_isr=2; fi
 pid_file="$data_dir/broker.pid"
@@ -51,17 +58,37 @@ fetch() {
   fi
 }
 
+# The listeners: PLAINTEXT and CONTROLLER, and with KAFKA_TLS_DIR a SASL_SSL (SCRAM) and an SSL
+# (client certificates required) one.
+secure_listeners() {
+  if [ -z "$tls_dir" ]; then
+    echo "listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller_port"
+    echo "advertised.listeners=PLAINTEXT://127.0.0.1:$port"
+    echo "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+    return
+  fi
+  local sasl="SASL_SSL://127.0.0.1:$KAFKA_SASL_SSL_PORT" tls="SSL://127.0.0.1:$KAFKA_SSL_PORT"
+  echo "listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller_port,$sasl,$tls"
+  echo "advertised.listeners=PLAINTEXT://127.0.0.1:$port,$sasl,$tls"
+  echo "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL,SSL:SSL"
+  echo "sasl.enabled.mechanisms=SCRAM-SHA-512"
+  echo "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;"
+  echo "listener.name.ssl.ssl.client.auth=required"
+  echo "ssl.keystore.type=PEM"
+  echo "ssl.keystore.location=$tls_dir/broker.pem"
+  echo "ssl.truststore.type=PEM"
+  echo "ssl.truststore.location=$tls_dir/ca.pem"
+}
+
 write_config() {
   mkdir -p "$data_dir/logs"
   cat >"$config" <<EOF
 process.roles=broker,controller
 node.id=$node_id
 $(if [ -n "$voters" ]; then echo "controller.quorum.voters=$voters"; else echo "controller.quorum.bootstrap.servers=127.0.0.1:$controller_port"; fi)
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller_port
-advertised.listeners=PLAINTEXT://127.0.0.1:$port
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
 inter.broker.listener.name=PLAINTEXT
+$(secure_listeners)
 log.dirs=$data_dir/logs
 num.partitions=3
 default.replication.factor=$replication
@@ -93,8 +120,12 @@ launch() {
     # A single node bootstraps its own quorum; cluster nodes name theirs in KAFKA_VOTERS.
     standalone=(--standalone)
     if [ -n "$voters" ]; then standalone=(); fi
+    scram=()
+    if [ -n "$scram_user" ]; then
+      scram=(--add-scram "SCRAM-SHA-512=[name=${scram_user%%=*},password=${scram_user#*=}]")
+    fi
     "${java_cmd[@]}" kafka.tools.StorageTool format --config "$config" --cluster-id "$cluster_id" \
-      "${standalone[@]}" --ignore-formatted >"$data_dir/format.log" 2>&1
+      "${standalone[@]}" "${scram[@]}" --ignore-formatted >"$data_dir/format.log" 2>&1
   fi
   : >"$log_file"
   nohup "${java_cmd[@]}" kafka.Kafka "$config" >>"$log_file" 2>&1 &
