@@ -24,6 +24,8 @@ from typing import TypeVar
 
 import torch
 
+from service.settings import Settings
+
 Example = TypeVar("Example", bound=tuple[str, int])
 
 
@@ -32,6 +34,14 @@ def far_apart(counts: Iterable[int], above_ratio: float) -> bool:
     ``above_ratio`` times the smallest (labels with none are left out; 0 turns balancing off)."""
     present = [n for n in counts if n > 0]
     return above_ratio > 0 and len(present) >= 2 and max(present) > above_ratio * min(present)
+
+
+def balanced_by(method: str, counts: Mapping[str, int], settings: Settings) -> bool:
+    """Whether a task with these training record counts per label (all its records, so that a round
+    which happens to hold few of one label of a balanced task is not balanced) is balanced by
+    ``method`` (``oversample`` or ``logit-adjustment``) under the settings' ``balance_method``."""
+    wanted = settings.balance_method in (method, "both")
+    return wanted and far_apart(counts.values(), settings.balance_labels_above)
 
 
 def oversampled(examples: Sequence[Example], rng: random.Random) -> list[Example]:
@@ -58,3 +68,24 @@ def logit_adjustment(counts: Mapping[int, int], width: int, tau: float) -> torch
         if n > 0:
             adjustment[column] = tau * torch.log(torch.tensor(n / total))
     return adjustment
+
+
+def further_epoch(
+    examples: Sequence[Example], counts: Mapping[str, int], settings: Settings, rng: random.Random
+) -> list[Example]:
+    """A further epoch's examples of a task (its round's ``examples``): oversampled where the task is
+    balanced so (``balanced_by``), else as they are."""
+    if balanced_by("oversample", counts, settings):
+        return oversampled(examples, rng)
+    return list(examples)
+
+
+def loss_adjustment(
+    labels: Sequence[str], counts: Mapping[str, int], settings: Settings
+) -> torch.Tensor | None:
+    """What the loss adds to the logits of a step on a task with these ``labels`` (the logit columns,
+    in order) and training record ``counts``: the logit adjustment where it is balanced so, else None."""
+    if not balanced_by("logit-adjustment", counts, settings):
+        return None
+    prior = {index: counts.get(label, 0) for index, label in enumerate(labels)}
+    return logit_adjustment(prior, len(labels), settings.logit_adjustment_tau)

@@ -274,12 +274,9 @@ class Registry:
             return None
 
     def checkpoint_written_at(self) -> float | None:
-        """When the trainer checkpoint was last written (seconds since the epoch; it is replaced whole,
-        by a rename), or None on a fresh registry."""
-        try:
-            return (self.root / "trainer" / "checkpoint.json").stat().st_mtime
-        except FileNotFoundError:
-            return None
+        """When the checkpoint was written (epoch seconds: it is replaced whole), None if never."""
+        path = self.root / "trainer" / "checkpoint.json"
+        return path.stat().st_mtime if path.exists() else None
 
     def write_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Replace the trainer checkpoint atomically and durably."""

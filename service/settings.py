@@ -66,9 +66,7 @@ class Settings(ServingSettings):
     kafka_sasl_username: str | None = Field(default=None, description="SASL user (SASL_* protocols).")
     kafka_sasl_password: SecretStr | None = Field(default=None, description="...and its password.")
     kafka_ssl_cafile: Path | None = Field(default=None, description="CA the brokers' certificates chain to.")
-    kafka_ssl_certfile: Path | None = Field(
-        default=None, description="Client certificate (PEM) for brokers that require one (SSL)."
-    )
+    kafka_ssl_certfile: Path | None = Field(default=None, description="Client certificate (PEM).")
     kafka_ssl_keyfile: Path | None = Field(default=None, description="...and its private key (PEM).")
     kafka_session_timeout_s: float = Field(
         default=45.0, ge=6.0, description="How long the group waits for a silent trainer before reassigning."

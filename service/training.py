@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.nn import functional
 
-from service.balancing import far_apart, logit_adjustment, oversampled
+from service.balancing import further_epoch, loss_adjustment
 from service.head_refit import refit_head
 from service.learner import SHARED_ADAPTER, Learner
 from service.metrics import TrainerMetrics
@@ -110,19 +110,16 @@ class Training:
         """One training step on new examples of one task (label indices within the task), at
         ``rate`` times the set learning rates."""
         self.prepare_head(state)
-        columns = self.columns_of(state)
-        batch = [(text, columns[index]) for text, index in examples]
-        loss = self._train(self.learner_of(state), batch, rate, adjustment=self._adjustment(state))
-        state.round_losses.append(loss)
+        batch = [(text, self.columns_of(state)[index]) for text, index in examples]
+        state.round_losses.append(self._train(self.learner_of(state), batch, rate, self._adjustment(state)))
 
     def step_weighted(self, state: TaskState, examples: Sequence[tuple[str, int, float]]) -> None:
-        """One training step on (text, label index, weight) examples of one task: each example's
-        loss counts its weight (a pseudo-labelled one less than a labelled one)."""
-        columns = self.columns_of(state)
-        batch = [(text, columns[index]) for text, index, _ in examples]
+        """One step on (text, label index, loss weight) examples of a task (pseudo-labels weigh less)."""
+        batch = [(text, self.columns_of(state)[index]) for text, index, _ in examples]
         weights = [weight for _, _, weight in examples]
-        loss = self._train(self.learner_of(state), batch, weights=weights, adjustment=self._adjustment(state))
-        state.round_losses.append(loss)
+        state.round_losses.append(
+            self._train(self.learner_of(state), batch, 1.0, self._adjustment(state), weights)
+        )
 
     def step_full_batches(self, state: TaskState) -> None:
         """Step on the task's pending examples while a full micro-batch waits."""
@@ -151,7 +148,10 @@ class Training:
                 continue
             trained[state.name] = len(state.round_examples)
             further = self.settings.epochs - 1 if self.learner is None else 0
-            epochs = [self._epoch(state, rng) for _ in range(further)]
+            epochs = [
+                further_epoch(state.round_examples, state.label_counts, self.settings, rng)
+                for _ in range(further)
+            ]
             decay = self.optimisers.decay(sum(-(-len(examples) // size) for examples in epochs))
             for examples in epochs:
                 rng.shuffle(examples)
@@ -176,44 +176,21 @@ class Training:
         self._round_started = False
         return trained
 
-    def _epoch(self, state: TaskState, rng: random.Random) -> list[tuple[str, int]]:
-        """A further epoch's examples of a task: its round's, oversampled to balance when the task's
-        labels are far apart in size and ``balance_method`` says so."""
-        if self.settings.balance_method != "logit-adjustment" and self._imbalanced(state):
-            return oversampled(state.round_examples, rng)
-        return state.round_examples[:]
-
-    def _imbalanced(self, state: TaskState) -> bool:
-        """Whether the task's labels are far apart in size, judged on all its training records (so that
-        a round which happens to hold few of one label of a balanced task is not balanced)."""
-        return far_apart(state.label_counts.values(), self.settings.balance_labels_above)
-
     def _adjustment(self, state: TaskState) -> torch.Tensor | None:
-        """What the loss adds to the logits of a step on the task: tau * log(label prior) where the task
-        is imbalanced, has its own adapter and is balanced by logit adjustment; otherwise None. (A shared
-        head's competitors are every task's labels, rehearsed from a class-balanced memory: their prior
-        is not the task's.)"""
-        if (
-            self.learner is not None
-            or self.settings.balance_method == "oversample"
-            or not self._imbalanced(state)
-        ):
-            return None
-        counts = {index: state.label_counts.get(label, 0) for index, label in enumerate(state.labels)}
-        return logit_adjustment(counts, len(state.labels), self.settings.logit_adjustment_tau)
+        """Never a shared head's: its competitors are every task's labels, from a balanced memory."""
+        return None if self.learner else loss_adjustment(state.labels, state.label_counts, self.settings)
 
     def _train(
         self,
         learner: Learner,
         examples: Sequence[Example],
         rate: float = 1.0,
-        weights: Sequence[float] | None = None,
         adjustment: torch.Tensor | None = None,
+        weights: Sequence[float] | None = None,
     ) -> float:
         """One optimizer step on ``examples`` plus what the strategy replays, at ``rate`` times the
-        set learning rates; returns the loss. With ``weights`` (one per example; replayed ones weigh
-        1), each example's loss counts that much; ``adjustment`` is added to the logits the loss sees
-        (logit adjustment), never to what the model answers."""
+        set learning rates; returns the loss. ``adjustment`` is added to the logits the loss sees;
+        with ``weights`` (one per example; replayed ones weigh 1) each example's loss counts so much."""
         self.heartbeat()
         if not self._round_started:
             self._round_started = True
