@@ -295,6 +295,7 @@ def self_training(measure_on: str) -> dict[str, Any]:
         "labelled_per_intent": LABELLED_PER_INTENT,
         "self_training_precision": settings.self_training_precision,
         "self_training_weight": settings.self_training_weight,
+        "self_training_epochs": settings.self_training_epochs,
         "labelled_only": mean("labelled_only"),
         "self_trained": mean("self_trained"),
         "worst_domain_change": min(

@@ -256,7 +256,7 @@ class Settings(ServingSettings):
         default=0.5, ge=0, le=1, description="Loss weight of a pseudo-labelled example (0: no self-training)."
     )
     self_training_epochs: int = Field(
-        default=1, ge=1, description="Epochs over a round's examples and pseudo-labels, each labelling anew."
+        default=2, ge=1, description="Epochs over a round's examples and pseudo-labels, each labelling anew."
     )
     self_training_pool_size: int = Field(
         default=5_000, ge=0, description="Unlabeled texts kept per task (the latest); older ones are dropped."
