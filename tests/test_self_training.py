@@ -80,3 +80,36 @@ def test_a_task_learns_from_its_unlabeled_texts_keeps_them_and_checks_its_pseudo
     assert (again.pseudo_checked, again.pseudo_right) == (len(copies), right)
     assert again.pseudo_label_accuracy == right / len(copies)
     assert Registry(settings.registry_dir).read_checkpoint() is not None
+
+
+def test_each_self_training_epoch_labels_the_pool_again_and_trains_on_it(settings: Settings) -> None:
+    (task,) = synthetic(num_tasks=1, train_per_label=40)
+    labelled, held_back = task.train[:80], task.train[80:]
+    unlabeled = [
+        Record(id=f"u{i}", task=task.name, text=text, label=None, split="unlabeled")
+        for i, (text, _) in enumerate(held_back)
+    ]
+    trained = {}
+    for epochs in (1, 2):
+        configured = settings.model_copy(
+            update={
+                "self_training_precision": 0.5,
+                "self_training_epochs": epochs,
+                "registry_dir": settings.registry_dir / str(epochs),
+            }
+        )
+        batch = incoming([task.__class__(task.name, labelled, task.eval)])
+        batch += [
+            Incoming(0, len(batch) + i, r, r.task.encode(), r.to_json()) for i, r in enumerate(unlabeled)
+        ]
+        trainer = new_trainer(configured)
+        trainer.absorb(batch)
+        trainer.close_round({0: len(batch)})
+        examples = trainer.metrics.registry.get_sample_value(
+            "continual_training_examples_total", {"task": task.name, "strategy": settings.strategy}
+        )
+        trained[epochs] = (int(examples or 0), trainer.tasks[task.name].pseudo_labelled)
+    # The second epoch trains the round's 80 examples again and the pool as labelled anew.
+    (one, _), (two, pseudo_second) = trained[1], trained[2]
+    assert pseudo_second > 0
+    assert two - one == len(labelled) + pseudo_second
