@@ -66,10 +66,11 @@ class Router:
         """Everything a request naming no task needs of the router, out of one softmax over the rows
         of ``tasks``: their probabilities, the label priors (with ``labels``, as ``label_priors``) and
         the out-of-scope judgement (``prototypes`` as for ``out_of_scope``)."""
-        rows, probabilities = self.label_probabilities(features, tasks)
+        plan = self._plan(tasks, labels)
+        probabilities = self._softmax(features, plan)
         return Route(
-            _task_totals(rows, probabilities, tasks),
-            _priors(rows, probabilities, tasks, labels) if labels is not None else None,
+            plan.task_totals(probabilities, len(tasks)),
+            plan.priors(probabilities) if labels is not None else None,
             self._judged(probabilities, features, prototypes),
         )
 
@@ -80,25 +81,39 @@ class Router:
         """Per task of ``tasks``, each text's probability of each of the task's ``labels`` (in
         that order), out of one softmax over every label of ``tasks``; None if the router lacks one
         (a version published before the router was refitted on its labels)."""
-        return _priors(*self.label_probabilities(features, tasks), tasks, labels)
+        plan = self._plan(tasks, labels)
+        return plan.priors(self._softmax(features, plan))
 
     @torch.no_grad()
     def task_probabilities(self, features: torch.Tensor, tasks: Sequence[str]) -> torch.Tensor:
         """Per text, each of ``tasks``' probability (rows of other tasks left out of the softmax)."""
-        return _task_totals(*self.label_probabilities(features, tasks), tasks)
+        plan = self._plan(tasks, None)
+        return plan.task_totals(self._softmax(features, plan), len(tasks))
 
     @torch.no_grad()
     def label_probabilities(
         self, features: torch.Tensor, tasks: Sequence[str]
     ) -> tuple[list[tuple[str, str]], torch.Tensor]:
         """The (task, label) rows of ``tasks`` and, per text, each row's probability."""
-        wanted = set(tasks)
-        if wanted >= self._tasks:  # a server routing to every task it has: no rows to pick out
-            logits = self.inputs(features) @ self.weight.T + self.bias
-            return list(self.rows), torch.softmax(logits, dim=-1)
-        kept = [i for i, (task, _) in enumerate(self.rows) if task in wanted]
-        logits = self.inputs(features) @ self.weight[kept].T + self.bias[kept]
-        return [self.rows[i] for i in kept], torch.softmax(logits, dim=-1)
+        plan = self._plan(tasks, None)
+        return list(plan.rows), self._softmax(features, plan)
+
+    def _softmax(self, features: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        if plan.kept is None:  # a server routing to every task it has: no rows to pick out
+            return torch.softmax(self.inputs(features) @ self.weight.T + self.bias, dim=-1)
+        logits = self.inputs(features) @ self.weight[plan.kept].T + self.bias[plan.kept]
+        return torch.softmax(logits, dim=-1)
+
+    def _plan(self, tasks: Sequence[str], labels: Sequence[Sequence[str]] | None) -> _Plan:
+        """Which rows a question over ``tasks`` (and ``labels``) reads, and where its answers go: worked
+        out once per set of served versions, not per request (a thousand tasks are 15,000 rows)."""
+        key = (tuple(tasks), None if labels is None else tuple(tuple(names) for names in labels))
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= 16:  # the served set changed many times: start over
+                self._plans.clear()
+            plan = self._plans[key] = _Plan.of(self.rows, self._tasks, tasks, labels)
+        return plan
 
     @torch.no_grad()
     def out_of_scope(
@@ -121,6 +136,10 @@ class Router:
     @cached_property
     def _tasks(self) -> frozenset[str]:
         return frozenset(self.tasks())
+
+    @cached_property
+    def _plans(self) -> dict[tuple[Any, ...], _Plan]:
+        return {}
 
     def inputs(self, features: torch.Tensor) -> torch.Tensor:
         """The columns of base features (``service.model.base_features``) this router was fitted on:
@@ -155,29 +174,57 @@ class Route:
     out_of_scope: torch.Tensor | None
 
 
-def _task_totals(
-    rows: Sequence[tuple[str, str]], probabilities: torch.Tensor, tasks: Sequence[str]
-) -> torch.Tensor:
-    index = {task: i for i, task in enumerate(tasks)}
-    owner = torch.tensor([index[task] for task, _ in rows], dtype=torch.long)
-    totals = torch.zeros(len(probabilities), len(tasks), dtype=probabilities.dtype)
-    return totals.index_add_(1, owner, probabilities)
+@dataclass(frozen=True)
+class _Plan:
+    """The router's rows a question reads (``kept``, None: all), the task of each (``owner``) and,
+    with labels, where each task's labels sit among them (``columns``, None if one is missing)."""
 
+    kept: torch.Tensor | None
+    rows: list[tuple[str, str]]
+    owner: torch.Tensor
+    columns: torch.Tensor | None
+    sizes: list[int]
 
-def _priors(
-    rows: Sequence[tuple[str, str]],
-    probabilities: torch.Tensor,
-    tasks: Sequence[str],
-    labels: Sequence[Sequence[str]],
-) -> list[torch.Tensor] | None:
-    column = {row: i for i, row in enumerate(rows)}
-    try:
-        return [
-            probabilities[:, [column[(task, label)] for label in names]]
-            for task, names in zip(tasks, labels, strict=True)
-        ]
-    except KeyError:
-        return None
+    @classmethod
+    def of(
+        cls,
+        rows: Sequence[tuple[str, str]],
+        known: frozenset[str],
+        tasks: Sequence[str],
+        labels: Sequence[Sequence[str]] | None,
+    ) -> _Plan:
+        wanted = set(tasks)
+        everything = wanted >= known
+        kept = (
+            list(range(len(rows)))
+            if everything
+            else [i for i, (task, _) in enumerate(rows) if task in wanted]
+        )
+        picked = [rows[i] for i in kept]
+        index = {task: i for i, task in enumerate(tasks)}
+        owner = torch.tensor([index[task] for task, _ in picked], dtype=torch.long)
+        columns, sizes = None, [len(names) for names in labels or []]
+        if labels is not None:
+            column = {row: i for i, row in enumerate(picked)}
+            wanted_rows = [
+                (task, label) for task, names in zip(tasks, labels, strict=True) for label in names
+            ]
+            if all(row in column for row in wanted_rows):
+                columns = torch.tensor([column[row] for row in wanted_rows], dtype=torch.long)
+        return cls(
+            None if everything else torch.tensor(kept, dtype=torch.long), picked, owner, columns, sizes
+        )
+
+    def task_totals(self, probabilities: torch.Tensor, tasks: int) -> torch.Tensor:
+        """Each task's probability: its rows' summed."""
+        totals = torch.zeros(len(probabilities), tasks, dtype=probabilities.dtype)
+        return totals.index_add_(1, self.owner, probabilities)
+
+    def priors(self, probabilities: torch.Tensor) -> list[torch.Tensor] | None:
+        """Per task, its labels' probabilities in the order asked; None if the router lacks a label."""
+        if self.columns is None:
+            return None
+        return list(probabilities[:, self.columns].split(self.sizes, dim=1))
 
 
 def fit_router(memory: FeatureMemory, heartbeat: Callable[[], None] = lambda: None) -> Router | None:
