@@ -37,13 +37,19 @@ $(PROTO_OUT)/continual_pb2.py: $(PROTO_SRC) $(STAMP) Makefile
 kafka-jars:
 	deploy/kafka/kafka.sh fetch
 
-# Helm, built from its Go module (the proxy serves it; no binary downloads here), for the chart's tests
-# (tests/test_deploy.py renders deploy/helm/continual). About 4 minutes on two cores, once per clone.
+# Tools built from their Go modules (the proxy serves them; no binary downloads here), once per clone:
+# Helm for the chart's tests (tests/test_deploy.py renders deploy/helm/continual; about 4 minutes on two
+# cores) and Versity's S3 gateway, the real S3 server the object-store registry is tested against
+# (service/local_s3.py; about 2 minutes).
 HELM_VERSION := v4.3.2
-tools: .tools/bin/helm
+VERSITYGW_VERSION := v1.8.0
+tools: .tools/bin/helm .tools/bin/versitygw
 
 .tools/bin/helm:
 	GOBIN=$(CURDIR)/.tools/bin go install helm.sh/helm/v4/cmd/helm@$(HELM_VERSION)
+
+.tools/bin/versitygw:
+	GOBIN=$(CURDIR)/.tools/bin go install github.com/versity/versitygw/cmd/versitygw@$(VERSITYGW_VERSION)
 
 kafka-up: kafka-jars
 	deploy/kafka/kafka.sh start

@@ -7,7 +7,7 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -15,6 +15,9 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from service.settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from service.registry import Registry
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 adapters_app = typer.Typer(
@@ -46,6 +49,17 @@ def _check_kafka_access(settings: Settings) -> None:
 
     try:
         check_access(settings)
+    except SettingsError as exc:
+        console.print(f"[red]settings error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _open_registry(settings: Settings) -> Registry:
+    """The settings' registry; exit 2 with a message naming the setting if its bucket refuses us."""
+    from service.registry import open_registry
+
+    try:
+        return open_registry(settings)
     except SettingsError as exc:
         console.print(f"[red]settings error:[/red] {exc}")
         raise typer.Exit(2) from None
@@ -84,7 +98,6 @@ def train(config: ConfigOption = None) -> None:
 
     from service.ingest import Ingest, ensure_topics
     from service.metrics import TrainerMetrics, serve_metrics
-    from service.registry import Registry
     from service.trainer import Trainer
 
     settings = _settings(config)
@@ -97,7 +110,7 @@ def train(config: ConfigOption = None) -> None:
     metrics = TrainerMetrics(CollectorRegistry(), settings.strategy)
     port = serve_metrics(metrics.registry, settings.metrics_host, settings.trainer_metrics_port)
     _check_kafka_access(settings)
-    registry = Registry(settings.registry_dir)
+    registry = _open_registry(settings)
     trainer = Trainer(settings, registry, metrics)
     ensure_topics(settings)
     ingest = Ingest(settings, metrics, trainer.durability.offsets, registry.checkpoint_written_at())
@@ -122,8 +135,9 @@ def serve(config: ConfigOption = None) -> None:
     except SettingsError as exc:
         console.print(f"[red]settings error:[/red] {exc}")
         raise typer.Exit(2) from None
+    registry = _open_registry(settings)
     stop = _stop_on_signals()
-    server = start_server(settings)
+    server = start_server(settings, registry=registry)
     stop.wait()
     server.stop()
 
@@ -247,17 +261,17 @@ def report(
 ) -> None:
     """A version's report: accuracy per label, confused labels, wrong answers, data, change from served.
 
-    Read from the registry (``registry_dir``), where the trainer writes it with every version.
+    Read from the registry (``registry_dir`` or ``registry_url``), where the trainer writes it with
+    every version.
     """
     from service.errors import NotFound
-    from service.registry import Registry
     from service.report import REPORT_FILE, render
 
     settings = _settings(config)
-    if not (settings.registry_dir / "tasks").is_dir():
+    if settings.registry_url is None and not (settings.registry_dir / "tasks").is_dir():
         console.print(f"[red]not found:[/red] no registry in {settings.registry_dir} (registry_dir)")
         raise typer.Exit(1)
-    registry = Registry(settings.registry_dir)
+    registry = _open_registry(settings)
     alias = registry.alias(task)
     versions = registry.versions(task)
     chosen = version or (alias.served if alias is not None else max(versions, default=0))
@@ -266,7 +280,7 @@ def report(
         # A version written before reports existed: made now from its manifest, without comparison.
         markdown, figures = found if found is not None else render(registry.manifest(task, chosen), None)
     except NotFound:
-        console.print(f"[red]not found:[/red] {task} v{chosen} in {settings.registry_dir}")
+        console.print(f"[red]not found:[/red] {task} v{chosen} in {registry.describe()}")
         raise typer.Exit(1) from None
     if out is None:
         typer.echo(markdown, nl=False)

@@ -1,54 +1,56 @@
 """The adapter registry: immutable numbered versions per task, an alias naming the served one.
 
-Layout under the root directory::
+Layout under the registry's root (a local directory, or ``s3://bucket/prefix``: ``service.object_store``)::
 
-    tasks/<task>/versions/<000001>/adapter.safetensors   LoRA + head weights
+    tasks/<task>/versions/<000001>/claim.json            the number taken, before anything else
+                                  adapter.safetensors   LoRA + head weights
                                   eval.jsonl            the eval records the version was measured on
                                   duplicates.jsonl      eval records set aside as repeats of training ones
-                                  manifest.json         metrics, labels, base model, offsets, sha256s
                                   report.md, *.png      the version's report (service.report)
+                                  manifest.json         metrics, labels, base model, offsets, sha256s: last
     tasks/<task>/alias.json                             {"served": N, "pinned": bool, "reason": ...}
     tasks/<task>/events.jsonl                           promotions, rejections, rollbacks, pruning
     trainer/checkpoint.json                             which versions the trainer holds + offsets
     trainer/learner-<round>.safetensors                 the shared learner and strategy tensors it names
     router/router.json                                  the current task router: its rows and file
     router/router-<round>.safetensors                   the router's weights
-    .tmp/                                               versions being written
 
-A version is written in a temporary directory, fsynced, then renamed into place, so a reader sees
-all of it or none of it. The alias and the checkpoint are replaced the same way. Trainer and servers
-share nothing but this directory.
+A version exists once its manifest, written last, does: readers see all of it or none. Its number is
+taken first by creating ``claim.json`` only if absent, a write two writers (on two machines too)
+cannot both win; a writer dying after its claim leaves a gap, never a reused number. The alias moves
+only if it is still what the mover read. Trainer and servers share nothing but this storage.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
-import shutil
+import socket
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
-from service.durable_files import fsync_dir, fsync_file, save_tensors, sha256_of, write_json
 from service.errors import CorruptVersion, NotFound
+from service.object_store import Conflict, LocalStore, ObjectStore, open_store
 from service.report import REPORT_FILE
-from service.settings import TASK_NAME
+from service.settings import TASK_NAME, Settings
 
 WEIGHTS_FILE = "adapter.safetensors"
 EVAL_FILE = "eval.jsonl"
 DUPLICATES_FILE = "duplicates.jsonl"
 MANIFEST_FILE = "manifest.json"
+CLAIM_FILE = "claim.json"
 MANIFEST_FORMAT = 1
+#: How often a writer retries a version number or an alias move another writer won meanwhile.
+ATTEMPTS = 50
 
 
 @dataclass(frozen=True)
@@ -61,62 +63,62 @@ class Alias:
 
 
 class Registry:
-    """Reads and writes versions, aliases and the trainer checkpoint under one directory."""
+    """Reads and writes versions, aliases and the trainer checkpoint in one store."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        (root / "tasks").mkdir(parents=True, exist_ok=True)
-        (root / ".tmp").mkdir(exist_ok=True)
+    def __init__(self, store: ObjectStore | Path) -> None:
+        """``store``: where the registry lives; a path is a local directory (``LocalStore``)."""
+        self.store: ObjectStore = LocalStore(store) if isinstance(store, Path) else store
+
+    def describe(self) -> str:
+        """Where the registry is, for messages."""
+        return self.store.describe()
 
     # --- reading ----------------------------------------------------------------------------------
 
     def tasks(self) -> list[str]:
         """Tasks with at least one published version."""
-        return sorted(p.name for p in (self.root / "tasks").iterdir() if self.versions(p.name))
+        return [task for task in self.store.children("tasks/") if self.versions(task)]
 
     def versions(self, task: str) -> list[int]:
-        """Published versions of ``task``, ascending."""
-        directory = self._task_dir(task) / "versions"
-        if not directory.is_dir():
-            return []
-        return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+        """Published versions of ``task`` (those whose manifest is written), ascending."""
+        published = self.store.children_holding(f"{self._task_key(task)}/versions/", MANIFEST_FILE)
+        return sorted(int(name) for name in published if name.isdigit())
 
     def manifest(self, task: str, version: int) -> dict[str, Any]:
         """The manifest of one version."""
-        path = self._version_dir(task, version) / MANIFEST_FILE
+        stored = self.store.read(self._version_key(task, version) + MANIFEST_FILE)
+        if stored is None:
+            raise NotFound(f"task {task!r} has no version {version}")
         try:
-            return json.loads(path.read_text())
-        except FileNotFoundError:
-            raise NotFound(f"task {task!r} has no version {version}") from None
+            return dict(json.loads(stored.data))
         except json.JSONDecodeError as exc:
             raise CorruptVersion(f"{task} v{version}: manifest is not JSON: {exc}") from None
 
     def load_weights(self, task: str, version: int) -> dict[str, torch.Tensor]:
         """The weights of one version after checking every file against the manifest's sha256."""
         manifest = self.manifest(task, version)
-        directory = self._version_dir(task, version)
         files: dict[str, str] = manifest.get("files", {})
         if WEIGHTS_FILE not in files:
             raise CorruptVersion(f"{task} v{version}: the manifest lists no sha256 for {WEIGHTS_FILE}")
+        contents = {}
         for name, expected in files.items():
-            try:
-                actual = sha256_of(directory / name)
-            except FileNotFoundError:
-                raise CorruptVersion(f"{task} v{version}: {name} is missing") from None
-            if actual != expected:
+            stored = self.store.read(self._version_key(task, version) + name)
+            if stored is None:
+                raise CorruptVersion(f"{task} v{version}: {name} is missing")
+            if hashlib.sha256(stored.data).hexdigest() != expected:
                 raise CorruptVersion(f"{task} v{version}: {name} does not match its sha256 in the manifest")
-        return load_file(str(directory / WEIGHTS_FILE))
+            contents[name] = stored.data
+        return _tensors(contents[WEIGHTS_FILE], f"{task} v{version}")
 
     def eval_records(self, task: str, version: int) -> list[tuple[str, str]]:
         """The (text, label) pairs the version was evaluated on."""
-        path = self._version_dir(task, version) / EVAL_FILE
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+        rows = self._json_lines(self._version_key(task, version) + EVAL_FILE)
         return [(row["text"], row["label"]) for row in rows]
 
     def duplicate_records(self, task: str, version: int) -> list[tuple[str, str, str]]:
         """The eval records set aside as repeats of training records when the version was published:
         (text, label, "exact" or "near"); none for versions from before they were kept."""
-        rows = _json_lines(self._version_dir(task, version) / DUPLICATES_FILE)
+        rows = self._json_lines(self._version_key(task, version) + DUPLICATES_FILE)
         return [(row["text"], row["label"], row["kind"]) for row in rows]
 
     def evaluated_on(self, task: str, version: int, records: list[tuple[str, str]]) -> bool:
@@ -126,27 +128,25 @@ class Registry:
 
     def report(self, task: str, version: int) -> tuple[str, dict[str, bytes]] | None:
         """The version's report and its figures as written with it (None for a version without)."""
-        directory = self._version_dir(task, version)
-        try:
-            markdown = (directory / REPORT_FILE).read_text()
-        except FileNotFoundError:
+        prefix = self._version_key(task, version)
+        stored = self.store.read(prefix + REPORT_FILE)
+        if stored is None:
             self.manifest(task, version)  # NotFound if the version itself is not there
             return None
-        return markdown, {path.name: path.read_bytes() for path in sorted(directory.glob("*.png"))}
+        figures = {}
+        for name in self.store.children(prefix):
+            if name.endswith(".png") and (figure := self.store.read(prefix + name)) is not None:
+                figures[name] = figure.data
+        return stored.data.decode("utf-8"), figures
 
     def alias(self, task: str) -> Alias | None:
         """The task's alias, or None before its first promotion."""
-        try:
-            data = json.loads((self._task_dir(task) / "alias.json").read_text())
-        except FileNotFoundError:
-            return None
-        return Alias(
-            served=int(data["served"]), pinned=bool(data["pinned"]), reason=str(data.get("reason", ""))
-        )
+        stored = self.store.read(f"{self._task_key(task)}/alias.json")
+        return _alias(stored.data) if stored is not None else None
 
     def events(self, task: str) -> list[dict[str, Any]]:
         """The task's history: every promotion, rejection, rollback and pruning, oldest first."""
-        return _json_lines(self._task_dir(task) / "events.jsonl")
+        return self._json_lines(f"{self._task_key(task)}/events.jsonl")
 
     # --- writing ----------------------------------------------------------------------------------
 
@@ -159,149 +159,147 @@ class Registry:
         extra_files: Callable[[dict[str, Any]], dict[str, bytes]] | None = None,
         duplicate_records: list[tuple[str, str, str]] | None = None,
     ) -> int:
-        """Write a new version atomically and return its number (one more than the highest so far).
+        """Write a new version and return its number (above every number taken so far).
 
         ``extra_files`` makes files that go with it (its report) from the complete manifest, version
         number included; they are not part of the version's integrity (``files``)."""
-        staging = self.root / ".tmp" / uuid.uuid4().hex
-        staging.mkdir()
+        weights_file = _tensor_bytes(weights, WEIGHTS_FILE)
+        repeats = ({"text": t, "label": label, "kind": k} for t, label, k in duplicate_records or [])
+        contents = {
+            WEIGHTS_FILE: weights_file,
+            EVAL_FILE: b"".join(_eval_lines(eval_records)),
+            DUPLICATES_FILE: b"".join(_json_line_bytes(repeats)),
+        }
+        version = self._claim_version(task)
+        files = {name: hashlib.sha256(contents[name]).hexdigest() for name in (WEIGHTS_FILE, EVAL_FILE)}
+        written = {"format": MANIFEST_FORMAT, "task": task, "version": version, "created_at": time.time()}
+        body = {**manifest, **written, "files": files}
+        contents.update(extra_files(body) if extra_files is not None else {})
+        prefix = self._version_key(task, version)
         try:
+            for name, content in contents.items():
+                self.store.write(prefix + name, content)
+            self.store.write(prefix + MANIFEST_FILE, _json_bytes(body))  # last: now the version exists
+        except OSError:
+            with suppress(OSError):  # a full disk: leave nothing behind to fill it further
+                self.store.delete_under(prefix)
+            raise
+        return version
+
+    def _claim_version(self, task: str) -> int:
+        """Take the next free version number: create its claim only if no writer has."""
+        prefix = f"{self._task_key(task)}/versions/"
+        claim = _json_bytes({"by": f"{socket.gethostname()}:{os.getpid()}", "at": time.time()})
+        for _ in range(ATTEMPTS):
+            taken = [int(name) for name in self.store.children(prefix) if name.isdigit()]
+            version = max(taken, default=0) + 1
             try:
-                save_file(weights, str(staging / WEIGHTS_FILE))
-            except SafetensorError as exc:
-                # safetensors reports a full or failing disk as its own error; callers handle OSError.
-                raise OSError(f"cannot write {WEIGHTS_FILE}: {exc}") from exc
-            _write_lines(staging / EVAL_FILE, _eval_lines(eval_records))
-            repeats = ({"text": t, "label": label, "kind": k} for t, label, k in duplicate_records or [])
-            _write_lines(staging / DUPLICATES_FILE, _json_line_bytes(repeats))
-            files = {name: sha256_of(staging / name) for name in (WEIGHTS_FILE, EVAL_FILE)}
-            versions_dir = self._task_dir(task) / "versions"
-            versions_dir.mkdir(parents=True, exist_ok=True)
-            with self._task_lock(task):
-                version = max(self.versions(task), default=0) + 1
-                body = {
-                    **manifest,
-                    "format": MANIFEST_FORMAT,
-                    "task": task,
-                    "version": version,
-                    "created_at": time.time(),
-                    "files": files,
-                }
-                write_json(staging / MANIFEST_FILE, body)
-                extra = extra_files(body) if extra_files is not None else {}
-                for name, content in extra.items():
-                    (staging / name).write_bytes(content)
-                for name in (WEIGHTS_FILE, EVAL_FILE, DUPLICATES_FILE, *extra):
-                    fsync_file(staging / name)
-                fsync_dir(staging)
-                os.rename(staging, versions_dir / f"{version:06d}")
-                fsync_dir(versions_dir)
-            return version
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+                self.store.write(f"{prefix}{version:06d}/{CLAIM_FILE}", claim, expect=None)
+                return version
+            except Conflict:
+                continue  # another writer took it between our listing and our claim
+        raise OSError(f"{self.describe()}: {task}: another writer took every version number tried")
 
     def set_alias(self, task: str, version: int, pinned: bool, reason: str) -> Alias:
         """Point the task's alias at an existing version, and record why."""
-        with self._task_lock(task):
-            return self._set_alias_locked(task, version, pinned, reason)
+        if version not in self.versions(task):
+            raise NotFound(f"task {task!r} has no version {version}")
+        moved = self._move_alias(task, lambda _: Alias(version, pinned, reason))
+        assert moved is not None
+        return moved
 
     def promote_unless_pinned(self, task: str, version: int, reason: str) -> bool:
         """Serve ``version`` unless the task is pinned; True when the alias moved."""
-        with self._task_lock(task):
-            current = self.alias(task)
-            if current is not None and current.pinned:
-                return False
-            self._set_alias_locked(task, version, pinned=False, reason=reason)
-            return True
-
-    def _set_alias_locked(self, task: str, version: int, pinned: bool, reason: str) -> Alias:
         if version not in self.versions(task):
             raise NotFound(f"task {task!r} has no version {version}")
-        previous = self.alias(task)
-        write_json(
-            self._task_dir(task) / "alias.json",
-            {"served": version, "pinned": pinned, "reason": reason, "updated_at": time.time()},
+        moved = self._move_alias(
+            task, lambda current: None if current and current.pinned else Alias(version, False, reason)
         )
-        self._append_event(
-            task,
-            {
-                "event": "alias",
-                "version": version,
-                "from_version": previous.served if previous else None,
-                "pinned": pinned,
-                "reason": reason,
-            },
-        )
-        return Alias(served=version, pinned=pinned, reason=reason)
+        return moved is not None
+
+    def _move_alias(self, task: str, decide: Callable[[Alias | None], Alias | None]) -> Alias | None:
+        """Write the alias ``decide`` makes of the current one (None: leave it), only if no one moved
+        it meanwhile; re-read and decide again if someone did. Records the move in the history."""
+        key = f"{self._task_key(task)}/alias.json"
+        for _ in range(ATTEMPTS):
+            stored = self.store.read(key)
+            previous = _alias(stored.data) if stored is not None else None
+            target = decide(previous)
+            if target is None:
+                return None
+            body = {**vars(target), "updated_at": time.time()}
+            try:
+                self.store.write(key, _json_bytes(body), expect=stored.tag if stored is not None else None)
+            except Conflict:
+                continue
+            moved = {"event": "alias", "version": target.served, "pinned": target.pinned}
+            self._append_event(
+                task, {**moved, "from_version": previous and previous.served, "reason": target.reason}
+            )
+            return target
+        raise OSError(f"{self.describe()}: {task}: the alias moved under every one of {ATTEMPTS} tries")
 
     def record_event(self, task: str, event: str, version: int, reason: str) -> None:
         """Append one event (e.g. a rejected candidate) to the task's history."""
-        with self._task_lock(task):
-            self._append_event(task, {"event": event, "version": version, "reason": reason})
+        self._append_event(task, {"event": event, "version": version, "reason": reason})
 
     def _append_event(self, task: str, body: dict[str, Any]) -> None:
-        # Called with the task lock held, so lines from several processes never interleave.
         line = json.dumps({"at": time.time(), **body}, sort_keys=True) + "\n"
-        with open(self._task_dir(task) / "events.jsonl", "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        self.store.append(f"{self._task_key(task)}/events.jsonl", line.encode("utf-8"))
 
     def prune(self, task: str, keep: int, protect: set[int]) -> list[int]:
         """Delete all but the newest ``keep`` versions, never the served one or any in ``protect``.
 
-        A deleted version first moves out of ``versions/`` in one rename, so readers never see part
-        of it. Returns the versions deleted.
+        A deleted version's manifest goes first, so readers never see part of it. Returns the versions
+        deleted.
         """
-        with self._task_lock(task):
-            alias = self.alias(task)
-            keep_set = set(self.versions(task)[-keep:]) | protect | ({alias.served} if alias else set())
-            deleted = [v for v in self.versions(task) if v not in keep_set]
-            for version in deleted:
-                trash = self.root / ".tmp" / f"deleted-{task}-{version}-{uuid.uuid4().hex}"
-                os.rename(self._version_dir(task, version), trash)
-                shutil.rmtree(trash, ignore_errors=True)
-                self._append_event(task, {"event": "pruned", "version": version, "reason": f"keep {keep}"})
-            return deleted
+        alias = self.alias(task)
+        versions = self.versions(task)
+        keep_set = set(versions[-keep:]) | protect | ({alias.served} if alias else set())
+        deleted = [v for v in versions if v not in keep_set]
+        for version in deleted:
+            prefix = self._version_key(task, version)
+            self.store.delete(prefix + MANIFEST_FILE)
+            self.store.delete_under(prefix)
+            self._append_event(task, {"event": "pruned", "version": version, "reason": f"keep {keep}"})
+        return deleted
 
     # --- trainer checkpoint -------------------------------------------------------------------------
 
     def read_checkpoint(self) -> dict[str, Any] | None:
         """The trainer's last durable checkpoint, or None on a fresh registry."""
-        try:
-            return json.loads((self.root / "trainer" / "checkpoint.json").read_text())
-        except FileNotFoundError:
-            return None
+        stored = self.store.read("trainer/checkpoint.json")
+        return dict(json.loads(stored.data)) if stored is not None else None
 
     def checkpoint_written_at(self) -> float | None:
         """When the checkpoint was written (epoch seconds: it is replaced whole), None if never."""
-        path = self.root / "trainer" / "checkpoint.json"
-        return path.stat().st_mtime if path.exists() else None
+        return self.store.modified("trainer/checkpoint.json")
 
     def write_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Replace the trainer checkpoint atomically and durably."""
-        (self.root / "trainer").mkdir(exist_ok=True)
-        write_json(self.root / "trainer" / "checkpoint.json", checkpoint)
+        self.store.write("trainer/checkpoint.json", _json_bytes(checkpoint))
 
     def write_learner(self, round_number: int, tensors: dict[str, torch.Tensor]) -> str:
         """Write the trainer's tensors for a checkpoint durably; returns the name the checkpoint keeps.
 
         Written before the checkpoint that names it, so a checkpoint never names a missing file.
         """
-        (self.root / "trainer").mkdir(exist_ok=True)
         name = f"learner-{round_number:06d}.safetensors"
-        save_tensors(self.root / "trainer" / name, tensors)
+        self.store.write(f"trainer/{name}", _tensor_bytes(tensors, name))
         return name
 
     def read_learner(self, name: str) -> dict[str, torch.Tensor]:
         """The tensors a checkpoint names."""
-        return load_file(str(self.root / "trainer" / name))
+        stored = self.store.read(f"trainer/{name}")
+        if stored is None:
+            raise CorruptVersion(f"the checkpoint names trainer/{name}, which is missing")
+        return _tensors(stored.data, name)
 
     def prune_learners(self, keep: str | None) -> None:
         """Delete learner files other than ``keep`` (older checkpoints' ones)."""
-        for path in (self.root / "trainer").glob("learner-*.safetensors"):
-            if path.name != keep:
-                path.unlink(missing_ok=True)
+        for name in self.store.children("trainer/"):
+            if name.startswith("learner-") and name.endswith(".safetensors") and name != keep:
+                self.store.delete(f"trainer/{name}")
 
     # --- task router --------------------------------------------------------------------------------
 
@@ -309,71 +307,81 @@ class Registry:
         self, round_number: int, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]
     ) -> None:
         """Write a router's weights, then point ``router.json`` at them; keep the previous file only."""
-        directory = self.root / "router"
-        directory.mkdir(exist_ok=True)
         name = f"router-{round_number:06d}.safetensors"
-        save_tensors(directory / name, tensors)
+        content = _tensor_bytes(tensors, name)
+        self.store.write(f"router/{name}", content)
         # The previous file stays: a server may have read the old manifest and be loading it now.
         previous = self.router_manifest()
         keep = {name, previous["file"] if previous else name}
-        body = {**manifest, "file": name, "sha256": sha256_of(directory / name), "created_at": time.time()}
-        write_json(directory / "router.json", body)
-        for path in directory.glob("router-*.safetensors"):
-            if path.name not in keep:
-                path.unlink(missing_ok=True)
+        written = {"file": name, "sha256": hashlib.sha256(content).hexdigest(), "created_at": time.time()}
+        self.store.write("router/router.json", _json_bytes({**manifest, **written}))
+        for existing in self.store.children("router/"):
+            if existing.startswith("router-") and existing.endswith(".safetensors") and existing not in keep:
+                self.store.delete(f"router/{existing}")
 
     def router_manifest(self) -> dict[str, Any] | None:
         """The current router's manifest, or None before the first router."""
-        try:
-            return json.loads((self.root / "router" / "router.json").read_text())
-        except FileNotFoundError:
+        stored = self.store.read("router/router.json")
+        if stored is None:
             return None
+        try:
+            return dict(json.loads(stored.data))
         except json.JSONDecodeError as exc:
             raise CorruptVersion(f"router manifest is not JSON: {exc}") from None
 
     def load_router(self, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The weights a router manifest names, checked against its sha256."""
-        path = self.root / "router" / str(manifest["file"])
-        if not path.is_file() or sha256_of(path) != manifest["sha256"]:
-            raise CorruptVersion(f"{path.name} is missing or does not match its sha256 in router.json")
-        return load_file(str(path))
+        name = str(manifest["file"])
+        stored = self.store.read(f"router/{name}")
+        if stored is None or hashlib.sha256(stored.data).hexdigest() != manifest["sha256"]:
+            raise CorruptVersion(f"{name} is missing or does not match its sha256 in router.json")
+        return _tensors(stored.data, name)
 
     # --- helpers ------------------------------------------------------------------------------------
 
-    def _task_dir(self, task: str) -> Path:
+    def _task_key(self, task: str) -> str:
         if not TASK_NAME.fullmatch(task):
             raise NotFound(f"{task[:80]!r} is not a valid task name")
-        return self.root / "tasks" / task
+        return f"tasks/{task}"
 
-    def _version_dir(self, task: str, version: int) -> Path:
-        return self._task_dir(task) / "versions" / f"{version:06d}"
+    def _version_key(self, task: str, version: int) -> str:
+        return f"{self._task_key(task)}/versions/{version:06d}/"
 
-    @contextmanager
-    def _task_lock(self, task: str) -> Iterator[None]:
-        # Serialises version numbering and alias moves between trainer and server processes.
-        directory = self._task_dir(task)
-        directory.mkdir(parents=True, exist_ok=True)
-        with open(directory / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def _json_lines(self, key: str) -> list[dict[str, Any]]:
+        """One JSON object per line of the object (none if there is no object)."""
+        stored = self.store.read(key)
+        if stored is None:
+            return []
+        return [json.loads(line) for line in stored.data.decode("utf-8").splitlines() if line]
 
 
-def _json_lines(path: Path) -> list[dict[str, Any]]:
-    """One JSON object per line of the file (none if there is no file)."""
+def open_registry(settings: Settings) -> Registry:
+    """The registry the settings name (``registry_url`` or ``registry_dir``: ``object_store.open_store``)."""
+    return Registry(open_store(settings))
+
+
+def _alias(data: bytes) -> Alias:
+    body = json.loads(data)
+    return Alias(served=int(body["served"]), pinned=bool(body["pinned"]), reason=str(body.get("reason", "")))
+
+
+def _json_bytes(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, indent=2, sort_keys=True).encode("utf-8")
+
+
+def _tensor_bytes(tensors: dict[str, torch.Tensor], name: str) -> bytes:
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.splitlines() if line]
+        return save(tensors)
+    except SafetensorError as exc:
+        # safetensors reports its failures as its own error; callers handle OSError.
+        raise OSError(f"cannot write {name}: {exc}") from exc
 
 
-def _write_lines(path: Path, lines: Iterable[bytes]) -> None:
-    with open(path, "wb") as f:
-        for line in lines:
-            f.write(line)
+def _tensors(data: bytes, name: str) -> dict[str, torch.Tensor]:
+    try:
+        return load(data)
+    except SafetensorError as exc:
+        raise CorruptVersion(f"{name} is not a safetensors file: {exc}") from None
 
 
 def _json_line_bytes(rows: Iterable[dict[str, Any]]) -> Iterator[bytes]:

@@ -29,7 +29,7 @@ from service.errors import ContinualError, Unauthenticated, status_of
 from service.evaluation import learning_status
 from service.metrics import serve_metrics
 from service.oip import InferenceServicer
-from service.registry import Registry
+from service.registry import Registry, open_registry
 from service.replies import learning_reply, served_figures, version_info
 from service.served_model import ServedModel, build_served_model
 from service.server_metrics import ServerMetrics
@@ -279,11 +279,14 @@ class RunningServer:
         self.grpc_server.wait_for_termination()
 
 
-def start_server(settings: Settings, model: ServedModel | None = None) -> RunningServer:
+def start_server(
+    settings: Settings, model: ServedModel | None = None, registry: Registry | None = None
+) -> RunningServer:
     """Load what the registry serves, then start gRPC (with health and reflection) and /metrics.
-    SettingsError, before anything loads, if the admin calls would be open beyond loopback."""
+    SettingsError, before anything loads, if the admin calls would be open beyond loopback or the
+    registry's bucket refuses us (``registry`` defaults to the one the settings name)."""
     settings.check_serving()
-    registry = Registry(settings.registry_dir)
+    registry = registry or open_registry(settings)
     metrics_registry = CollectorRegistry()
     metrics = ServerMetrics(metrics_registry)
     model = model or build_served_model(settings)

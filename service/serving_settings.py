@@ -1,16 +1,18 @@
-"""The serving side's settings: the gRPC server, its inference engine, drift judging and the metrics
-endpoints. ``service.settings.Settings`` inherits them, so they are still one settings object, read
-once (``CONTINUAL_*``, YAML, overrides); they live here so that neither class outgrows one job.
+"""The serving side's settings: the registry it reads, the gRPC server, its inference engine, drift
+judging and the metrics endpoints. ``service.settings.Settings`` inherits them, so they are still one
+settings object, read once (``CONTINUAL_*``, YAML, overrides); they live here so that neither class
+outgrows one job.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings
 
 
@@ -31,6 +33,25 @@ class DriftSettings:
 
 class ServingSettings(BaseSettings):
     """The knobs of a server: how it answers, judges drift and exports metrics."""
+
+    # The registry, which trainer and servers share (service.registry, service.object_store)
+    registry_dir: Path = Path(".continual/registry")
+    registry_url: str | None = Field(
+        default=None,
+        description=(
+            "s3://bucket/prefix: the registry in an S3-compatible bucket instead of registry_dir "
+            "(servers on other machines read it there)."
+        ),
+    )
+    registry_s3_endpoint: str | None = Field(
+        default=None, description="The S3 API's URL for a store other than Amazon S3 (MinIO, R2, ...)."
+    )
+    registry_s3_region: str = "us-east-1"
+    registry_s3_credentials_file: Path | None = Field(
+        default=None,
+        description="An AWS shared credentials file; unset: boto3's usual chain (AWS_* variables, role).",
+    )
+    registry_s3_profile: str | None = Field(default=None, description="The profile to read from it.")
 
     # Serving
     grpc_host: str = "127.0.0.1"
@@ -107,6 +128,22 @@ class ServingSettings(BaseSettings):
     trainer_metrics_port: int = Field(default=9100, ge=0, le=65535)
     server_metrics_port: int = Field(default=9101, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
+
+    @field_validator("registry_url")
+    @classmethod
+    def _registry_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?", value):
+            raise ValueError(
+                "a registry URL is s3://bucket/prefix (bucket: lower-case letters, digits, '.', '-')"
+            )
+        return value
+
+    @field_validator("registry_s3_credentials_file")
+    @classmethod
+    def _credentials_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} does not exist")
+        return value
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServingSettings:

@@ -87,7 +87,6 @@ class Settings(ServingSettings):
     )
 
     # Registry and promotion
-    registry_dir: Path = Path(".continual/registry")
     keep_versions: int = Field(
         default=10, ge=1, description="Versions kept per task, besides the served one and the trainer's."
     )

@@ -11,6 +11,7 @@ import pytest
 
 from service.demo import spawn_role
 from service.local_kafka import LocalKafka, free_port
+from service.local_s3 import LocalS3
 from service.model import save_tiny_model
 from service.settings import DEFAULT_BASE_MODEL, Settings, load_settings
 
@@ -30,6 +31,27 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     with LocalKafka(tmp_path_factory.mktemp("kafka")) as broker:
         yield broker.bootstrap
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3]:
+    """A real S3-compatible server (Versity's gateway, service/local_s3.py) with a ``registry`` bucket."""
+    with LocalS3(tmp_path_factory.mktemp("s3")) as server:
+        server.create_bucket("registry")
+        yield server
+
+
+@pytest.fixture
+def s3_settings(settings: Settings, s3_server: LocalS3, tmp_path: Path) -> Settings:
+    """``settings`` with the registry in the S3 server's bucket, under a prefix of this test's own,
+    the credentials in a shared credentials file as an operator would give them."""
+    return settings.model_copy(
+        update={
+            "registry_url": f"s3://registry/tests/{uuid.uuid4().hex[:8]}",
+            "registry_s3_endpoint": s3_server.endpoint,
+            "registry_s3_credentials_file": s3_server.credentials_file(tmp_path / "s3-credentials"),
+        }
+    )
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from service.checkpoint import checkpointed_counts as trainer_checkpointed_count
 from service.datasets import TaskData, records
 from service.ingest import Incoming, Ingest, committed_offsets
 from service.metrics import TrainerMetrics
-from service.registry import Registry
+from service.registry import open_registry
 from service.settings import Settings
 from service.trainer import Trainer
 
@@ -24,9 +24,7 @@ T = TypeVar("T")
 
 def new_trainer(settings: Settings) -> Trainer:
     """A trainer on the settings' registry, restored from its checkpoint if it has one."""
-    return Trainer(
-        settings, Registry(settings.registry_dir), TrainerMetrics(CollectorRegistry(), settings.strategy)
-    )
+    return Trainer(settings, open_registry(settings), TrainerMetrics(CollectorRegistry(), settings.strategy))
 
 
 def incoming(tasks: Iterable[TaskData]) -> list[Incoming]:
@@ -48,7 +46,7 @@ def train_in_process(settings: Settings, tasks: list[TaskData]) -> Trainer:
 
 def checkpointed_counts(settings: Settings) -> dict[str, tuple[int, int]]:
     """Per task, (train, eval) records the trainer's durable checkpoint has absorbed."""
-    return trainer_checkpointed_counts(Registry(settings.registry_dir))
+    return trainer_checkpointed_counts(open_registry(settings))
 
 
 def committed_records(settings: Settings) -> int:
@@ -84,7 +82,7 @@ def running_trainer(settings: Settings) -> Iterator[RunningTrainer]:
         settings,
         trainer.metrics,
         trainer.durability.offsets,
-        Registry(settings.registry_dir).checkpoint_written_at(),
+        open_registry(settings).checkpoint_written_at(),
     )
     stop = threading.Event()
     thread = threading.Thread(target=trainer.run, args=(ingest, stop), name="trainer")

@@ -201,3 +201,39 @@ def test_the_chart_refuses_to_render_without_an_admin_token() -> None:
     (container,) = _one(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
     (token,) = [v for v in container["env"] if v["name"] == "CONTINUAL_ADMIN_TOKEN"]
     assert token["valueFrom"]["secretKeyRef"]["name"] == "team-token"
+
+
+def test_with_a_bucket_the_chart_makes_no_volume_and_passes_the_credentials(tmp_path: Path) -> None:
+    objects = _render(
+        "adminToken.value=a-secret",
+        "registry.url=s3://models/continual",
+        "registry.s3.endpoint=http://minio:9000",
+        "registry.s3.existingSecret=bucket-keys",
+    )
+    assert not [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
+    for manifest in objects:
+        if not manifest["apiVersion"].startswith("monitoring.coreos.com/"):
+            kubernetes_validate.validate(manifest, KUBERNETES_VERSIONS[-1], strict=True)
+    settings_file = tmp_path / "settings.yaml"
+    settings_file.write_text(_one(objects, "ConfigMap", "-settings")["data"]["settings.yaml"])
+    settings = load_settings(settings_file)
+    assert (settings.registry_url, settings.registry_s3_endpoint) == (
+        "s3://models/continual",
+        "http://minio:9000",
+    )
+    for workload in (_one(objects, "StatefulSet"), _one(objects, "Deployment")):
+        (container,) = workload["spec"]["template"]["spec"]["containers"]
+        keys = {
+            v["name"]: v["valueFrom"]["secretKeyRef"]
+            for v in container["env"]
+            if v["name"].startswith("AWS_")
+        }
+        assert keys == {
+            "AWS_ACCESS_KEY_ID": {"name": "bucket-keys", "key": "access-key-id"},
+            "AWS_SECRET_ACCESS_KEY": {"name": "bucket-keys", "key": "secret-access-key"},
+        }
+    # Without a Secret the pods use their own identity: no keys in the environment.
+    (container,) = _one(
+        _render("adminToken.value=a-secret", "registry.url=s3://models/continual"), "Deployment"
+    )["spec"]["template"]["spec"]["containers"]
+    assert not [v for v in container["env"] if v["name"].startswith("AWS_")]

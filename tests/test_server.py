@@ -26,11 +26,11 @@ from service.api import continual_pb2, continual_pb2_grpc
 from service.client import open_channel
 from service.datasets import TaskData, synthetic
 from service.local_kafka import free_port
-from service.registry import Registry
+from service.registry import Registry, open_registry
 from service.server import SERVICE_NAME, RunningServer, start_server
 from service.settings import Settings, SettingsError, load_settings
 from service.trainer import Trainer
-from tests.helpers import eventually, incoming, train_in_process
+from tests.helpers import eventually, incoming, new_trainer, train_in_process
 
 TASKS = synthetic(num_tasks=2)
 
@@ -254,6 +254,38 @@ def test_a_new_version_is_served_without_a_restart_and_rollback_pins(
     with pytest.raises(grpc.RpcError) as error:
         stub.Rollback(continual_pb2.RollbackRequest(task=TASKS[1].name))
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_server_on_an_object_store_registry_follows_the_trainer(s3_settings: Settings) -> None:
+    """Trainer and server share nothing but an S3 bucket (a real S3 server): the server serves what
+    the trainer publishes there, swaps without a restart, and a rollback moves the alias in the bucket."""
+    settings = s3_settings.model_copy(update={"promotion_tolerance": 1.0})
+    trainer = train_in_process(settings, TASKS)
+    registry = open_registry(settings)
+    assert registry.tasks() == sorted(task.name for task in TASKS)
+    assert not settings.registry_dir.exists()  # nothing went to the local directory
+    server = start_server(settings.model_copy(update={"server_metrics_port": free_port()}))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = continual_pb2_grpc.ContinualStub(channel)
+            for task in TASKS:
+                assert accuracy(stub, task) == pytest.approx(trainer.tasks[task.name].accuracy)
+            task = TASKS[0]
+            trainer.absorb(incoming([task])[:40])
+            trainer.close_round({0: 100_000})
+
+            def served_v2() -> bool:
+                return stub.Predict(continual_pb2.PredictRequest(task=task.name, text="hello")).version == 2
+
+            eventually(served_v2, timeout_s=10, what="v2 to be served from the bucket")
+            info = stub.Rollback(continual_pb2.RollbackRequest(task=task.name))
+            assert (info.served_version, info.pinned) == (1, True)
+            alias = open_registry(settings).alias(task.name)
+            assert alias is not None and (alias.served, alias.pinned) == (1, True)
+    finally:
+        server.stop()
+    # A trainer started again on the bucket resumes from the checkpoint it left there.
+    assert new_trainer(settings).tasks[task.name].version == 2
 
 
 def test_a_corrupt_version_is_refused_and_the_old_one_keeps_serving(

@@ -29,6 +29,9 @@ def test_environment_beats_yaml_and_overrides_beat_both(
         ({"base_model": "/nowhere/model"}, "base_model"),
         ({"kafka_topic": "bad topic!"}, "kafka_topic"),
         ({"grpc_port": 70000}, "grpc_port"),
+        ({"registry_url": "https://bucket/prefix"}, "registry_url"),
+        ({"registry_url": "s3://Not_A_Bucket/x"}, "registry_url"),
+        ({"registry_s3_credentials_file": "/nowhere/credentials"}, "registry_s3_credentials_file"),
         ({"no_such_setting": 1}, "no_such_setting"),
     ],
 )

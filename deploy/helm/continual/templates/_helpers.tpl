@@ -19,7 +19,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- .Values.adminToken.existingSecret | default (printf "%s-admin" (include "continual.name" .)) -}}
 {{- end -}}
 
-{{/* What both roles' pods share: the image, the settings file, the registry volume. */}}
+{{/* What both roles' pods share: the image, the settings file, the registry volume (scratch space
+when the registry is in a bucket). */}}
 {{- define "continual.podCommon" -}}
 securityContext:
   runAsNonRoot: true
@@ -29,15 +30,35 @@ volumes:
   - name: settings
     configMap:
       name: {{ include "continual.name" . }}-settings
-  - name: registry
+  - name: data
+    {{- if .Values.registry.url }}
+    emptyDir: {}
+    {{- else }}
     persistentVolumeClaim:
       claimName: {{ include "continual.name" . }}-registry
+    {{- end }}
+{{- end -}}
+
+{{/* The bucket's credentials, when a Secret holds them (else the pod's own identity). */}}
+{{- define "continual.s3Env" -}}
+{{- if and .Values.registry.url .Values.registry.s3.existingSecret }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.registry.s3.existingSecret }}
+      key: access-key-id
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.registry.s3.existingSecret }}
+      key: secret-access-key
+{{- end }}
 {{- end -}}
 
 {{- define "continual.mounts" -}}
 - name: settings
   mountPath: /etc/continual
   readOnly: true
-- name: registry
+- name: data
   mountPath: /data
 {{- end -}}
