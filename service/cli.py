@@ -54,6 +54,17 @@ def _check_kafka_access(settings: Settings) -> None:
         raise typer.Exit(2) from None
 
 
+def _check_sole_trainer(settings: Settings) -> None:
+    """Exit 2 with a message naming kafka_group_id if another trainer holds the group."""
+    from service.trainer_group import ensure_sole_trainer
+
+    try:
+        ensure_sole_trainer(settings)
+    except SettingsError as exc:
+        console.print(f"[red]settings error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
 def _open_registry(settings: Settings) -> Registry:
     """The settings' registry; exit 2 with a message naming the setting if its bucket refuses us."""
     from service.registry import open_registry
@@ -110,6 +121,7 @@ def train(config: ConfigOption = None) -> None:
     metrics = TrainerMetrics(CollectorRegistry(), settings.strategy)
     port = serve_metrics(metrics.registry, settings.metrics_host, settings.trainer_metrics_port)
     _check_kafka_access(settings)
+    _check_sole_trainer(settings)
     registry = _open_registry(settings)
     trainer = Trainer(settings, registry, metrics)
     ensure_topics(settings)
