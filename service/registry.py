@@ -35,13 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load, save
 
 from service.errors import CorruptVersion, NotFound
 from service.object_store import Conflict, LocalStore, ObjectStore, open_store
 from service.report import REPORT_FILE
 from service.settings import TASK_NAME, Settings
+from service.trainer_files import TrainerFiles, json_bytes, tensor_bytes, tensors_of
 
 WEIGHTS_FILE = "adapter.safetensors"
 EVAL_FILE = "eval.jsonl"
@@ -62,12 +61,14 @@ class Alias:
     reason: str = ""
 
 
-class Registry:
-    """Reads and writes versions, aliases and the trainer checkpoint in one store."""
+class Registry(TrainerFiles):
+    """Reads and writes versions, aliases and events in one store; the trainer's checkpoint, learner
+    and router files beside them (``TrainerFiles``)."""
 
     def __init__(self, store: ObjectStore | Path) -> None:
         """``store``: where the registry lives; a path is a local directory (``LocalStore``)."""
         self.store: ObjectStore = LocalStore(store) if isinstance(store, Path) else store
+        self._aliases: dict[str, tuple[str, Alias]] = {}  # alias key: (fingerprint, alias) last read
 
     def describe(self) -> str:
         """Where the registry is, for messages."""
@@ -108,7 +109,7 @@ class Registry:
             if hashlib.sha256(stored.data).hexdigest() != expected:
                 raise CorruptVersion(f"{task} v{version}: {name} does not match its sha256 in the manifest")
             contents[name] = stored.data
-        return _tensors(contents[WEIGHTS_FILE], f"{task} v{version}")
+        return tensors_of(contents[WEIGHTS_FILE], f"{task} v{version}")
 
     def eval_records(self, task: str, version: int) -> list[tuple[str, str]]:
         """The (text, label) pairs the version was evaluated on."""
@@ -139,6 +140,25 @@ class Registry:
                 figures[name] = figure.data
         return stored.data.decode("utf-8"), figures
 
+    def aliases(self) -> dict[str, Alias | None]:
+        """Every task with a published version and its alias (None before its first promotion): one
+        listing of the store, and an alias read again only when it changed since the last call (on
+        a bucket, a server's poll of 100 tasks is then one or two requests, not two hundred)."""
+        listed = self.store.fingerprints("tasks/", frozenset({MANIFEST_FILE, "alias.json"}))
+        published = {key.split("/")[1] for key in listed if key.endswith("/" + MANIFEST_FILE)}
+        found: dict[str, Alias | None] = {}
+        for task in sorted(published):
+            key = f"tasks/{task}/alias.json"
+            fingerprint = listed.get(key)
+            cached = self._aliases.get(key)
+            if fingerprint is not None and cached is not None and cached[0] == fingerprint:
+                found[task] = cached[1]
+                continue
+            found[task] = alias = self.alias(task) if TASK_NAME.fullmatch(task) else None
+            if fingerprint is not None and alias is not None:
+                self._aliases[key] = (fingerprint, alias)
+        return found
+
     def alias(self, task: str) -> Alias | None:
         """The task's alias, or None before its first promotion."""
         stored = self.store.read(f"{self._task_key(task)}/alias.json")
@@ -163,7 +183,7 @@ class Registry:
 
         ``extra_files`` makes files that go with it (its report) from the complete manifest, version
         number included; they are not part of the version's integrity (``files``)."""
-        weights_file = _tensor_bytes(weights, WEIGHTS_FILE)
+        weights_file = tensor_bytes(weights, WEIGHTS_FILE)
         repeats = ({"text": t, "label": label, "kind": k} for t, label, k in duplicate_records or [])
         contents = {
             WEIGHTS_FILE: weights_file,
@@ -179,7 +199,7 @@ class Registry:
         try:
             for name, content in contents.items():
                 self.store.write(prefix + name, content)
-            self.store.write(prefix + MANIFEST_FILE, _json_bytes(body))  # last: now the version exists
+            self.store.write(prefix + MANIFEST_FILE, json_bytes(body))  # last: now the version exists
         except OSError:
             with suppress(OSError):  # a full disk: leave nothing behind to fill it further
                 self.store.delete_under(prefix)
@@ -189,7 +209,7 @@ class Registry:
     def _claim_version(self, task: str) -> int:
         """Take the next free version number: create its claim only if no writer has."""
         prefix = f"{self._task_key(task)}/versions/"
-        claim = _json_bytes({"by": f"{socket.gethostname()}:{os.getpid()}", "at": time.time()})
+        claim = json_bytes({"by": f"{socket.gethostname()}:{os.getpid()}", "at": time.time()})
         for _ in range(ATTEMPTS):
             taken = [int(name) for name in self.store.children(prefix) if name.isdigit()]
             version = max(taken, default=0) + 1
@@ -229,7 +249,7 @@ class Registry:
                 return None
             body = {**vars(target), "updated_at": time.time()}
             try:
-                self.store.write(key, _json_bytes(body), expect=stored.tag if stored is not None else None)
+                self.store.write(key, json_bytes(body), expect=stored.tag if stored is not None else None)
             except Conflict:
                 continue
             moved = {"event": "alias", "version": target.served, "pinned": target.pinned}
@@ -264,79 +284,6 @@ class Registry:
             self._append_event(task, {"event": "pruned", "version": version, "reason": f"keep {keep}"})
         return deleted
 
-    # --- trainer checkpoint -------------------------------------------------------------------------
-
-    def read_checkpoint(self) -> dict[str, Any] | None:
-        """The trainer's last durable checkpoint, or None on a fresh registry."""
-        stored = self.store.read("trainer/checkpoint.json")
-        return dict(json.loads(stored.data)) if stored is not None else None
-
-    def checkpoint_written_at(self) -> float | None:
-        """When the checkpoint was written (epoch seconds: it is replaced whole), None if never."""
-        return self.store.modified("trainer/checkpoint.json")
-
-    def write_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Replace the trainer checkpoint atomically and durably."""
-        self.store.write("trainer/checkpoint.json", _json_bytes(checkpoint))
-
-    def write_learner(self, round_number: int, tensors: dict[str, torch.Tensor]) -> str:
-        """Write the trainer's tensors for a checkpoint durably; returns the name the checkpoint keeps.
-
-        Written before the checkpoint that names it, so a checkpoint never names a missing file.
-        """
-        name = f"learner-{round_number:06d}.safetensors"
-        self.store.write(f"trainer/{name}", _tensor_bytes(tensors, name))
-        return name
-
-    def read_learner(self, name: str) -> dict[str, torch.Tensor]:
-        """The tensors a checkpoint names."""
-        stored = self.store.read(f"trainer/{name}")
-        if stored is None:
-            raise CorruptVersion(f"the checkpoint names trainer/{name}, which is missing")
-        return _tensors(stored.data, name)
-
-    def prune_learners(self, keep: str | None) -> None:
-        """Delete learner files other than ``keep`` (older checkpoints' ones)."""
-        for name in self.store.children("trainer/"):
-            if name.startswith("learner-") and name.endswith(".safetensors") and name != keep:
-                self.store.delete(f"trainer/{name}")
-
-    # --- task router --------------------------------------------------------------------------------
-
-    def write_router(
-        self, round_number: int, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]
-    ) -> None:
-        """Write a router's weights, then point ``router.json`` at them; keep the previous file only."""
-        name = f"router-{round_number:06d}.safetensors"
-        content = _tensor_bytes(tensors, name)
-        self.store.write(f"router/{name}", content)
-        # The previous file stays: a server may have read the old manifest and be loading it now.
-        previous = self.router_manifest()
-        keep = {name, previous["file"] if previous else name}
-        written = {"file": name, "sha256": hashlib.sha256(content).hexdigest(), "created_at": time.time()}
-        self.store.write("router/router.json", _json_bytes({**manifest, **written}))
-        for existing in self.store.children("router/"):
-            if existing.startswith("router-") and existing.endswith(".safetensors") and existing not in keep:
-                self.store.delete(f"router/{existing}")
-
-    def router_manifest(self) -> dict[str, Any] | None:
-        """The current router's manifest, or None before the first router."""
-        stored = self.store.read("router/router.json")
-        if stored is None:
-            return None
-        try:
-            return dict(json.loads(stored.data))
-        except json.JSONDecodeError as exc:
-            raise CorruptVersion(f"router manifest is not JSON: {exc}") from None
-
-    def load_router(self, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """The weights a router manifest names, checked against its sha256."""
-        name = str(manifest["file"])
-        stored = self.store.read(f"router/{name}")
-        if stored is None or hashlib.sha256(stored.data).hexdigest() != manifest["sha256"]:
-            raise CorruptVersion(f"{name} is missing or does not match its sha256 in router.json")
-        return _tensors(stored.data, name)
-
     # --- helpers ------------------------------------------------------------------------------------
 
     def _task_key(self, task: str) -> str:
@@ -363,25 +310,6 @@ def open_registry(settings: Settings) -> Registry:
 def _alias(data: bytes) -> Alias:
     body = json.loads(data)
     return Alias(served=int(body["served"]), pinned=bool(body["pinned"]), reason=str(body.get("reason", "")))
-
-
-def _json_bytes(body: dict[str, Any]) -> bytes:
-    return json.dumps(body, indent=2, sort_keys=True).encode("utf-8")
-
-
-def _tensor_bytes(tensors: dict[str, torch.Tensor], name: str) -> bytes:
-    try:
-        return save(tensors)
-    except SafetensorError as exc:
-        # safetensors reports its failures as its own error; callers handle OSError.
-        raise OSError(f"cannot write {name}: {exc}") from exc
-
-
-def _tensors(data: bytes, name: str) -> dict[str, torch.Tensor]:
-    try:
-        return load(data)
-    except SafetensorError as exc:
-        raise CorruptVersion(f"{name} is not a safetensors file: {exc}") from None
 
 
 def _json_line_bytes(rows: Iterable[dict[str, Any]]) -> Iterator[bytes]:

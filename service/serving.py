@@ -23,7 +23,7 @@ from service.drift import DriftMonitor
 from service.engine import InferenceEngine, Row, engine_shape
 from service.errors import CorruptVersion, FailedPrecondition, InvalidArgument, NotFound
 from service.model import unit_prototypes
-from service.registry import Registry
+from service.registry import Alias, Registry
 from service.router import Router, load_router
 from service.served_model import ServedModel
 from service.server_metrics import ServerMetrics
@@ -106,9 +106,9 @@ class AdapterPool:
 
     def sync(self) -> None:
         """Bring every task in line with its alias; a version that fails to load is skipped and logged."""
-        for task in self.registry.tasks():
+        for task, alias in self.registry.aliases().items():
             try:
-                self.sync_task(task)
+                self.sync_task(task, alias)
             except CorruptVersion as exc:
                 log.error("refusing a version, still serving what was loaded: %s", exc)
         if self.settings.task_inference == "router":
@@ -133,10 +133,11 @@ class AdapterPool:
             self._router, self._router_file = router, str(manifest["file"])
         log.info("task router %s loaded (%d labels)", manifest["file"], len(router.rows) if router else 0)
 
-    def sync_task(self, task: str) -> LoadedVersion | None:
-        """Serve the task's alias target, loading it if needed. Raises CorruptVersion if it cannot."""
+    def sync_task(self, task: str, alias: Alias | None = None) -> LoadedVersion | None:
+        """Serve the task's alias target (``alias``, or as the registry has it now), loading it if
+        needed. Raises CorruptVersion if it cannot."""
         with self._sync_lock:
-            alias = self.registry.alias(task)
+            alias = alias or self.registry.alias(task)
             current = self._served.get(task)
             if alias is None or (current is not None and current.version == alias.served):
                 return current

@@ -16,8 +16,9 @@ import torch
 
 from service.errors import CorruptVersion, NotFound
 from service.local_s3 import LocalS3
-from service.object_store import LocalStore, S3Store
+from service.object_store import LocalStore
 from service.registry import CLAIM_FILE, MANIFEST_FILE, WEIGHTS_FILE, Alias, Registry, open_registry
+from service.s3_store import S3Store
 from service.settings import Settings, SettingsError
 
 WEIGHTS = {"lora.a": torch.ones(2, 2), "head.weight": torch.zeros(3, 2), "head.bias": torch.zeros(3)}
@@ -264,3 +265,18 @@ def test_a_registry_left_on_disk_by_an_older_release_reads_as_before(tmp_path: P
     assert registry.versions("banking") == [1] and (old / MANIFEST_FILE).is_file()
     assert torch.equal(registry.load_weights("banking", 1)["lora.a"], WEIGHTS["lora.a"])
     assert publish(registry) == 2
+
+
+def test_a_watchers_listing_sees_every_alias_move(opener: Opener) -> None:
+    """What a server polls: one listing gives every task and its alias; each move is seen at once,
+    pins included, though an unchanged alias is not read again."""
+    writer, watcher = opener(), opener()
+    for _ in range(3):
+        publish(writer)
+    publish(writer, "travel")
+    assert watcher.aliases() == {"banking": None, "travel": None}
+    for version, pinned in ((1, False), (2, False), (3, True), (1, True), (1, False)):
+        writer.set_alias("banking", version, pinned=pinned, reason=f"to {version}")
+        assert watcher.aliases() == {"banking": Alias(version, pinned, f"to {version}"), "travel": None}
+    writer.promote_unless_pinned("travel", 1, "gate")
+    assert watcher.aliases()["travel"] == Alias(1, False, "gate")
