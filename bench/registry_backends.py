@@ -18,15 +18,14 @@ Writes bench/results/registry_backends.json and prints the table (median ms of r
 from __future__ import annotations
 
 import json
-import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench.routing_cost import median_ms
 from service.local_s3 import LocalS3
 from service.registry import Registry
 from service.s3_store import S3Store
@@ -45,15 +44,6 @@ def adapter_weights() -> dict[str, torch.Tensor]:
     weights["head.weight"] = torch.randn(LABELS, HIDDEN)
     weights["head.bias"] = torch.randn(LABELS)
     return weights
-
-
-def median_ms(call: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
 
 
 def measure(registry: Registry, tasks: int, weights: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -41,7 +41,7 @@ FEATURES = 1536
 HIDDEN = 384
 
 
-def _median_ms(call: Callable[[], object], repeats: int) -> float:
+def median_ms(call: Callable[[], object], repeats: int) -> float:
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -80,7 +80,7 @@ def measure(tasks: int, repeats: int) -> dict[str, float]:
 
     route()
     separate()  # warm-up
-    separate_ms, route_ms = _median_ms(separate, repeats), _median_ms(route, repeats)
+    separate_ms, route_ms = median_ms(separate, repeats), median_ms(route, repeats)
     return {
         "tasks": tasks,
         "separate_ms": round(separate_ms, 3),

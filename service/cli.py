@@ -6,8 +6,9 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -18,6 +19,8 @@ from service.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
     from service.registry import Registry
+
+T = TypeVar("T")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 adapters_app = typer.Typer(
@@ -35,45 +38,38 @@ TargetOption = Annotated[
 ]
 
 
-def _settings(config: Path | None, **overrides: Any) -> Settings:
+def _or_exit(make: Callable[[], T]) -> T:
+    """``make()``; a SettingsError (it names the setting) is printed and the command exits 2."""
     try:
-        return load_settings(config, **overrides)
+        return make()
     except SettingsError as exc:
         console.print(f"[red]settings error:[/red] {exc}")
         raise typer.Exit(2) from None
+
+
+def _settings(config: Path | None, **overrides: Any) -> Settings:
+    return _or_exit(lambda: load_settings(config, **overrides))
 
 
 def _check_kafka_access(settings: Settings) -> None:
     """Exit 2 with a message naming the setting if the brokers refuse our password or certificate."""
     from service.kafka_access import check_access
 
-    try:
-        check_access(settings)
-    except SettingsError as exc:
-        console.print(f"[red]settings error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    _or_exit(lambda: check_access(settings))
 
 
 def _check_sole_trainer(settings: Settings) -> None:
     """Exit 2 with a message naming kafka_group_id if another trainer holds the group."""
     from service.trainer_group import ensure_sole_trainer
 
-    try:
-        ensure_sole_trainer(settings)
-    except SettingsError as exc:
-        console.print(f"[red]settings error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    _or_exit(lambda: ensure_sole_trainer(settings))
 
 
 def _open_registry(settings: Settings) -> Registry:
     """The settings' registry; exit 2 with a message naming the setting if its bucket refuses us."""
     from service.registry import open_registry
 
-    try:
-        return open_registry(settings)
-    except SettingsError as exc:
-        console.print(f"[red]settings error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    return _or_exit(lambda: open_registry(settings))
 
 
 def _stop_on_signals() -> threading.Event:
@@ -142,11 +138,7 @@ def serve(config: ConfigOption = None) -> None:
     from service.server import start_server
 
     settings = _settings(config)
-    try:
-        settings.check_serving()
-    except SettingsError as exc:
-        console.print(f"[red]settings error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    _or_exit(settings.check_serving)
     registry = _open_registry(settings)
     stop = _stop_on_signals()
     server = start_server(settings, registry=registry)
