@@ -237,3 +237,21 @@ def test_with_a_bucket_the_chart_makes_no_volume_and_passes_the_credentials(tmp_
         _render("adminToken.value=a-secret", "registry.url=s3://models/continual"), "Deployment"
     )["spec"]["template"]["spec"]["containers"]
     assert not [v for v in container["env"] if v["name"].startswith("AWS_")]
+
+
+def test_a_secured_kafka_gets_its_password_and_certificates_from_secrets() -> None:
+    objects = _render(
+        "adminToken.value=a-secret", "kafka.saslPasswordSecret=kafka-pw", "kafka.tlsSecret=kafka-tls"
+    )
+    for manifest in objects:
+        if not manifest["apiVersion"].startswith("monitoring.coreos.com/"):
+            kubernetes_validate.validate(manifest, KUBERNETES_VERSIONS[-1], strict=True)
+    pod = _one(objects, "StatefulSet")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (password,) = [v for v in container["env"] if v["name"] == "CONTINUAL_KAFKA_SASL_PASSWORD"]
+    assert password["valueFrom"]["secretKeyRef"] == {"name": "kafka-pw", "key": "sasl-password"}
+    assert {"name": "kafka-tls", "secret": {"secretName": "kafka-tls"}} in pod["volumes"]
+    assert {"name": "kafka-tls", "mountPath": "/etc/continual/kafka-tls", "readOnly": True} in container[
+        "volumeMounts"
+    ]
+    assert "kafka_sasl_password" in Settings.model_fields

@@ -37,6 +37,11 @@ volumes:
     persistentVolumeClaim:
       claimName: {{ include "continual.name" . }}-registry
     {{- end }}
+  {{- with .Values.kafka.tlsSecret }}
+  - name: kafka-tls
+    secret:
+      secretName: {{ . }}
+  {{- end }}
 {{- end -}}
 
 {{/* The bucket's credentials, when a Secret holds them (else the pod's own identity). */}}
@@ -61,4 +66,9 @@ volumes:
   readOnly: true
 - name: data
   mountPath: /data
+{{- if .Values.kafka.tlsSecret }}
+- name: kafka-tls
+  mountPath: /etc/continual/kafka-tls
+  readOnly: true
+{{- end }}
 {{- end -}}
