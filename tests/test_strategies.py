@@ -100,7 +100,7 @@ def test_published_versions_answer_as_the_trainer_does(settings: Settings, strat
     tasks = synthetic(num_tasks=2, labels_per_task=3)
     trainer = learn_in_rounds(settings, tasks)
     registry = Registry(settings.registry_dir)
-    learners = [path.name for path in (registry.root / "trainer").glob("learner-*")]
+    learners = [name for name in registry.store.children("trainer/") if name.startswith("learner-")]
     checkpoint = registry.read_checkpoint() or {}
     if strategy in SHARED:
         assert learners == [checkpoint["learner"]]  # older learner files are pruned
