@@ -51,13 +51,22 @@ class _Errors(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def check_access(settings: Settings, timeout_s: float = CHECK_TIMEOUT_S) -> None:
+def check_access(settings: Settings, timeout_s: float = CHECK_TIMEOUT_S, attempts: int = 3) -> None:
     """SettingsError naming the setting if the brokers refuse the settings' password or certificates.
 
     A broker that does not answer at all is not an error here (the service waits for it, as always).
+    One that only dropped connections is asked again, up to ``attempts`` times: a broker busy with its
+    TLS handshakes drops some before it says why (seen on a loaded two-core machine).
     """
     if settings.kafka_bootstrap is None or settings.kafka_security_protocol == "PLAINTEXT":
         return
+    for _ in range(attempts):
+        if _check_once(settings, timeout_s):
+            return
+
+
+def _check_once(settings: Settings, timeout_s: float) -> bool:
+    """True if the brokers let us in; SettingsError if they refused us; False if they did not say."""
     errors = _Errors()
     kafka_log = logging.getLogger("kafka")
     kafka_log.addHandler(errors)
@@ -69,7 +78,7 @@ def check_access(settings: Settings, timeout_s: float = CHECK_TIMEOUT_S) -> None
             **client_options(settings),
         )
         admin.close()
-        return
+        return True
     except KafkaError as exc:
         failure = exc
     finally:
@@ -91,3 +100,4 @@ def check_access(settings: Settings, timeout_s: float = CHECK_TIMEOUT_S) -> None
             f"the client certificate ({settings.kafka_ssl_certfile or 'none was given'})"
         )
     log.warning("Kafka at %s did not answer the access check: %s", settings.kafka_bootstrap, failure)
+    return False
