@@ -133,12 +133,17 @@ class AdapterPool:
             self._router, self._router_file = router, str(manifest["file"])
         log.info("task router %s loaded (%d labels)", manifest["file"], len(router.rows) if router else 0)
 
-    def sync_task(self, task: str, alias: Alias | None = None) -> LoadedVersion | None:
-        """Serve the task's alias target (``alias``, or as the registry has it now), loading it if
-        needed. Raises CorruptVersion if it cannot."""
+    def sync_task(self, task: str, listed: Alias | None = None) -> LoadedVersion | None:
+        """Serve the task's alias target, loading it if needed. Raises CorruptVersion if it cannot.
+
+        ``listed``: the alias a poll's listing saw. When it names what is served, nothing is read;
+        otherwise the alias is read again here, under the lock, since an operator's rollback may
+        have moved it after the listing (acting on the listing would undo the rollback)."""
         with self._sync_lock:
-            alias = alias or self.registry.alias(task)
             current = self._served.get(task)
+            if listed is not None and current is not None and current.version == listed.served:
+                return current
+            alias = self.registry.alias(task)
             if alias is None or (current is not None and current.version == alias.served):
                 return current
             if (task, alias.served) in self._failed:

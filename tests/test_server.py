@@ -179,9 +179,10 @@ def test_a_server_holding_one_adapter_answers_every_task_under_load(
         for a, b in zip(got, want, strict=True):
             assert (a.task, a.label, a.version) == (b.task, b.label, b.version)
             assert [s.score for s in a.top_k] == pytest.approx([s.score for s in b.top_k], abs=1e-5)
-        # Two tasks through room for one: adapters were evicted and loaded again.
+        # Two tasks through room for one: each task's adapter was loaded, evicting the other's (how
+        # many times more depends on how the engine's batches fell, which the load decides).
         loads = small.pool.metrics.registry.get_sample_value("continual_adapter_loads_total")
-        assert loads is not None and loads >= 3, loads  # one at start, then reloads of evicted ones
+        assert loads is not None and loads >= 2, loads
     finally:
         small.stop()
 
