@@ -3,46 +3,17 @@ on the same disk sees the same: write to a temporary name, fsync, rename, fsync 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import save_file
 
 
-def sha256_of(path: Path) -> str:
-    """The file's sha256, hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_json(path: Path, body: dict[str, Any]) -> None:
-    """Replace ``path`` with ``body`` as JSON, atomically and durably."""
+def write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data``, atomically and durably."""
 
     def write(temporary: Path) -> None:
-        with open(temporary, "w", encoding="utf-8") as f:
-            json.dump(body, f, indent=2, sort_keys=True)
-
-    replace_atomically(path, write)
-
-
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write a safetensors file atomically; a full or failing disk is an OSError like any other."""
-
-    def write(temporary: Path) -> None:
-        try:
-            save_file(tensors, str(temporary))
-        except SafetensorError as exc:
-            raise OSError(f"cannot write {path.name}: {exc}") from exc
+        temporary.write_bytes(data)
 
     replace_atomically(path, write)
 

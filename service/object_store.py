@@ -19,13 +19,13 @@ import hashlib
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from service.durable_files import fsync_dir, fsync_file, replace_atomically
+from service.durable_files import fsync_dir, fsync_file, write_bytes
 from service.settings import Settings, SettingsError
 
 
@@ -106,7 +106,7 @@ class LocalStore:
         path = self.root / key
         path.parent.mkdir(parents=True, exist_ok=True)
         if expect is ANY:
-            replace_atomically(path, _writer(data))
+            write_bytes(path, data)
         elif expect is None:
             self._create(path, data)
         else:
@@ -114,7 +114,7 @@ class LocalStore:
                 current = self.read(key)
                 if current is None or current.tag != expect:
                     raise Conflict(f"{key} changed since it was read")
-                replace_atomically(path, _writer(data))
+                write_bytes(path, data)
 
     def _create(self, path: Path, data: bytes) -> None:
         # link() fails if the name exists: create-if-absent in one step, and whole (written first).
@@ -199,13 +199,6 @@ class LocalStore:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _writer(data: bytes) -> Callable[[Path], None]:
-    def write(temporary: Path) -> None:
-        temporary.write_bytes(data)
-
-    return write
 
 
 def open_store(settings: Settings) -> ObjectStore:
