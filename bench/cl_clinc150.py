@@ -60,7 +60,7 @@ from service.metrics import TrainerMetrics
 from service.model import BASE_FEATURE_LAYERS, AdapterModel, build_model
 from service.records import Record
 from service.registry import Registry
-from service.router import Router, answer_without_task
+from service.router import Router, answer_without_task, answered_by_router
 from service.serving import nearest_task
 from service.settings import Settings, load_settings
 from service.trainer import Trainer
@@ -78,7 +78,7 @@ LEARNING_SETTINGS = {
     "learning_rate", "head_learning_rate", "learning_rate_decay", "base_dropout",
     "label_smoothing", "warmup_steps",
     "batch_size", "epochs", "task_inference", "router_memory_size", "routing_coverage",
-    "routing_max_candidates", "routing_label_scores",
+    "routing_max_candidates", "routing_label_scores", "router_alone_above", "named_label_scores",
     "head_init", "replay_memory_size",
     "ewc_lambda", "ewc_decay", "ewc_fisher_examples", "lwf_alpha", "lwf_temperature", "seed",
 }  # fmt: skip
@@ -172,6 +172,9 @@ def run_order(
             ensembled = _aware_with_router(learner, d, test_features[d], labels, (own_labels, own))
             if ensembled is not None:
                 aware_ways.setdefault("router-x-adapter", {}).setdefault(name, {})[d] = ensembled
+                aware_ways.setdefault("adapter", {}).setdefault(name, {})[d] = aware[name][d]
+                if settings.named_label_scores == "router-times-adapter":  # as a server answers it
+                    aware[name][d] = ensembled
             ways, routed[name][d] = _task_agnostic(
                 learner, settings, seen, d, test_features[d], (texts, labels, own), routing
             )
@@ -211,9 +214,17 @@ def run_order(
         "matrix_routing": routed,
         "routing": "router" if learner.router is not None else "prototypes",
         "acc_task_agnostic_ways": {
-            way: _figures(matrix).acc for way, matrix in matrices.items() if way != "default"
+            way: _figures(matrix).acc
+            for way, matrix in matrices.items()
+            if way != "default" and not way.startswith("share:")
         },
         "matrix_task_agnostic_ways": {way: m for way, m in matrices.items() if way != "default"},
+        # After the last domain: the share of task-less texts the router answered alone, per threshold.
+        "router_alone_share": {
+            way.removeprefix("share:"): _figures(matrix).acc
+            for way, matrix in matrices.items()
+            if way.startswith("share:")
+        },
         "acc_task_aware_ways": {way: _figures(matrix).acc for way, matrix in aware_ways.items()},
     }
 
@@ -225,9 +236,9 @@ def _aware_with_router(
     labels: list[str],
     answered: tuple[list[str], torch.Tensor],
 ) -> float | None:
-    """Task-aware accuracy if the router's probabilities of the named domain's labels (one softmax
-    over them alone) multiplied its adapter's, as for task-less texts; None without a router that
-    knows the domain. An experiment: a named request would then need a base row too."""
+    """Task-aware accuracy with the router's probabilities of the named domain's labels (one softmax
+    over them alone) multiplied by its adapter's (``named_label_scores: router-times-adapter``); None
+    without a router that knows the domain."""
     router, (own_labels, own) = learner.router, answered
     if router is None or domain not in router.tasks():
         return None
@@ -298,7 +309,48 @@ def _task_agnostic(
             for a, label in zip(answers, labels, strict=True)
         ]
         accuracy[way] = sum(right) / len(labels)
+        if way == "default":
+            by_default = right
+    accuracy.update(_router_alone(priors, right_task, own_labels, labels, by_default))
+    above = settings.router_alone_above
+    if above is not None and priors is not None:  # the server's rule, so the default is what it answers
+        if above not in ROUTER_ALONE_ABOVE:
+            accuracy.update(_router_alone(priors, right_task, own_labels, labels, by_default, (above,)))
+        accuracy["default"] = accuracy[f"router-alone@{above}"]
     return accuracy, float((probabilities.argmax(-1) == right_task).float().mean())
+
+
+#: Router confidences above which a task-less text is answered by the router alone (no adapter row).
+ROUTER_ALONE_ABOVE = (0.5, 0.8, 0.9, 0.95, 0.98)
+
+
+def _router_alone(
+    priors: list[torch.Tensor] | None,
+    right_task: int,
+    own_labels: list[str],
+    labels: list[str],
+    default: list[bool],
+    thresholds: Sequence[float] = ROUTER_ALONE_ABOVE,
+) -> dict[str, float]:
+    """Accuracy with ``router_alone_above`` at each of ``thresholds`` (a text the router is that
+    sure of answered by it alone, the rest as by ``default``: whether each was answered right), the
+    router alone for every text (``router-alone``), and the share it answered alone (``share:`` ways)."""
+    if priors is None:
+        return {}
+    figures: dict[str, float] = {}
+    for above in (0.0, *thresholds):
+        answers = answered_by_router(priors, above)
+        right = [
+            d
+            if a is None
+            else (a.task, own_labels[int(a.label_probabilities.argmax())]) == (right_task, label)
+            for a, label, d in zip(answers, labels, default, strict=True)
+        ]
+        way = f"router-alone@{above}" if above else "router-alone"
+        figures[way] = sum(right) / len(labels)
+        if above:
+            figures[f"share:{way}"] = sum(a is not None for a in answers) / len(labels)
+    return figures
 
 
 def _figures(matrix: dict[str, dict[str, float]]) -> LearningSummary:

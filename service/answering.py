@@ -26,7 +26,7 @@ import torch
 
 from service.engine import Row
 from service.errors import ContinualError, InvalidArgument, NotFound
-from service.router import answer_without_task, candidates, could_still_win
+from service.router import Router, answer_without_task, answered_by_router, candidates, could_still_win
 from service.serving import AdapterPool, LoadedVersion, nearest_task
 from service.settings import TASK_NAME
 
@@ -79,6 +79,10 @@ class Pending:
     #: Answers already back (a task-less request's first candidate's), before ``future``'s.
     earlier: list[torch.Tensor] = field(default_factory=list)
     out_of_scope: bool = False
+    #: Answered by the router alone (``router_alone_above``): ``future`` holds its label probabilities.
+    by_router: bool = False
+    #: For a request naming its task scored by router x adapter: the router (its base row comes last).
+    named_scorer: Router | None = None
 
 
 class DriftSampler:
@@ -189,7 +193,7 @@ class Answerer:
         if not task:
             observed = self.pool.drift is not None and self._drift_sampler(None)
             return Pending(request, deadline, observed, self.pool.engine.submit([Row(text)], deadline))
-        with self.pool.serving() as (served, _):
+        with self.pool.serving() as (served, router):
             loaded = served.get(task)
             if loaded is None:
                 known = ", ".join(sorted(served)) or "none yet"
@@ -197,8 +201,16 @@ class Answerer:
             # A sampled request brings a base row along for drift: the same forward, no other. (Asked
             # only for a served task: the sampler keeps a rate per task it is asked about.)
             observed = self.pool.drift is not None and self._drift_sampler(task)
-            rows = [Row(text, loaded.adapter)] + ([Row(text)] if observed else [])
-            return Pending(request, deadline, observed, self.pool.engine.submit(rows, deadline), [loaded])
+            scorer = router if self._scores_named(router, loaded) else None
+            rows = [Row(text, loaded.adapter)] + ([Row(text)] if observed or scorer else [])
+            future = self.pool.engine.submit(rows, deadline)
+            return Pending(request, deadline, observed, future, [loaded], named_scorer=scorer)
+
+    def _scores_named(self, router: Router | None, loaded: LoadedVersion) -> bool:
+        """Whether a request naming ``loaded``'s task is scored by router x adapter (the setting, and
+        a router that knows the task)."""
+        wanted = self.settings.named_label_scores == "router-times-adapter"
+        return wanted and router is not None and loaded.task in router.tasks()
 
     def advance(self, pending: Pending) -> Pending:
         """For a request naming no task, once its embedding is back: choose its candidate tasks (the
@@ -216,12 +228,28 @@ class Answerer:
             if router is not None and {loaded.task for loaded in served} <= router.tasks():
                 tasks = [loaded.task for loaded in served]
                 scored = self.settings.routing_label_scores == "router-times-adapter"
-                labels = [loaded.labels for loaded in served] if scored else None
+                alone_above = self.settings.router_alone_above
+                asked = scored or alone_above is not None
+                labels = [loaded.labels for loaded in served] if asked else None
                 route = router.route(features.unsqueeze(0), tasks, labels, self._prototypes(served))
                 routed = route.task_probabilities
                 out_of_scope = route.out_of_scope is not None and bool(route.out_of_scope[0])
+                if route.label_priors is not None and alone_above is not None:
+                    (alone,) = answered_by_router(route.label_priors, alone_above)
+                    if alone is not None:  # no adapter forward: the router's answer is the answer
+                        answered: Future[list[torch.Tensor]] = Future()
+                        answered.set_result([alone.label_probabilities])
+                        return replace(
+                            pending,
+                            future=answered,
+                            versions=[served[alone.task]],
+                            confidence=alone.task_probability,
+                            embedding=embedding,
+                            out_of_scope=out_of_scope,
+                            by_router=True,
+                        )
                 chosen = candidates(routed[0], coverage, most)
-                if route.label_priors is not None:
+                if route.label_priors is not None and scored:
                     priors = [route.label_priors[i] for i in chosen]
             else:
                 prototypes = [loaded.prototypes for loaded in served]
@@ -289,6 +317,8 @@ class Answerer:
             output[: len(loaded.labels)] for output, loaded in zip(outputs, pending.versions, strict=False)
         ]
         loaded, probabilities, confidence = pending.versions[0], own[0], pending.confidence
+        if pending.named_scorer is not None:
+            probabilities = _times_router(pending.named_scorer, loaded, outputs[-1], probabilities)
         if pending.routed is not None:
             (answer,) = answer_without_task(
                 pending.routed,
@@ -314,9 +344,24 @@ class Answerer:
             self.pool.drift.observe(loaded.task, embedding.numpy(), ranked[0][0])
         if not pending.request.task:
             self.pool.metrics.task_less_answers.labels(out_of_scope=str(pending.out_of_scope).lower()).inc()
+            if pending.by_router:
+                self.pool.metrics.router_alone_answers.inc()
         return Prediction(
             loaded.task, loaded.version, ranked, not pending.request.task, confidence, pending.out_of_scope
         )
+
+
+def _times_router(
+    router: Router, loaded: LoadedVersion, features: torch.Tensor, probabilities: torch.Tensor
+) -> torch.Tensor:
+    """A named task's label probabilities times the router's over its labels, renormalised; the
+    adapter's alone if the router lacks one of the labels (a version newer than the router)."""
+    priors = router.label_priors(features.unsqueeze(0), [loaded.task], [loaded.labels])
+    if priors is None:
+        return probabilities
+    joint = probabilities * priors[0][0]
+    total = joint.sum()
+    return joint / total if float(total) > 0 else probabilities
 
 
 def attempt(step: Callable[..., T], *args: object) -> T | ContinualError:

@@ -370,3 +370,17 @@ def answer_without_task(
         _, task = max(scored)
         best.append(Answer(task, float(task_probabilities[row, task]), answers[(row, task)]))
     return best
+
+
+def answered_by_router(priors: Sequence[torch.Tensor], above: float) -> list[Answer | None]:
+    """For each text, the router's own answer if its most probable (task, label) is at least ``above``
+    probable, else None (the candidates' adapters answer it). ``priors``: per task, each text's router
+    probability of each of its labels, out of one softmax over all of them (``Route.label_priors``);
+    the answer's label probabilities are its task's, renormalised within the task."""
+    answers: list[Answer | None] = []
+    for row in range(len(priors[0]) if priors else 0):
+        best, task = max((float(prior[row].max()), task) for task, prior in enumerate(priors))
+        mass = priors[task][row].sum()
+        confident = best >= above and float(mass) > 0
+        answers.append(Answer(task, float(mass), priors[task][row] / mass) if confident else None)
+    return answers

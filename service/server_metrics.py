@@ -82,6 +82,12 @@ class ServerMetrics:
         )
         for judged in ("true", "false"):  # both series from the start, for the share's denominator
             self.task_less_answers.labels(out_of_scope=judged)
+        self.router_alone_answers = Counter(
+            "continual_router_alone_answers",
+            "Answers to requests naming no task that the router gave alone, without an adapter forward "
+            "(router_alone_above).",
+            registry=registry,
+        )
         self.deadline_drops = Counter(
             "continual_inference_deadline_drops",
             "Requests dropped before their forward because the client's deadline had passed.",

@@ -102,6 +102,28 @@ class ServingSettings(BaseSettings):
     )
     tls_client_key_file: Path | None = Field(default=None, description="...and its private key (PEM).")
 
+    # Answering with the router (service/router.py; the trainer fits it, see service/settings.py)
+    routing_coverage: float = Field(
+        default=0.99, gt=0, le=1, description="Candidate tasks answer until they cover this probability..."
+    )
+    routing_max_candidates: int = Field(default=3, ge=1, description="...or this many have answered.")
+    routing_label_scores: Literal["router-times-adapter", "adapter"] = Field(
+        default="router-times-adapter",
+        description="Candidates compared by router x adapter per (task, label), or p(task) x best label.",
+    )
+    named_label_scores: Literal["adapter", "router-times-adapter"] = Field(
+        default="adapter",
+        description="A request naming its task: its adapter's label probabilities, or those times the "
+        "router's over the task's labels (each request then costs a second row, its base features).",
+    )
+    router_alone_above: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="A task-less request whose most probable (task, label) under the router is at least "
+        "this probable is answered by the router alone, without an adapter forward (null: never).",
+    )
+
     # Drift
     drift_enabled: bool = True
     drift_window: int = Field(default=50, ge=5, description="Inputs (or predictions) judged at a time.")

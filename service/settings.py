@@ -220,14 +220,7 @@ class Settings(ServingSettings):
     router_memory_size: int = Field(
         default=20_000, ge=1, description="Base features the router is fitted on, evenly per label."
     )
-    routing_coverage: float = Field(
-        default=0.99, gt=0, le=1, description="Candidate tasks answer until they cover this probability..."
-    )
-    routing_max_candidates: int = Field(default=3, ge=1, description="...or this many have answered.")
-    routing_label_scores: Literal["router-times-adapter", "adapter"] = Field(
-        default="router-times-adapter",
-        description="Candidates compared by router x adapter per (task, label), or p(task) x best label.",
-    )
+    # (how a server answers them, routing_* and the rest: service/serving_settings.py)
 
     out_of_scope_reject_rate: float = Field(
         default=0.02,

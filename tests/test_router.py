@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from urllib.request import urlopen
 
 import grpc
 import pytest
@@ -22,6 +23,7 @@ from service.router import (
     Answer,
     Router,
     answer_without_task,
+    answered_by_router,
     candidates,
     could_still_win,
     fit_router,
@@ -161,6 +163,17 @@ def test_router_times_adapter_picks_the_best_product_over_every_candidate_label(
     assert by_adapter.task == 0 and torch.equal(by_adapter.label_probabilities, own[0][0])
 
 
+def test_the_router_answers_alone_only_where_its_best_label_is_probable_enough() -> None:
+    # Two texts, two tasks; the router's probability of each (task, label), out of one softmax.
+    priors = [torch.tensor([[0.02, 0.9], [0.3, 0.2]]), torch.tensor([[0.05, 0.03], [0.25, 0.25]])]
+    sure, unsure = answered_by_router(priors, above=0.8)
+    assert unsure is None  # 0.3 at best: the adapters answer it
+    assert sure is not None and (sure.task, sure.task_probability) == (0, pytest.approx(0.92))
+    assert torch.allclose(sure.label_probabilities, torch.tensor([0.02, 0.9]) / 0.92)
+    lowered = answered_by_router(priors, above=0.3)[1]  # its best, task 0's first label, is 0.3
+    assert lowered is not None and (lowered.task, lowered.task_probability) == (0, pytest.approx(0.5))
+
+
 def test_candidates_that_could_not_win_are_spared_without_changing_any_answer() -> None:
     generator = torch.Generator().manual_seed(0)
     spared = 0
@@ -288,6 +301,72 @@ def test_a_server_routes_by_the_newest_router_and_refuses_a_corrupt_one(settings
     finally:
         server.stop()
     assert named == {task.name for task in tasks}
+
+
+def test_a_server_lets_the_router_answer_alone_or_score_named_requests_as_set(settings: Settings) -> None:
+    port = free_port()
+    settings = settings.model_copy(
+        update={
+            "promotion_tolerance": 1.0,
+            "server_metrics_port": port,
+            "router_alone_above": 0.9,
+            "named_label_scores": "router-times-adapter",
+            "drift_enabled": False,  # its references' forwards would count among the rows
+        }
+    )
+    tasks = synthetic(num_tasks=2)
+    train_in_process(settings, tasks)
+    registry = Registry(settings.registry_dir)
+    fitted = load_router(registry)
+    assert fitted is not None
+    favoured = fitted.rows[-1]
+
+    def write(round_number: int, sure: bool) -> None:
+        # Sure: a bias on one (task, label) that outweighs anything a text says; else every row alike.
+        bias = torch.tensor([100.0 if sure and row == favoured else 0.0 for row in fitted.rows])
+        router = Router(fitted.rows, torch.zeros_like(fitted.weight), bias)
+        manifest = {"rows": [list(r) for r in fitted.rows], "base_model": settings.base_model}
+        registry.write_router(round_number, router.tensors(), manifest)
+
+    def metric(name: str) -> float:
+        text = urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        (line,) = [line for line in text.splitlines() if line.startswith(name + " ")]
+        return float(line.split()[1])
+
+    texts = [text for task in tasks for text, _ in task.eval[:5]]
+    write(100, sure=True)
+    server = start_server(settings)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = continual_pb2_grpc.ContinualStub(channel)
+            replies = [stub.Predict(continual_pb2.PredictRequest(text=t, top_k=2)) for t in texts]
+            assert {(r.task, r.label) for r in replies} == {favoured}
+            assert all(r.task_inferred and r.task_confidence > 0.99 for r in replies)
+            assert all(len(r.top_k) == 2 for r in replies)  # ranked within its task, as an adapter ranks
+            # One row a request, its base row for routing: no adapter forward at all.
+            assert metric("continual_router_alone_answers_total") == len(texts)
+            assert metric("continual_inference_batch_rows_sum") == len(texts)
+            # Naming the task: its adapter's answer times the router's, whose bias now decides; two
+            # rows a request (its task's and its base features for the router).
+            named = [stub.Predict(continual_pb2.PredictRequest(task=favoured[0], text=t)) for t in texts]
+            assert {(r.task, r.label) for r in named} == {favoured}
+            assert not any(r.task_inferred for r in named)
+            assert metric("continual_inference_batch_rows_sum") == 3 * len(texts)
+            # A router unsure of every label: the adapters answer, each request a second row at least.
+            write(101, sure=False)
+
+            def adapters_answer() -> bool:
+                before = metric("continual_router_alone_answers_total")
+                stub.Predict(continual_pb2.PredictRequest(text=texts[0]))
+                return metric("continual_router_alone_answers_total") == before
+
+            eventually(adapters_answer, 10, 0.2, "the unsure router in use")
+            rows = metric("continual_inference_batch_rows_sum")
+            for text in texts:
+                stub.Predict(continual_pb2.PredictRequest(text=text))
+            assert metric("continual_inference_batch_rows_sum") >= rows + 2 * len(texts)
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("tasks", [["a", "b"], ["b"]])
