@@ -11,7 +11,9 @@
    10-task one after requests spread over all of them, and the p50 of a first request to a task (its
    adapter loaded on demand) and of a second.
 4. The baseline in the same run: the same server with one inference worker (``inference_workers: 1``,
-   every core's threads on one batch at a time), named tasks at 16 and 64 clients.
+   every core's threads on one batch at a time), named tasks at 16 and 64 clients; and, when the
+   router answers sure task-less texts alone (``router_alone_above``), the same server without that,
+   task-less at 16 clients.
 
     go install github.com/bojand/ghz/cmd/ghz@v0.93.0
     .venv/bin/python bench/serving.py [--calls 100] [--ghz ~/go/bin/ghz]
@@ -256,6 +258,36 @@ def one_worker(
         stop(process)
 
 
+def adapters_always(
+    settings: Settings, workdir: Path, untasked: list[dict[str, Any]], args: argparse.Namespace
+) -> dict[str, Any]:
+    """The task-less baseline, in the same run: the same server with ``router_alone_above`` unset (every
+    task-less request asks its candidates' adapters), at 16 clients."""
+    settings = settings.model_copy(
+        update={"router_alone_above": None, "grpc_port": free_port(), "server_metrics_port": free_port()}
+    )
+    process = serve(settings, workdir, "server-adapters-always", 10)
+    try:
+        ghz(args.ghz, settings.grpc_port, "Predict", untasked, 4, 100)  # warm-up
+        return {"16": ghz(args.ghz, settings.grpc_port, "Predict", untasked, 16, args.calls * 16)}
+    finally:
+        stop(process)
+
+
+def router_alone_share(port: int) -> float:
+    """The share of the server's task-less answers so far that the router gave alone."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith(("continual_router_alone_answers", "continual_task_less_answers"))
+    }
+    answered = sum(v for k, v in samples.items() if k == "continual_task_less_answers_total")
+    return samples["continual_router_alone_answers_total"] / answered if answered else 0.0
+
+
 def thousand_adapters(
     settings: Settings,
     workdir: Path,
@@ -361,12 +393,15 @@ def main() -> None:
                 level["rows_per_batch"] = round(rows / forwards, 1)
                 result["levels"][kind][str(clients)] = level
                 print(kind, clients, level, flush=True)
+        result["router_alone_share"] = round(router_alone_share(settings.server_metrics_port), 3)
         batch = ghz(args.ghz, settings.grpc_port, "PredictBatch", batches, 4, args.calls)
         result["predict_batch_32_c4"] = {**batch, "texts_per_s": round(batch["rps"] * 32, 1)}
         print("PredictBatch", result["predict_batch_32_c4"], flush=True)
     finally:
         stop(process)
     result["one_worker"] = one_worker(settings, workdir, named, args)
+    if settings.router_alone_above is not None:
+        result["adapters_always"] = adapters_always(settings, workdir, untasked, args)
     adapters = thousand_adapters(settings, workdir, model, data, features)
     adapters["rss_over_base_mb"] = round(adapters.pop("rss_mb") - base_rss, 1)
     result["adapters_1000"] = adapters
@@ -381,10 +416,17 @@ def main() -> None:
         ),
         c1_p50_overhead_ms=round(levels["named"]["1"]["p50_ms"] - result["offline_single_ms"], 2),
         agnostic_ratio_c16=round(levels["no task"]["16"]["rps"] / levels["named"]["16"]["rps"], 3),
+        router_alone_gain_c16=round(
+            levels["no task"]["16"]["rps"] / result["adapters_always"]["16"]["rps"], 3
+        )
+        if "adapters_always" in result
+        else None,
         workers_gain_c16=round(levels["named"]["16"]["rps"] / result["one_worker"]["16"]["rps"], 3),
         workers_gain_c64=round(levels["named"]["64"]["rps"] / result["one_worker"]["64"]["rps"], 3),
         failed=sum(
-            level["failed"] for kind in [*levels.values(), result["one_worker"]] for level in kind.values()
+            level["failed"]
+            for kind in [*levels.values(), result["one_worker"], result.get("adapters_always", {})]
+            for level in kind.values()
         )
         + batch["failed"],
         settings={

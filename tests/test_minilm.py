@@ -13,7 +13,7 @@ from service.api import continual_pb2, continual_pb2_grpc
 from service.datasets import clinc150
 from service.local_kafka import free_port
 from service.registry import Registry
-from service.router import answer_without_task, load_router
+from service.router import answer_without_task, answered_by_router, load_router
 from service.served_model import build_served_model
 from service.server import start_server
 from service.settings import DEFAULT_BASE_MODEL, Settings, load_settings
@@ -59,7 +59,8 @@ def test_requests_without_a_task_are_routed_by_prototypes_then_by_the_router(tmp
     assert all(r.task_inferred for r in replies)
 
     # The next round trains them and fits the task router. A server asks a text's other candidate
-    # tasks only when they could still win against the first one's answer: no answer changes.
+    # tasks only when they could still win against the first one's answer, and none when the router
+    # is sure enough alone: its answers are the harness's.
     trainer.close_round({0: 10**6})
     assert Registry(settings.registry_dir).router_manifest() is not None
     # CLINC150's out-of-scope texts, asked beside the held-out ones (asked once: a server's start is slow).
@@ -106,4 +107,9 @@ def every_candidate(texts: list[str], settings: Settings) -> list[tuple[str, str
     probabilities = router.task_probabilities(features, tasks)
     coverage, most = settings.routing_coverage, settings.routing_max_candidates
     answers = answer_without_task(probabilities, answer, coverage, most, priors)
+    # The texts the router is sure enough of, it answers alone (``router_alone_above``): most, not all.
+    assert priors is not None and settings.router_alone_above is not None
+    alone = answered_by_router(priors, settings.router_alone_above)
+    assert 0 < sum(a is not None for a in alone) < len(texts)
+    answers = [a if a is not None else b for a, b in zip(alone, answers, strict=True)]
     return [(tasks[a.task], labels[tasks[a.task]][int(a.label_probabilities.argmax())]) for a in answers]
