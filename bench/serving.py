@@ -111,7 +111,10 @@ def publish_domains(
             registry.promote_unless_pinned(name, version, "bench: initial version")
     router = fit_router(memory)
     assert router is not None
-    registry.write_router(1, router.tensors(), {"base_model": settings.base_model, "rows": list(router.rows)})
+    beside = registry.newest_versions(sorted(router.tasks()))  # Router.speaks_for them
+    rows = [list(row) for row in router.rows]
+    fitted = {"base_model": settings.base_model, "rows": rows, "versions": beside}
+    registry.write_router(1, router.tensors(), fitted)
 
 
 def offline(settings: Settings, data: list[TaskData], sizes: Sequence[int]) -> dict[str, Any]:

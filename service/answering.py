@@ -236,7 +236,8 @@ class Answerer:
                 out_of_scope = route.out_of_scope is not None and bool(route.out_of_scope[0])
                 if route.label_priors is not None and alone_above is not None:
                     (alone,) = answered_by_router(route.label_priors, alone_above)
-                    if alone is not None:  # no adapter forward: the router's answer is the answer
+                    if alone is not None and router.speaks_for(tasks[alone.task], served[alone.task].version):
+                        # No adapter forward: the router's answer is the answer.
                         answered: Future[list[torch.Tensor]] = Future()
                         answered.set_result([alone.label_probabilities])
                         return replace(

@@ -125,6 +125,8 @@ class Durability:
                     "rows": [list(row) for row in pending.router.rows],
                     "round": pending.number,
                     "base_model": self.settings.base_model,
+                    # The versions it was fitted beside: it answers alone only for them (Router.speaks_for).
+                    "versions": self.registry.newest_versions(sorted(pending.router.tasks())),
                 }
                 if pending.router.scope is not None:
                     manifest["out_of_scope"] = pending.router.scope.manifest()

@@ -50,6 +50,13 @@ class Router:
     bias: torch.Tensor
     #: When a text belongs to none of the tasks (``service.out_of_scope``); None: never judged.
     scope: ScopeRule | None = None
+    #: Each task's newest version when the router was fitted (None: not recorded, a router from before).
+    versions: dict[str, int] | None = None
+
+    def speaks_for(self, task: str, version: int) -> bool:
+        """Whether the router may answer alone for ``task`` served at ``version``: only the version it
+        was fitted beside, so a rolled-back task (or one the gate held back) is answered by its adapters."""
+        return self.versions is not None and self.versions.get(task) == version
 
     def tasks(self) -> set[str]:
         """The tasks the router can route to."""
@@ -155,13 +162,18 @@ class Router:
 
     @classmethod
     def from_tensors(
-        cls, rows: Sequence[Sequence[str]], tensors: dict[str, torch.Tensor], scope: ScopeRule | None = None
+        cls,
+        rows: Sequence[Sequence[str]],
+        tensors: dict[str, torch.Tensor],
+        scope: ScopeRule | None = None,
+        versions: dict[str, int] | None = None,
     ) -> Router:
         """A router from ``tensors()`` and its rows; ValueError if they do not fit together."""
         weight, bias = tensors[ROUTER_WEIGHT], tensors[ROUTER_BIAS]
         if weight.shape[0] != len(rows) or bias.shape != (len(rows),):
             raise ValueError(f"router weights have {weight.shape[0]} rows, its manifest lists {len(rows)}")
-        return cls(tuple((str(task), str(label)) for task, label in rows), weight, bias, scope)
+        beside = {str(task): int(v) for task, v in versions.items()} if versions else None
+        return cls(tuple((str(task), str(label)) for task, label in rows), weight, bias, scope, beside)
 
 
 @dataclass(frozen=True)
@@ -286,8 +298,9 @@ def load_router(registry: Registry, manifest: dict[str, Any] | None = None) -> R
         return None
     try:
         scope = ScopeRule.from_manifest(manifest.get("out_of_scope"))
-        return Router.from_tensors(manifest["rows"], registry.load_router(manifest), scope)
-    except (KeyError, ValueError, TypeError) as exc:
+        versions = manifest.get("versions")
+        return Router.from_tensors(manifest["rows"], registry.load_router(manifest), scope, versions)
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
         raise CorruptVersion(f"router {manifest.get('file')}: {exc}") from None
 
 

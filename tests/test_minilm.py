@@ -89,12 +89,13 @@ def every_candidate(texts: list[str], settings: Settings) -> list[tuple[str, str
     """Task and label for each text answered over every candidate task, as the benchmark harness
     answers: the served versions and the router from the registry, in this process."""
     registry, model = Registry(settings.registry_dir), build_served_model(settings)
-    tasks, labels = registry.tasks(), {}
+    tasks, labels, served = registry.tasks(), {}, {}
     for task in tasks:
         alias = registry.alias(task)
         assert alias is not None
         model.load(task, registry.load_weights(task, alias.served))
         labels[task] = registry.manifest(task, alias.served)["labels"]
+        served[task] = alias.served
     router = load_router(registry)
     assert router is not None
     features = torch.stack(model.outputs(texts, [None] * len(texts)))
@@ -109,7 +110,10 @@ def every_candidate(texts: list[str], settings: Settings) -> list[tuple[str, str
     answers = answer_without_task(probabilities, answer, coverage, most, priors)
     # The texts the router is sure enough of, it answers alone (``router_alone_above``): most, not all.
     assert priors is not None and settings.router_alone_above is not None
-    alone = answered_by_router(priors, settings.router_alone_above)
+    alone = [
+        a if a is not None and router.speaks_for(tasks[a.task], served[tasks[a.task]]) else None
+        for a in answered_by_router(priors, settings.router_alone_above)
+    ]
     assert 0 < sum(a is not None for a in alone) < len(texts)
     answers = [a if a is not None else b for a, b in zip(alone, answers, strict=True)]
     return [(tasks[a.task], labels[tasks[a.task]][int(a.label_probabilities.argmax())]) for a in answers]

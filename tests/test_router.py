@@ -320,12 +320,16 @@ def test_a_server_lets_the_router_answer_alone_or_score_named_requests_as_set(se
     fitted = load_router(registry)
     assert fitted is not None
     favoured = fitted.rows[-1]
+    # The trainer records the versions it fitted the router beside: the router speaks only for them.
+    served = registry.newest_versions(sorted(fitted.tasks()))
+    assert fitted.versions == served and set(served) == {task.name for task in tasks}
 
-    def write(round_number: int, sure: bool) -> None:
-        # Sure: a bias on one (task, label) that outweighs anything a text says; else every row alike.
-        bias = torch.tensor([100.0 if sure and row == favoured else 0.0 for row in fitted.rows])
+    def write(round_number: int, beside: dict[str, int]) -> None:
+        # Sure of one (task, label): a bias on it that outweighs anything a text says.
+        bias = torch.tensor([100.0 if row == favoured else 0.0 for row in fitted.rows])
         router = Router(fitted.rows, torch.zeros_like(fitted.weight), bias)
-        manifest = {"rows": [list(r) for r in fitted.rows], "base_model": settings.base_model}
+        rows = [list(r) for r in fitted.rows]
+        manifest = {"rows": rows, "base_model": settings.base_model, "versions": beside}
         registry.write_router(round_number, router.tensors(), manifest)
 
     def metric(name: str) -> float:
@@ -334,7 +338,7 @@ def test_a_server_lets_the_router_answer_alone_or_score_named_requests_as_set(se
         return float(line.split()[1])
 
     texts = [text for task in tasks for text, _ in task.eval[:5]]
-    write(100, sure=True)
+    write(100, served)
     server = start_server(settings)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
@@ -352,15 +356,16 @@ def test_a_server_lets_the_router_answer_alone_or_score_named_requests_as_set(se
             assert {(r.task, r.label) for r in named} == {favoured}
             assert not any(r.task_inferred for r in named)
             assert metric("continual_inference_batch_rows_sum") == 3 * len(texts)
-            # A router unsure of every label: the adapters answer, each request a second row at least.
-            write(101, sure=False)
+            # The same router fitted beside another version of the task (as after a rollback, or a
+            # version the gate held back): the adapters answer, each request a second row at least.
+            write(101, {**served, favoured[0]: served[favoured[0]] + 1})
 
             def adapters_answer() -> bool:
                 before = metric("continual_router_alone_answers_total")
                 stub.Predict(continual_pb2.PredictRequest(text=texts[0]))
                 return metric("continual_router_alone_answers_total") == before
 
-            eventually(adapters_answer, 10, 0.2, "the unsure router in use")
+            eventually(adapters_answer, 10, 0.2, "the router of another version in use")
             rows = metric("continual_inference_batch_rows_sum")
             for text in texts:
                 stub.Predict(continual_pb2.PredictRequest(text=text))
