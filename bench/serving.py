@@ -82,6 +82,7 @@ def publish_domains(
     registry = Registry(settings.registry_dir)
     memory = FeatureMemory(settings.router_memory_size, settings.seed)
     features = {} if features is None else features
+    beside: dict[str, int] = {}  # the versions the router is fitted beside (Router.speaks_for them)
     for task in data:
         labels = sorted({label for _, label in task.train})
         for label in labels:
@@ -109,9 +110,10 @@ def publish_domains(
             }
             version = registry.publish(name, weights, task.eval[:50], manifest)
             registry.promote_unless_pinned(name, version, "bench: initial version")
+            if copy == 0:
+                beside[name] = version
     router = fit_router(memory)
     assert router is not None
-    beside = registry.newest_versions(sorted(router.tasks()))  # Router.speaks_for them
     rows = [list(row) for row in router.rows]
     fitted = {"base_model": settings.base_model, "rows": rows, "versions": beside}
     registry.write_router(1, router.tensors(), fitted)
@@ -201,16 +203,21 @@ def ghz(
     }
 
 
-def batch_rows(port: int) -> tuple[float, float]:
-    """The server's texts run and batches run so far, from its /metrics."""
+def server_samples(port: int, prefixes: tuple[str, ...]) -> dict[str, float]:
+    """The server's metric samples whose names start with one of ``prefixes``, from its /metrics."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
-    samples = {
+    return {
         sample.name: sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
-        if sample.name.startswith("continual_inference_batch_rows")
+        if sample.name.startswith(prefixes)
     }
+
+
+def batch_rows(port: int) -> tuple[float, float]:
+    """The server's texts run and batches run so far."""
+    samples = server_samples(port, ("continual_inference_batch_rows",))
     return samples["continual_inference_batch_rows_sum"], samples["continual_inference_batch_rows_count"]
 
 
@@ -279,14 +286,7 @@ def adapters_always(
 
 def router_alone_share(port: int) -> float:
     """The share of the server's task-less answers so far that the router gave alone."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    samples = {
-        sample.name: sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name.startswith(("continual_router_alone_answers", "continual_task_less_answers"))
-    }
+    samples = server_samples(port, ("continual_router_alone_answers", "continual_task_less_answers"))
     answered = sum(v for k, v in samples.items() if k == "continual_task_less_answers_total")
     return samples["continual_router_alone_answers_total"] / answered if answered else 0.0
 

@@ -126,7 +126,11 @@ class Durability:
                     "round": pending.number,
                     "base_model": self.settings.base_model,
                     # The versions it was fitted beside: it answers alone only for them (Router.speaks_for).
-                    "versions": self.registry.newest_versions(sorted(pending.router.tasks())),
+                    "versions": {
+                        name: tasks[name].version
+                        for name in sorted(pending.router.tasks())
+                        if name in tasks and tasks[name].version is not None
+                    },
                 }
                 if pending.router.scope is not None:
                     manifest["out_of_scope"] = pending.router.scope.manifest()

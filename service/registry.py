@@ -85,10 +85,6 @@ class Registry(TrainerFiles):
         published = self.store.children_holding(f"{self._task_key(task)}/versions/", MANIFEST_FILE)
         return sorted(int(name) for name in published if name.isdigit())
 
-    def newest_versions(self, tasks: Iterable[str]) -> dict[str, int]:
-        """Each of ``tasks``' newest published version (a task with none left out)."""
-        return {task: versions[-1] for task in tasks if (versions := self.versions(task))}
-
     def manifest(self, task: str, version: int) -> dict[str, Any]:
         """The manifest of one version."""
         stored = self.store.read(self._version_key(task, version) + MANIFEST_FILE)
