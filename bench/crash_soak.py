@@ -1,14 +1,15 @@
 """Crash soak: kill -9 the trainer again and again while a stream of good and bad records arrives, and
 restart and kill brokers of a three-node cluster; at the end every record must be learned exactly once.
 
-    .venv/bin/python bench/crash_soak.py [--kills 20] [--tasks 5] [--seed 0]
+    .venv/bin/python bench/crash_soak.py [--kills 20] [--two-trainer-kills 12] [--tasks 5] [--seed 0]
 
 A real `continual train` process (tiny BERT base: this checks the mechanics, not accuracy) consumes
 from a real three-node Apache Kafka cluster (replication 3, min.insync.replicas 2) started by the
 project's scripts. A producer streams a few thousand records over several tasks, with malformed ones
 mixed in, while the soak kills the trainer with SIGKILL at random moments and restarts it; a third of
 the way through it restarts one broker, two thirds through it kills another with SIGKILL and leaves it
-down. Then one last trainer runs until it has caught up.
+down. Then the trainer runs until it has caught up. A second soak does the same with two trainers
+sharing the group (``kafka_group_trainers: several``, six partitions), the kills spread over both.
 
 The proof is in the trainer's durable checkpoint: per task, the train and eval records it has
 absorbed must equal what was produced (no loss, no duplicates), and every malformed record must be in
@@ -30,6 +31,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 from rich.console import Console
@@ -45,6 +47,12 @@ from service.registry import Registry
 from service.settings import DEFAULT_BASE_MODEL, Settings, load_settings
 
 RESULTS = Path(__file__).resolve().parent / "results" / "crash.json"
+#: Several trainers in one group: each learns the tasks of its partitions (six, to split).
+SEVERAL: dict[str, Any] = {
+    "kafka_group_trainers": "several",
+    "kafka_partitions": 6,
+    "kafka_session_timeout_s": 6.0,
+}
 REPO = Path(__file__).resolve().parents[1]
 
 #: Malformed values mixed into the stream, one kind after another (each has its own DLQ reason).
@@ -74,6 +82,10 @@ class SoakResult:
     dead_letter_copies: int = 0
     caught_up: bool = False
     wall_s: float = 0.0
+    #: Trainers sharing the group (several: each learns the tasks of its partitions).
+    trainers: int = 1
+    #: Partitions a surviving trainer checkpointed while the killed one, their last writer, was down.
+    partitions_taken_over: int = 0
     per_task: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
@@ -89,8 +101,12 @@ def soak(
     stream_seconds: float = 150.0,
     seed: int = 0,
     say: Callable[[str], None] = print,
+    trainers: int = 1,
 ) -> SoakResult:
-    """Run the soak against ``bootstrap`` (with broker restarts and kills when ``cluster`` is given)."""
+    """Run the soak against ``bootstrap`` (with broker restarts and kills when ``cluster`` is given);
+    ``trainers`` > 1: that many trainers share the group (``kafka_group_trainers: several``, a topic
+    of six partitions), the kills go round them, and after every other kill the killed one stays
+    down past the session timeout, so that the others take its partitions over."""
     started = time.monotonic()
     rng = random.Random(seed)
     unique = uuid.uuid4().hex[:8]
@@ -113,10 +129,14 @@ def soak(
         round_idle_s=0.5,
         trainer_metrics_port=0,
         drift_enabled=False,
+        **(SEVERAL if trainers > 1 else {}),
     )
     ensure_topics(settings)
-    config = workdir / "settings.yaml"
-    config.write_text(settings.to_yaml())
+    configs = []
+    for i in range(trainers):
+        member = settings.kafka_group_instance_id if trainers == 1 else f"soak-trainer-{i}"
+        configs.append(workdir / f"settings-{i}.yaml")
+        configs[i].write_text(settings.model_copy(update={"kafka_group_instance_id": member}).to_yaml())
 
     data = synthetic(
         num_tasks=tasks, train_per_label=train_per_label, eval_per_label=eval_per_label, seed=seed
@@ -133,13 +153,23 @@ def soak(
     )
     producer.start()
 
-    broker_restarts = broker_kills = 0
+    broker_restarts = broker_kills = taken_over = 0
+    running = {
+        i: spawn_role("train", configs[i], workdir / f"trainer-{i}-start.log") for i in range(trainers)
+    }
     for kill in range(kills):
-        trainer = spawn_role("train", config, workdir / f"trainer-{kill:02d}.log")
         time.sleep(rng.uniform(4.0, 14.0))
-        trainer.send_signal(signal.SIGKILL)
-        trainer.wait()
-        say(f"kill {kill + 1}/{kills}: trainer killed with SIGKILL")
+        victim = kill % trainers
+        running[victim].send_signal(signal.SIGKILL)
+        running[victim].wait()
+        say(f"kill {kill + 1}/{kills}: trainer {victim} killed with SIGKILL")
+        if trainers > 1 and kill % 2 == 1:
+            before = _writers(settings)
+            time.sleep(settings.kafka_session_timeout_s + 6.0)  # its partitions go to the others
+            after = _writers(settings)
+            gone = f"soak-trainer-{victim}"
+            taken_over += sum(before.get(p) == gone != after[p] for p in after)
+        running[victim] = spawn_role("train", configs[victim], workdir / f"trainer-{victim}-{kill:02d}.log")
         if cluster is not None and kill == kills // 3:
             node = cluster.nodes[1]
             node.stop()
@@ -154,20 +184,22 @@ def soak(
     say(f"stream done: {len(stream)} records; letting the last trainer catch up")
 
     produced: Counter[tuple[str, str]] = Counter((r.task, r.split) for r in good)
-    final = spawn_role("train", config, workdir / "trainer-final.log")
     deadline = time.monotonic() + 600
     caught_up = False
     while time.monotonic() < deadline:
         if _absorbed(settings) == produced and committed_offsets(settings) == _end_offsets(settings):
             caught_up = True
             break
-        if final.poll() is not None:
-            say(f"the final trainer exited with {final.returncode}; see {workdir / 'trainer-final.log'}")
+        exited = [i for i, trainer in running.items() if trainer.poll() is not None]
+        if exited:
+            say(f"trainer {exited[0]} exited with {running[exited[0]].returncode}; see its log in {workdir}")
             break
         time.sleep(1.0)
     time.sleep(3.0)  # anything read twice would show up now
-    final.send_signal(signal.SIGTERM)
-    final.wait(timeout=120)
+    for trainer in running.values():
+        trainer.send_signal(signal.SIGTERM)
+    for trainer in running.values():
+        trainer.wait(timeout=120)
 
     absorbed = _absorbed(settings)
     keys = set(produced) | set(absorbed)
@@ -191,6 +223,8 @@ def soak(
         caught_up=caught_up,
         wall_s=round(time.monotonic() - started, 1),
         per_task=per_task,
+        trainers=trainers,
+        partitions_taken_over=taken_over,
     )
 
 
@@ -219,6 +253,12 @@ def _absorbed(settings: Settings) -> Counter[tuple[str, str]]:
     for name, (train, evaluated) in checkpointed_counts(Registry(settings.registry_dir)).items():
         counts[(name, "train")], counts[(name, "eval")] = train, evaluated
     return +counts
+
+
+def _writers(settings: Settings) -> dict[int, str]:
+    """Per partition, the trainer that wrote its checkpoint last (several trainers)."""
+    checkpoints = Registry(settings.registry_dir).partition_checkpoints()
+    return {p: str(checkpoint.get("writer")) for p, checkpoint in checkpoints.items()}
 
 
 def _end_offsets(settings: Settings) -> dict[int, int]:
@@ -253,38 +293,50 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--kills", type=int, default=20, help="kills of the one trainer")
+    parser.add_argument("--two-trainer-kills", type=int, default=12, help="kills spread over two trainers")
     parser.add_argument("--tasks", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     console = Console()
+    results: dict[str, SoakResult] = {}
     with tempfile.TemporaryDirectory(prefix="continual-soak-") as tmp:
         workdir = Path(tmp)
         minilm = load_settings(base_model=DEFAULT_BASE_MODEL).base_model_path()
         tiny = save_tiny_model(workdir / "tiny-bert", tokenizer_from=minilm)
-        console.print("starting a three-node Kafka cluster")
-        with LocalKafkaCluster(workdir / "kafka", size=3) as cluster:
-            result = soak(
-                cluster.bootstrap,
-                workdir,
-                str(tiny),
-                kills=args.kills,
-                cluster=cluster,
-                tasks=args.tasks,
-                seed=args.seed,
-                say=console.print,
-            )
+        for name, trainers, kills in (
+            ("one_trainer", 1, args.kills),
+            ("two_trainers", 2, args.two_trainer_kills),
+        ):
+            console.print(f"{name}: starting a three-node Kafka cluster")
+            with LocalKafkaCluster(workdir / f"kafka-{name}", size=3) as cluster:
+                results[name] = soak(
+                    cluster.bootstrap,
+                    workdir / name,
+                    str(tiny),
+                    kills=kills,
+                    cluster=cluster,
+                    tasks=args.tasks,
+                    seed=args.seed,
+                    say=console.print,
+                    trainers=trainers,
+                )
+    # The one-trainer soak's figures at the top (as before), the two-trainer one's beside them.
+    body = {**asdict(results["one_trainer"]), "two_trainers": asdict(results["two_trainers"])}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(asdict(result), indent=2) + "\n")
-    console.print_json(json.dumps(asdict(result)))
-    if (
-        result.lost
+    RESULTS.write_text(json.dumps(body, indent=2) + "\n")
+    console.print_json(json.dumps(body))
+    failed = [
+        name
+        for name, result in results.items()
+        if result.lost
         or result.duplicated
         or not result.caught_up
         or result.dead_lettered != result.malformed_produced
         or result.dead_letter_copies != result.malformed_produced
-    ):
-        console.print("[red]FAILED[/red]: records lost, duplicated, or not dead-lettered exactly once")
+    ]
+    if failed:
+        console.print(f"[red]FAILED[/red] {failed}: records lost, duplicated, or not dead-lettered once")
         sys.exit(1)
     console.print(f"[green]OK[/green]: wrote {RESULTS}")
 

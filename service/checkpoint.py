@@ -10,6 +10,8 @@ trainer reads again from the last checkpoint.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +28,7 @@ from service.publishing import Publisher
 from service.registry import Registry
 from service.router import Router
 from service.settings import Settings
+from service.task_inference import write_router
 from service.tasks import Examples, TaskState, stored_prototypes
 from service.training import Training
 
@@ -121,20 +124,7 @@ class Durability:
             tensors.update(duplicates_tensors)
             learner_file = self.registry.write_learner(pending.number, tensors) if tensors else None
             if pending.router is not None:
-                manifest = {
-                    "rows": [list(row) for row in pending.router.rows],
-                    "round": pending.number,
-                    "base_model": self.settings.base_model,
-                    # The versions it was fitted beside: it answers alone only for them (Router.speaks_for).
-                    "versions": {
-                        name: tasks[name].version
-                        for name in sorted(pending.router.tasks())
-                        if name in tasks and tasks[name].version is not None
-                    },
-                }
-                if pending.router.scope is not None:
-                    manifest["out_of_scope"] = pending.router.scope.manifest()
-                self.registry.write_router(pending.number, pending.router.tensors(), manifest)
+                write_router(self.registry, pending.router, tasks, pending.number, self.settings.base_model)
                 pending.router = None  # written: a retry does not write it again
             body = self._body(pending, tasks, plain, learner_file)
             self.registry.write_checkpoint(
@@ -186,6 +176,8 @@ class Durability:
             "format": CHECKPOINT_FORMAT,
             "round": pending.number,
             "topic": self.settings.kafka_topic,
+            # Which trainer wrote it: with several trainers, whose the partition was last.
+            "writer": self.settings.kafka_group_instance_id or f"{socket.gethostname()}:{os.getpid()}",
             "offsets": {str(p): o for p, o in pending.offsets.items()},
             # Eval records absorbed: the eval set and the repeats of training records set aside from it.
             "tasks": {
@@ -292,6 +284,11 @@ class Durability:
         return int(checkpoint["round"]), tasks
 
     def _check_compatible(self, checkpoint: dict[str, Any]) -> None:
+        if "partitions" in checkpoint:  # the merged view of several trainers' partition checkpoints
+            raise ValueError(
+                "the registry's trainer checkpoints are per partition, written by several trainers in "
+                "one group: keep kafka_group_trainers: several, or use another registry_dir"
+            )
         if checkpoint.get("topic") != self.settings.kafka_topic:
             raise ValueError(
                 f"the registry's trainer checkpoint is for topic {checkpoint.get('topic')!r}, "

@@ -117,14 +117,23 @@ def train(config: ConfigOption = None) -> None:
     metrics = TrainerMetrics(CollectorRegistry(), settings.strategy)
     port = serve_metrics(metrics.registry, settings.metrics_host, settings.trainer_metrics_port)
     _check_kafka_access(settings)
-    _check_sole_trainer(settings)
     registry = _open_registry(settings)
+    say = logging.getLogger("continual").info
+    if settings.kafka_group_trainers == "several":
+        from service.partition_trainers import PartitionTrainers
+
+        trainers = _or_exit(lambda: PartitionTrainers(settings, registry, metrics))
+        ensure_topics(settings)
+        # Each partition's learner and dead letters are read back when Kafka assigns the partition.
+        ingest = Ingest(settings, metrics, {}, read_back=False)
+        say("training %s's partitions, one of several trainers (metrics on :%d)", settings.kafka_topic, port)
+        trainers.run(ingest, stop)
+        return
+    _check_sole_trainer(settings)
     trainer = Trainer(settings, registry, metrics)
     ensure_topics(settings)
     ingest = Ingest(settings, metrics, trainer.durability.offsets, registry.checkpoint_written_at())
-    logging.getLogger("continual").info(
-        "training from %s topic %s (metrics on :%d)", settings.kafka_bootstrap, settings.kafka_topic, port
-    )
+    say("training from %s topic %s (metrics on :%d)", settings.kafka_bootstrap, settings.kafka_topic, port)
     trainer.run(ingest, stop)
 
 

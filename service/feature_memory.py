@@ -97,6 +97,17 @@ class FeatureMemory:
     def _rng(self, key: Key, n: int) -> random.Random:
         return random.Random(self.seed * 1_000_003 + zlib.crc32(f"{key[0]}\0{key[1]}\0{n}".encode()))
 
+    @classmethod
+    def union(cls, memories: Sequence[FeatureMemory]) -> FeatureMemory:
+        """One memory holding the rows of ``memories`` (of different tasks: several trainers' partitions)."""
+        first = memories[0]
+        whole = cls(sum(m.size for m in memories), first.seed, first.prefix)
+        for memory in memories:
+            whole._rows.update(memory._rows)
+            whole._seen.update(memory._seen)
+            whole.added += memory.added
+        return whole
+
     # --- saved with the checkpoint ------------------------------------------------------------------
 
     def saved_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
@@ -111,6 +111,8 @@ class _RebalanceListener(ConsumerRebalanceListener):
             self._ingest.positions.pop(tp.partition, None)
 
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        if self._ingest.on_assign is not None:  # several trainers: learners for the partitions first
+            self._ingest.on_assign({tp.partition for tp in assigned})
         # After a rebalance (a broker restart, say) the group may hand back partitions whose records
         # this trainer already absorbed but has not committed: continue after them, not at the commit.
         for tp in assigned:
@@ -130,9 +132,11 @@ class Ingest:
         metrics: TrainerMetrics,
         start_offsets: Mapping[int, int],
         checkpoint_written_at: float | None = None,
+        read_back: bool = True,
     ) -> None:
         """``start_offsets`` and ``checkpoint_written_at`` (seconds since the epoch) are the durable
-        checkpoint's offsets and time; records dead-lettered since it are not dead-lettered again."""
+        checkpoint's offsets and time; records dead-lettered since it are not dead-lettered again
+        (``read_back`` False: nothing is read back now; ``read_back_dead_letters`` does it later)."""
         if settings.kafka_bootstrap is None:
             raise ValueError("kafka_bootstrap must be set to consume")
         self.settings = settings
@@ -146,6 +150,9 @@ class Ingest:
         self.before_revoke: Callable[[], bool] | None = None
         #: True while before_revoke runs inside the rebalance callback.
         self.in_rebalance = False
+        #: Called (inside a poll) with the partitions now assigned, before they are positioned at
+        #: ``start_offsets``: several trainers in a group restore those partitions' learners there.
+        self.on_assign: Callable[[set[int]], None] | None = None
         self._last_poll = time.monotonic()
         self._keepalive_s = settings.kafka_max_poll_interval_s / 4
         #: Per partition read ahead by ``peek``: the first offset read ahead (where ``rewind`` goes).
@@ -164,15 +171,19 @@ class Ingest:
         )
         self.consumer.subscribe([settings.kafka_topic], listener=_RebalanceListener(self))
         #: Records of the training topic already in the dead-letter topic: (partition, offset).
-        self.dead_lettered = dead_lettered_since(
-            settings, checkpoint_written_at, settings.dead_letter_timeout_s
-        )
+        self.dead_lettered: set[tuple[int, int]] = set()
+        if read_back:
+            self.read_back_dead_letters(checkpoint_written_at)
         self.dead_letters = ReliableProducer(
             settings.kafka_bootstrap,
             "continual-dead-letter",
             on_retry=metrics.dead_letter_failures.inc,
             options=client_options(settings),
         )
+
+    def read_back_dead_letters(self, since_s: float | None) -> None:
+        """Learn which records were dead-lettered since ``since_s`` (a checkpoint's time; None: ever)."""
+        self.dead_lettered |= dead_lettered_since(self.settings, since_s, self.settings.dead_letter_timeout_s)
 
     def poll(self, timeout_s: float) -> list[Incoming]:
         """Valid records that arrived within ``timeout_s``; invalid ones go to the dead-letter topic."""
@@ -182,6 +193,10 @@ class Ingest:
         for tp, messages in batches.items():
             for message in messages:
                 result = decode(message.key, message.value, self.settings.max_text_chars)
+                several = self.settings.kafka_group_trainers == "several"
+                if several and message.key is None and not isinstance(result, Rejection):
+                    # Trainers split the tasks by partition: a task's records must all land on one.
+                    result = Rejection("key_mismatch", "no key: several trainers need the task as key")
                 if isinstance(result, Rejection):
                     self.dead_letter(tp.partition, message.offset, message.key, message.value, result)
                 else:
@@ -192,10 +207,11 @@ class Ingest:
                 self.positions[tp.partition] = message.offset + 1
         return accepted
 
-    def peek(self, timeout_s: float) -> list[Record]:
+    def peek(self, timeout_s: float, partitions: Container[int] | None = None) -> list[Record]:
         """Valid records read ahead, without handing them over: nothing is dead-lettered and no
         position moves. ``rewind`` then puts the consumer back, so the next ``poll`` reads them again.
-        Also keeps the group membership alive, like any poll. Reads nothing inside a rebalance."""
+        Also keeps the group membership alive, like any poll. Reads nothing inside a rebalance.
+        ``partitions``: only the records of these (default: all assigned)."""
         if self.in_rebalance:
             return []
         batches = self.consumer.poll(timeout_ms=int(timeout_s * 1000))
@@ -204,6 +220,8 @@ class Ingest:
         for tp, messages in batches.items():
             if messages:
                 self._peeked_from.setdefault(tp, messages[0].offset)
+            if partitions is not None and tp.partition not in partitions:
+                continue
             for message in messages:
                 result = decode(message.key, message.value, self.settings.max_text_chars)
                 if not isinstance(result, Rejection):

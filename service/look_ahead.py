@@ -40,15 +40,16 @@ class LookAhead:
         #: Tasks served this way and their first version, until the trainer takes the task in.
         self.served: dict[str, int] = {}
 
-    def look(self, ingest: Ingest, known: Container[str]) -> None:
-        """Read ahead (at most every LOOK_EVERY_S) and serve every unknown task with enough records;
-        between reads, only keep the group membership alive."""
+    def look(self, ingest: Ingest, known: Container[str], partition: int | None = None) -> None:
+        """Read ahead (at most every LOOK_EVERY_S) and serve every unknown task with enough records
+        (of ``partition`` only, when the trainer learns one); between reads, only keep the group
+        membership alive."""
         now = time.monotonic()
         if now < self._next_look or self._read >= self.settings.round_max_records:
             ingest.keepalive()
             return
         self._next_look = now + LOOK_EVERY_S
-        for record in ingest.peek(timeout_s=0):
+        for record in ingest.peek(timeout_s=0, partitions=None if partition is None else {partition}):
             self._read += 1
             if record.split == "train" and record.task not in known and record.task not in self.served:
                 self._held.setdefault(record.task, []).append(record)

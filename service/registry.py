@@ -12,6 +12,7 @@ Layout under the registry's root (a local directory, or ``s3://bucket/prefix``: 
     tasks/<task>/events.jsonl                           promotions, rejections, rollbacks, pruning
     trainer/checkpoint.json                             which versions the trainer holds + offsets
     trainer/learner-<round>.safetensors                 the shared learner and strategy tensors it names
+    trainer/partition-<p>/...                           the same per partition, for several trainers
     router/router.json                                  the current task router: its rows and file
     router/router-<round>.safetensors                   the router's weights
 
@@ -40,7 +41,7 @@ from service.errors import CorruptVersion, NotFound
 from service.object_store import Conflict, LocalStore, ObjectStore, open_store
 from service.report import REPORT_FILE
 from service.settings import TASK_NAME, Settings
-from service.trainer_files import TrainerFiles, json_bytes, tensor_bytes, tensors_of
+from service.trainer_files import TrainerFiles, json_bytes, partition_dir, tensor_bytes, tensors_of
 
 WEIGHTS_FILE = "adapter.safetensors"
 EVAL_FILE = "eval.jsonl"
@@ -73,6 +74,12 @@ class Registry(TrainerFiles):
     def describe(self) -> str:
         """Where the registry is, for messages."""
         return self.store.describe()
+
+    def for_partition(self, partition: int) -> Registry:
+        """This registry with one partition's trainer files (several trainers in one group)."""
+        view = Registry(self.store)
+        view.trainer_dir = partition_dir(partition)
+        return view
 
     # --- reading ----------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -34,6 +34,8 @@ TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 #: ``strategies/`` registers one class under each (its registry refuses a name not listed here); the
 #: settings thus check a name without importing the strategies and the model stack beneath them.
 STRATEGIES = ("lora-per-task", "naive", "replay", "ewc", "lwf", "replay+ewc", "joint")
+#: The strategies whose tasks share no parameters: several trainers can split their tasks.
+TASK_ISOLATING_STRATEGIES = ("lora-per-task",)
 
 
 class Settings(ServingSettings):
@@ -57,6 +59,9 @@ class Settings(ServingSettings):
         default=None,
         description="Static group membership (KIP-345): a trainer restarted under the same id takes its "
         "partitions back at once instead of waiting out the session timeout; one id per trainer.",
+    )
+    kafka_group_trainers: Literal["one", "several"] = Field(
+        default="one", description="several: trainers in the group split the tasks by partition (README)."
     )
     # Kafka security (service/kafka_access.py): what real clusters use
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
@@ -271,9 +276,14 @@ class Settings(ServingSettings):
 
     @field_validator("strategy")
     @classmethod
-    def _strategy_known(cls, value: str) -> str:
+    def _strategy_known(cls, value: str, info: ValidationInfo) -> str:
         if value not in STRATEGIES:
             raise ValueError(f"unknown strategy {value!r}; registered: {', '.join(sorted(STRATEGIES))}")
+        if info.data.get("kafka_group_trainers") == "several" and value not in TASK_ISOLATING_STRATEGIES:
+            raise ValueError(
+                f"{value!r} trains one learner shared by every task, which one trainer must hold: "
+                f"kafka_group_trainers: several needs {' or '.join(TASK_ISOLATING_STRATEGIES)}"
+            )
         return value
 
     @field_validator("kafka_topic", "kafka_dead_letter_topic", "kafka_group_id", "kafka_group_instance_id")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -22,11 +23,13 @@ from service.tasks import TaskState
 class TaskInference:
     """The router's memories (saved with the trainer's checkpoint) and the router fitted on them."""
 
-    def __init__(self, settings: Settings, metrics: TrainerMetrics) -> None:
+    def __init__(self, settings: Settings, metrics: TrainerMetrics, fits_router: bool = True) -> None:
+        """``fits_router`` False: keep the memories only (another fits the router over several)."""
         self.settings = settings
         self.metrics = metrics
         #: Whether requests naming no task are routed by a router (else by label prototypes alone).
         self.enabled = settings.task_inference == "router"
+        self.fits_router = fits_router
         #: Base features of training texts, evenly per label, that the router is fitted on.
         self.memory = FeatureMemory(settings.router_memory_size, settings.seed)
         #: Base features of eval records, evenly per label: what the out-of-scope threshold is set on;
@@ -48,7 +51,7 @@ class TaskInference:
     ) -> Router | None:
         """The router refit on the memory, with its out-of-scope rule, if the memory changed since the
         last fit (else None: nothing new). ``heartbeat`` is called during the fit."""
-        if not self.enabled or self._fitted == self.memory.added:
+        if not (self.enabled and self.fits_router) or self._fitted == self.memory.added:
             return None
         started = time.monotonic()
         router = fit_router(self.memory, heartbeat=heartbeat)
@@ -63,3 +66,23 @@ class TaskInference:
         self.router = router
         self.metrics.router_fit_seconds.observe(time.monotonic() - started)
         return router
+
+
+def write_router(
+    registry: Registry, router: Router, tasks: Mapping[str, TaskState], round_number: int, base_model: str
+) -> None:
+    """Write ``router`` with the version of every task it was fitted beside: it answers alone only
+    for those (``Router.speaks_for``)."""
+    manifest: dict[str, Any] = {
+        "rows": [list(row) for row in router.rows],
+        "round": round_number,
+        "base_model": base_model,
+        "versions": {
+            name: tasks[name].version
+            for name in sorted(router.tasks())
+            if name in tasks and tasks[name].version is not None
+        },
+    }
+    if router.scope is not None:
+        manifest["out_of_scope"] = router.scope.manifest()
+    registry.write_router(round_number, router.tensors(), manifest)

@@ -54,8 +54,12 @@ class Trainer:
         registry: Registry,
         metrics: TrainerMetrics,
         model: AdapterModel | None = None,
+        partition: int | None = None,
     ) -> None:
+        """``partition``: the one partition learned, by one of several trainers in a group (its files
+        in ``registry``; the router is fitted over all partitions: ``service.group_router``)."""
         self.settings = settings
+        self.partition = partition
         self.metrics = metrics
         strategy = create(settings.strategy, settings)
         if settings.torch_threads:
@@ -70,7 +74,7 @@ class Trainer:
         self.assessment = Assessment(metrics)
         self.publisher = Publisher(settings, registry, metrics, self.training)
         #: The task router, its memories and its out-of-scope rule.
-        self.inference = TaskInference(settings, metrics)
+        self.inference = TaskInference(settings, metrics, fits_router=partition is None)
         #: What finds eval records that repeat training records (set aside from the eval sets).
         self.duplicates = DuplicateIndex(settings.duplicate_cosine)
         self.durability = Durability(
@@ -183,22 +187,26 @@ class Trainer:
 
     def round_due(self, idle_s: float, positions: dict[int, int]) -> bool:
         """Whether to close the round now: enough records, or a quiet stream with something to save."""
-        return self.rounds.due(self.tasks.values(), idle_s, self._unsaved(positions))
+        return self.rounds.due(self.tasks.values(), idle_s, self.unsaved(positions))
 
-    def _unsaved(self, positions: dict[int, int]) -> bool:
+    def unsaved(self, positions: dict[int, int]) -> bool:
         """Records absorbed, or offsets moved (dead letters), since the last checkpoint."""
         return (
             self.rounds.records > 0
             or self.durability.pending is not None
             or any(state.round_examples for state in self.tasks.values())
-            or self.durability.offsets_moved(positions)
+            or self.durability.offsets_moved(self._own(positions))
         )
+
+    def _own(self, positions: dict[int, int]) -> dict[int, int]:
+        """The positions of the partitions this trainer learns."""
+        return {p: o for p, o in positions.items() if self.partition in (None, p)}
 
     def close_round(self, positions: dict[int, int], ingest: Ingest | None = None) -> RoundReport:
         """Finish training, evaluate, publish, checkpoint, then commit offsets (in that order)."""
         self._closing = True
         try:
-            return self._close_round(positions, ingest)
+            return self._close_round(self._own(positions), ingest)
         finally:
             self._closing = False
             if ingest is not None:
@@ -263,7 +271,7 @@ class Trainer:
         """Poll, absorb and close rounds until ``stop`` is set; a graceful stop closes the open round."""
         ingest.start_offsets.update(self.durability.offsets)
         self._ingest = ingest
-        ingest.before_revoke = self._flush_before_revoke
+        ingest.before_revoke = self.flush_before_revoke
         last_arrival = time.monotonic()
         next_lag = 0.0
         try:
@@ -297,7 +305,7 @@ class Trainer:
                         on_round(report)
             if self.durability.pending is not None:
                 self.durability.persist(self.tasks, ingest)
-            elif self._unsaved(ingest.positions):
+            elif self.unsaved(ingest.positions):
                 self.close_round(dict(ingest.positions), ingest)
         finally:
             self._ingest = None
@@ -310,11 +318,20 @@ class Trainer:
         if self._ingest is None:
             return
         if self._closing and self.settings.first_version_records > 0:
-            self.look_ahead.look(self._ingest, self.tasks)
+            self.look_ahead.look(self._ingest, self.tasks, self.partition)
         else:
             self._ingest.keepalive()
 
-    def _flush_before_revoke(self) -> bool:
+    def follow(self, ingest: Ingest | None) -> None:
+        """Keep the group alive through ``ingest`` during long work (None: stop), as ``run`` does."""
+        self._ingest = ingest
+
+    def release(self) -> None:
+        """Unload every task's adapter from the model (shared with other trainers in the process)."""
+        for name in self.tasks:
+            self.training.model.remove(name)
+
+    def flush_before_revoke(self) -> bool:
         """Make what was absorbed durable and committed before the group hands partitions to another.
 
         Called inside a poll. While a round is closing (its keep-alive polls can see a rebalance too)
@@ -323,7 +340,7 @@ class Trainer:
         ingest = self._ingest
         if ingest is None or self._closing:
             return False
-        if self.durability.pending is None and not self._unsaved(ingest.positions):
+        if self.durability.pending is None and not self.unsaved(ingest.positions):
             return True
         log.info("partitions are being revoked: closing the round first")
         self.close_round(dict(ingest.positions), ingest)

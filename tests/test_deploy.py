@@ -255,3 +255,21 @@ def test_a_secured_kafka_gets_its_password_and_certificates_from_secrets() -> No
         "volumeMounts"
     ]
     assert "kafka_sasl_password" in Settings.model_fields
+
+
+def test_several_trainer_replicas_split_the_tasks_and_a_shared_strategy_refuses_them(tmp_path: Path) -> None:
+    objects = _render("adminToken.value=a-secret", "trainer.replicas=3")
+    assert _one(objects, "StatefulSet")["spec"]["replicas"] == 3
+    settings_file = tmp_path / "settings.yaml"
+    settings_file.write_text(_one(objects, "ConfigMap", "-settings")["data"]["settings.yaml"])
+    settings = load_settings(settings_file)
+    assert (settings.kafka_group_trainers, settings.strategy) == ("several", "lora-per-task")
+    values = ("adminToken.value=a-secret", "trainer.replicas=2", "settings.strategy=replay")
+    rendered = subprocess.run(
+        [str(HELM), "template", "continual", str(CHART), *[a for v in values for a in ("--set", v)]],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert rendered.returncode != 0 and "trainer.replicas: 2 trainers" in rendered.stderr
+    assert len(_render("adminToken.value=a-secret", "settings.strategy=replay")) == len(objects)

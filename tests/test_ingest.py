@@ -139,3 +139,36 @@ def test_a_restarted_trainer_dead_letters_each_record_once(settings: Settings, k
         (dict(m.headers)[ORIGIN_PARTITION_HEADER], dict(m.headers)[ORIGIN_OFFSET_HEADER]) for m in letters
     ]
     assert len(origins) == len(set(origins)) == len(BAD) + 1  # each bad record once, the new one too
+
+
+def test_with_several_trainers_a_record_without_its_task_as_key_is_dead_lettered(
+    settings: Settings, kafka_bootstrap: str
+) -> None:
+    # Trainers split the tasks by partition, and a key-less record lands on any partition.
+    settings = settings.model_copy(
+        update={"kafka_bootstrap": kafka_bootstrap, "kafka_group_trainers": "several"}
+    )
+    ensure_topics(settings)
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    producer.send(settings.kafka_topic, key=None, value=json.dumps(GOOD).encode())
+    producer.send(settings.kafka_topic, key=b"banking", value=json.dumps({**GOOD, "id": "2"}).encode())
+    producer.flush()
+    ingest = Ingest(settings, TrainerMetrics(CollectorRegistry(), "lora-per-task"), start_offsets={})
+    received = []
+
+    def all_read() -> bool:
+        received.extend(ingest.poll(timeout_s=0.5))
+        return sum(ingest.positions.values()) == 2
+
+    eventually(all_read, timeout_s=60, what="both records to be read")
+    ingest.flush_dead_letters()
+    ingest.close()
+    assert [r.record.id for r in received] == ["2"]
+    dead = KafkaConsumer(
+        settings.kafka_dead_letter_topic, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest"
+    )
+    letters: list[Any] = []
+    eventually(lambda: letters.extend(m for ms in dead.poll(500).values() for m in ms) or letters, 60)
+    dead.close()
+    assert [dict(m.headers)[REASON_HEADER].decode() for m in letters] == ["key_mismatch"]
+    assert b"no key" in dict(letters[0].headers)[ERROR_HEADER]

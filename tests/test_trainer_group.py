@@ -1,4 +1,6 @@
-"""One trainer per consumer group: a second one refuses to start, a restarted one is let in."""
+"""Trainers in one consumer group: one by default (a second refuses to start, a restarted one is let
+in); several, each learning the tasks of its partitions, with a task-isolating strategy. The
+several trainers' kill -9 soak is in tests/test_crash_soak.py."""
 
 from __future__ import annotations
 
@@ -13,10 +15,18 @@ from typing import Any
 import pytest
 from kafka import KafkaAdminClient
 from kafka.errors import KafkaError
+from prometheus_client import CollectorRegistry
 
 from service.demo import spawn_role
-from service.settings import Settings, SettingsError
+from service.evaluation import summarize
+from service.metrics import TrainerMetrics
+from service.partition_trainers import PartitionTrainers
+from service.registry import Registry
+from service.settings import STRATEGIES, TASK_ISOLATING_STRATEGIES, Settings, SettingsError, load_settings
+from service.trainer import Trainer
+from service.trainer_files import json_bytes, merged_checkpoint, partition_dir
 from service.trainer_group import ensure_sole_trainer, other_members
+from strategies import create
 from tests.helpers import eventually
 
 
@@ -81,3 +91,45 @@ def test_a_second_trainer_refuses_the_group_and_a_killed_ones_place_is_taken(
             trainer.kill()
             trainer.wait()
         admin.close()
+
+
+def test_several_trainers_need_a_strategy_whose_tasks_share_nothing(settings: Settings) -> None:
+    isolating = [name for name in STRATEGIES if create(name, settings).isolates_tasks]
+    assert isolating == list(TASK_ISOLATING_STRATEGIES)
+    with pytest.raises(SettingsError, match=r"strategy: .*kafka_group_trainers: several needs lora-per-task"):
+        load_settings(kafka_group_trainers="several", strategy="replay")
+    assert load_settings(kafka_group_trainers="several").strategy == "lora-per-task"
+
+
+def test_partitions_checkpoints_read_as_one_give_one_trainers_figures() -> None:
+    # Partition 1 learned a then b; partition 2 learned c. One trainer learning a, b, c in turn.
+    first = {
+        "round": 3,
+        "tasks": {"a": {}, "b": {}},
+        "offsets": {"1": 40},
+        "accuracy_matrix": [["a", {"a": 0.9}], ["b", {"a": 0.8, "b": 0.95}]],
+    }
+    second = {"round": 1, "tasks": {"c": {}}, "offsets": {"2": 7}, "accuracy_matrix": [["c", {"c": 0.7}]]}
+    view = merged_checkpoint({1: first, 2: second})
+    assert (view["round"], view["partitions"], sorted(view["tasks"])) == (3, [1, 2], ["a", "b", "c"])
+    assert view["offsets"] == {"1": 40, "2": 7}
+    merged = summarize(dict(view["accuracy_matrix"]))
+    one = summarize({"a": {"a": 0.9}, "b": {"a": 0.8, "b": 0.95}, "c": {"a": 0.8, "b": 0.95, "c": 0.7}})
+    assert (merged.acc, merged.bwt, merged.forgetting) == (one.acc, one.bwt, one.forgetting)
+
+
+def test_one_and_several_trainers_refuse_each_others_checkpoints(settings: Settings) -> None:
+    metrics = TrainerMetrics(CollectorRegistry(), settings.strategy)
+    registry = Registry(settings.registry_dir)
+    partition = {"round": 1, "tasks": {}, "offsets": {"0": 3}, "topic": settings.kafka_topic}
+    registry.store.write(f"{partition_dir(0)}/checkpoint.json", json_bytes(partition))
+    with pytest.raises(ValueError, match="kafka_group_trainers: several"):
+        Trainer(settings, registry, metrics)
+    # A partition's learner reads its own checkpoint.
+    assert registry.for_partition(0).read_checkpoint() == partition
+    assert registry.for_partition(1).read_checkpoint() is None
+
+    several = settings.model_copy(update={"kafka_group_trainers": "several"})
+    registry.store.write("trainer/checkpoint.json", json_bytes({**partition, "offsets": {}}))
+    with pytest.raises(SettingsError, match="kafka_group_trainers: the registry's trainer checkpoint"):
+        PartitionTrainers(several, registry, metrics)
