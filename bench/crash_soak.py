@@ -108,6 +108,7 @@ def soak(
     of six partitions), the kills go round them, and after every other kill the killed one stays
     down past the session timeout, so that the others take its partitions over."""
     started = time.monotonic()
+    workdir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     unique = uuid.uuid4().hex[:8]
     settings = load_settings(
