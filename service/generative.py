@@ -210,6 +210,14 @@ class GenerativeAdapters:
         return (losses.sum(dim=1) / counts).tolist()
 
     @torch.no_grad()
+    def text_loss(self, task: str | None, text: str, most_tokens: int = 512) -> float:
+        """The mean per-token loss of plain ``text`` (no chat template; its first ``most_tokens``
+        tokens) under ``task``'s adapter (None: the language model alone)."""
+        ids = torch.tensor([self.tokenizer(text, add_special_tokens=False)["input_ids"][:most_tokens]])
+        with self._using(task) as model:
+            return float(model(input_ids=ids, labels=ids).loss)
+
+    @torch.no_grad()
     def generate(self, task: str | None, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
         """Greedy answers to ``prompts`` under ``task``'s adapter (None: the language model alone),
         each cut at its end-of-turn mark."""
