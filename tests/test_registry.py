@@ -177,6 +177,30 @@ def test_checkpoint_learner_and_router_round_trip(registry: Registry) -> None:
     ]
 
 
+def test_each_partitions_trainer_files_are_its_own_and_read_as_one_from_the_root(registry: Registry) -> None:
+    # Several trainers in one group: a checkpoint and learner files per partition.
+    for partition, task in ((0, "alpha"), (4, "beta")):
+        view = registry.for_partition(partition)
+        kept = view.write_learner(7, {"x": torch.full((2,), float(partition))})
+        view.write_learner(6, {"x": torch.zeros(1)})
+        view.prune_learners(keep=kept)  # prunes its own partition's files only
+        body = {"round": 7, "learner": kept, "tasks": {task: {"version": 1}}, "offsets": {str(partition): 9}}
+        view.write_checkpoint(body)
+    for partition in (0, 4):
+        view = registry.for_partition(partition)
+        assert view.read_checkpoint() is not None and view.checkpoint_written_at() is not None
+        learner = view.read_learner("learner-000007.safetensors")
+        assert torch.equal(learner["x"], torch.full((2,), float(partition)))
+    assert registry.for_partition(1).read_checkpoint() is None
+    assert sorted(registry.partition_checkpoints()) == [0, 4]
+    merged = registry.read_checkpoint()
+    assert merged is not None and merged["partitions"] == [0, 4]
+    assert (merged["tasks"], merged["offsets"]) == (
+        {"alpha": {"version": 1}, "beta": {"version": 1}},
+        {"0": 9, "4": 9},
+    )
+
+
 def test_writers_racing_never_share_a_version_number(opener: Opener) -> None:
     """Two trainers (or a trainer and an operator's tool), each with its own handle, publishing at once."""
     numbers: list[int] = []
