@@ -167,9 +167,16 @@ def soak(
         if trainers > 1 and kill % 2 == 1:
             before = _writers(settings)
             time.sleep(settings.kafka_session_timeout_s + 6.0)  # its partitions go to the others
-            after = _writers(settings)
             gone = f"soak-trainer-{victim}"
-            taken_over += sum(before.get(p) == gone != after[p] for p in after)
+            # ...and the others checkpoint them as records arrive (a loaded machine may take a while).
+            deadline = time.monotonic() + 30.0
+            while True:
+                after = _writers(settings)
+                taken = sum(before.get(p) == gone != after[p] for p in after)
+                if taken or time.monotonic() > deadline or producer_done.is_set():
+                    break
+                time.sleep(1.0)
+            taken_over += taken
         running[victim] = spawn_role("train", configs[victim], workdir / f"trainer-{victim}-{kill:02d}.log")
         if cluster is not None and kill == kills // 3:
             node = cluster.nodes[1]

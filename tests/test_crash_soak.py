@@ -51,7 +51,8 @@ def test_two_trainers_split_the_tasks_and_take_a_killed_ones_over(
         tasks=4,
         train_per_label=30,
         eval_per_label=10,
-        stream_seconds=30.0,
+        # Long enough that records still arrive after the wait-out (kill 2, at 8-28 s, plus 12 s).
+        stream_seconds=60.0,
         say=lambda _: None,
         trainers=2,
     )
