@@ -44,6 +44,7 @@ from rich.console import Console
 from bench.cl_clinc150 import replace_block
 from service.demo import plot_matrix
 from service.evaluation import summarize
+from service.general_anchor import agreement, anchors
 from service.general_probe import ProbeResult, measure
 from service.generative import GenerativeAdapters, Pair
 from service.generative_datasets import GENERATIVE_TASKS, generative_tasks
@@ -74,6 +75,8 @@ def run(
     started = time.monotonic()
     learner = _learner(args)
     rng = random.Random(args.seed)
+    # The model's own answers to general instructions, learned beside each task (``--anchor`` per batch).
+    anchored, held_out = anchors(learner) if args.anchor else ([], [])
     reservoir: list[Pair] = []
     offered = 0
     matrix: dict[str, dict[str, float]] = {}
@@ -88,6 +91,8 @@ def run(
                 batch = train[start : start + args.batch_size]
                 if strategy == "replay" and reservoir:
                     batch += rng.sample(reservoir, min(len(reservoir), max(1, len(batch) // 2)))
+                if anchored:
+                    batch += rng.sample(anchored, min(len(anchored), args.anchor))
                 learner.step(adapter, batch)
         if strategy == "replay":
             for pair in train:  # a uniform sample of every earlier pair (reservoir sampling)
@@ -104,12 +109,18 @@ def run(
     summary = summarize(matrix)
     adapters = order if strategy == "lora-per-task" else [SHARED]
     probes = [measure(learner, adapter) for adapter in adapters]
+    if not held_out:
+        held_out = anchors(learner)[1]
+    agreements = [agreement(learner, adapter, held_out) for adapter in adapters]
     return {
         "matrix": matrix,
         "acc": summary.acc,
         "bwt": summary.bwt,
         "forgetting": summary.mean_forgetting,
         "general_probe_after": _mean_probe(probes),
+        "general_probe_per_adapter": {a: p.accuracy for a, p in zip(adapters, probes, strict=True)},
+        # Held-out general instructions answered in the language model's own words (chosen on).
+        "general_agreement_after": sum(agreements) / len(agreements),
         "wall_s": round(time.monotonic() - started, 1),
     }
 
@@ -152,6 +163,8 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--replay-size", type=int, default=200)
+    parser.add_argument("--anchor", type=int, default=0, help="general pairs per batch (0: none)")
+    parser.add_argument("--tasks", nargs="+", default=list(GENERATIVE_TASKS), choices=GENERATIVE_TASKS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--measure-on", choices=("test", "val"), default="test")
@@ -187,7 +200,7 @@ def main() -> None:
     results["config"] = config
     if not args.skip_zero_shot:
         learner = _learner(args)
-        zero = {name: _exact_match(learner, None, data[name][1]) for name in GENERATIVE_TASKS}
+        zero = {name: _exact_match(learner, None, data[name][1]) for name in args.tasks}
         probe = measure(learner, None)
         results["zero_shot"] = zero
         results["zero_shot_acc"] = sum(zero.values()) / len(zero)
@@ -196,7 +209,7 @@ def main() -> None:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     for strategy in args.strategies:
         for name in args.orders:
-            measured = run(strategy, orders(list(GENERATIVE_TASKS))[name], data, args, console.print)
+            measured = run(strategy, orders(list(args.tasks))[name], data, args, console.print)
             base = results.get("general_probe_base")
             if base is not None:
                 measured["general_probe_delta"] = (
@@ -221,6 +234,8 @@ CONFIG = (
     "learning_rate",
     "rank",
     "replay_size",
+    "anchor",
+    "tasks",
     "seed",
     "measure_on",
 )

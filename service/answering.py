@@ -25,7 +25,7 @@ from typing import TypeVar
 import torch
 
 from service.engine import Row
-from service.errors import ContinualError, InvalidArgument, NotFound
+from service.errors import ContinualError, FailedPrecondition, InvalidArgument, NotFound
 from service.router import Router, answer_without_task, answered_by_router, candidates, could_still_win
 from service.serving import AdapterPool, LoadedVersion, nearest_task
 from service.settings import TASK_NAME
@@ -196,6 +196,8 @@ class Answerer:
         with self.pool.serving() as (served, router):
             loaded = served.get(task)
             if loaded is None:
+                if task in self.pool.generative:
+                    raise FailedPrecondition(f"task {task!r} is generative: Predict answers classifiers")
                 known = ", ".join(sorted(served)) or "none yet"
                 raise NotFound(f"no adapter is served for task {task!r} (served tasks: {known})")
             # A sampled request brings a base row along for drift: the same forward, no other. (Asked

@@ -4,13 +4,23 @@ learning figures derived from it (``service.evaluation``) exported to Prometheus
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from service.evaluation import LearningSummary, label_accuracy, macro_accuracy, summarize
 from service.metrics import TrainerMetrics
 from service.report import mistakes
 from service.tasks import TaskState
 from service.training import Training
+
+
+class Measured(Protocol):
+    """What the matrix reads of a task, classification or generative (whose accuracy is exact match)."""
+
+    name: str
+    accuracy: float | None
+    macro_accuracy: float | None
+    best_accuracy: float | None
+    labels: list[str]
 
 
 class Assessment:
@@ -41,7 +51,7 @@ class Assessment:
                 # the tasks learned so far taught (not the first, which may predate all of them).
                 self.before_learning[state.name] = state.accuracy
 
-    def record(self, trained: Iterable[str], tasks: Mapping[str, TaskState]) -> None:
+    def record(self, trained: Iterable[str], tasks: Mapping[str, Measured]) -> None:
         """A row for every task the round trained, then the matrix and its figures to the metrics."""
         now = {s.name: s.accuracy for s in tasks.values() if s.accuracy is not None}
         macro_now = {s.name: s.macro_accuracy for s in tasks.values() if s.macro_accuracy is not None}
@@ -68,7 +78,7 @@ class Assessment:
             if state.accuracy is not None:
                 state.best_accuracy = max(state.best_accuracy or 0.0, state.accuracy)
 
-    def summary(self, tasks: Mapping[str, TaskState]) -> LearningSummary:
+    def summary(self, tasks: Mapping[str, Measured]) -> LearningSummary:
         """ACC, BWT, FWT and forgetting of the accuracy matrix (FWT against chance level)."""
         chance = {name: 1.0 / len(state.labels) for name, state in tasks.items() if state.labels}
         return summarize(self.matrix, self.before_learning, chance)

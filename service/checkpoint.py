@@ -20,6 +20,7 @@ from service.assessment import Assessment
 from service.data_health import DataHealth
 from service.duplicates import DuplicateIndex
 from service.feature_memory import FeatureMemory
+from service.generative_learning import GenerativeLearning
 from service.ingest import Ingest
 from service.metrics import TrainerMetrics
 from service.producer import Unacknowledged
@@ -70,6 +71,7 @@ class Durability:
         duplicates: DuplicateIndex,
         scope_memory: FeatureMemory,
         scope_outside: FeatureMemory,
+        generative: GenerativeLearning,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -81,6 +83,7 @@ class Durability:
         self.duplicates = duplicates
         self.scope_memory = scope_memory
         self.scope_outside = scope_outside
+        self.generative = generative
         #: The Kafka offsets of the last durable checkpoint.
         self.offsets: dict[int, int] = {}
         #: The latest closed round while it is not yet durable.
@@ -111,6 +114,9 @@ class Durability:
                     version, decision = self.publisher.publish(state, pending.offsets, pending.number)
                     pending.decisions[state.name] = decision
                     pending.published[state.name] = version
+            written = self.generative.publish(pending.offsets, pending.number, done=pending.published)
+            for name, (version, decision) in written.items():
+                pending.published[name], pending.decisions[name] = version, decision
             plain, tensors = self.training.saved_state()
             memory, memory_tensors = self.memory.saved_state()
             progress, progress_tensors = self.training.optimisers.state()
@@ -202,6 +208,7 @@ class Durability:
             # The shared learner and the strategy's tensors (written before this checkpoint).
             "learner": learner_file,
             "columns": [list(key) for key in self.training.columns],
+            "generative": self.generative.saved(),
             **self.assessment.saved(),
             "untrained": {
                 name: [[text, index] for text, index in rows] for name, rows in pending.untrained.items()
@@ -257,6 +264,7 @@ class Durability:
                 name, len(state.unlabeled), state.unlabeled_dropped, 0, state.pseudo_label_accuracy
             )
         self.assessment.restore(checkpoint)
+        self.generative.restore(checkpoint.get("generative", {}))
         for name, rows in checkpoint.get("untrained", {}).items():
             state = tasks[name]
             state.pending = [(str(text), int(index)) for text, index in rows]

@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings
 
+#: A version's ``kind`` in its manifest when its task is generative (classification versions have none).
+GENERATIVE_KIND = "generative"
 #: The packaged SmolLM2-135M-Instruct (``service.language_model``).
 PACKAGED_LANGUAGE_MODEL = "smollm2-135m-instruct"
 
@@ -25,3 +27,17 @@ class GenerativeSettings(BaseSettings):
     )
     max_prompt_tokens: int = Field(default=256, ge=8, description="A longer prompt is dead-lettered.")
     max_response_tokens: int = Field(default=128, ge=1, description="A longer response is dead-lettered.")
+    generative_rank: int = Field(default=8, ge=1, description="Rank of a generative task's LoRA adapter.")
+    generative_learning_rate: float = Field(
+        default=1e-3, gt=0, description="AdamW learning rate of generative tasks' adapters."
+    )
+    generative_epochs: int = Field(
+        default=2, ge=1, description="Passes over a round's new pairs of a generative task."
+    )
+    generative_batch_size: int = Field(default=16, ge=1, description="Pairs of a task per training step.")
+    generative_anchor_pairs: int = Field(
+        default=4,
+        ge=0,
+        description="Pairs of the language model's own answers to general instructions added to every "
+        "training step (service.general_anchor): what keeps the model's general abilities (0: none).",
+    )

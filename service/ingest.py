@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
@@ -34,10 +35,15 @@ from service.dead_letters import (
 from service.kafka_access import client_options
 from service.metrics import TrainerMetrics
 from service.producer import ReliableProducer
-from service.records import Record, Rejection, decode
+from service.records import GenerativeRecord, Record, Rejection, decode
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: How long the trainer waits before polling again after Kafka failed it.
+BROKER_BACKOFF_S = 1.0
+#: How often the consumer lag is measured (it asks the broker for the partitions' end offsets).
+LAG_EVERY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,7 @@ class Incoming:
 
     partition: int
     offset: int
-    record: Record
+    record: Record | GenerativeRecord
     raw_key: bytes | None
     raw_value: bytes | None
 
@@ -154,6 +160,7 @@ class Ingest:
         #: ``start_offsets``: several trainers in a group restore those partitions' learners there.
         self.on_assign: Callable[[set[int]], None] | None = None
         self._last_poll = time.monotonic()
+        self._next_lag = 0.0
         self._keepalive_s = settings.kafka_max_poll_interval_s / 4
         #: Per partition read ahead by ``peek``: the first offset read ahead (where ``rewind`` goes).
         self._peeked_from: dict[TopicPartition, int] = {}
@@ -184,6 +191,22 @@ class Ingest:
     def read_back_dead_letters(self, since_s: float | None) -> None:
         """Learn which records were dead-lettered since ``since_s`` (a checkpoint's time; None: ever)."""
         self.dead_lettered |= dead_lettered_since(self.settings, since_s, self.settings.dead_letter_timeout_s)
+
+    def poll_or_back_off(self, stop: threading.Event, timeout_s: float = 0.5) -> list[Incoming]:
+        """``poll``, exporting the consumer lag every ``LAG_EVERY_S``; while the broker is away
+        (restarting, partitioned) the failure is counted and nothing is returned after a backoff (the
+        caller keeps its state and calls again)."""
+        if time.monotonic() >= self._next_lag:
+            for partition, lag in self.lag().items():
+                self.metrics.consumer_lag.labels(partition=str(partition)).set(lag)
+            self._next_lag = time.monotonic() + LAG_EVERY_S
+        try:
+            return self.poll(timeout_s)
+        except KafkaError as exc:
+            self.metrics.broker_errors.inc()
+            log.warning("Kafka unavailable, retrying in %.0fs: %s", BROKER_BACKOFF_S, exc)
+            stop.wait(BROKER_BACKOFF_S)
+            return []
 
     def poll(self, timeout_s: float) -> list[Incoming]:
         """Valid records that arrived within ``timeout_s``; invalid ones go to the dead-letter topic."""
@@ -224,7 +247,7 @@ class Ingest:
                 continue
             for message in messages:
                 result = decode(message.key, message.value, self.settings.max_text_chars)
-                if not isinstance(result, Rejection):
+                if isinstance(result, Record):  # a generative task's first version waits for its round
                     valid.append(result)
         return valid
 

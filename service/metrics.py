@@ -113,6 +113,14 @@ class TrainerMetrics:
             ["task"],
             registry=registry,
         )
+        self.general_probe = Gauge(
+            "continual_general_probe_accuracy",
+            "Generative tasks: share of the general probe's questions the task's latest version answers "
+            "right (the language model alone: see its first version's manifest); a fall is the model's "
+            "own abilities forgotten.",
+            ["task"],
+            registry=registry,
+        )
         self.mean_accuracy = Gauge(
             "continual_mean_accuracy",
             "ACC: mean accuracy of the learned tasks after the latest one (Lopez-Paz & Ranzato 2017).",

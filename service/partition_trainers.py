@@ -27,8 +27,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from kafka.errors import KafkaError
-
 from service.evaluation import summarize
 from service.group_router import GroupRouter
 from service.ingest import Incoming, Ingest
@@ -37,7 +35,7 @@ from service.model import AdapterModel, build_model
 from service.registry import Registry
 from service.rounds import RoundReport
 from service.settings import Settings, SettingsError
-from service.trainer import BROKER_BACKOFF_S, LAG_EVERY_S, Trainer
+from service.trainer import Trainer
 from service.trainer_files import merged_checkpoint
 
 log = logging.getLogger(__name__)
@@ -145,13 +143,8 @@ class PartitionTrainers:
         self._ingest = ingest
         ingest.before_revoke = self._flush_before_revoke
         ingest.on_assign = self._assigned
-        next_lag = 0.0
         try:
             while not stop.is_set():
-                if time.monotonic() >= next_lag:
-                    for partition, lag in ingest.lag().items():
-                        self.metrics.consumer_lag.labels(partition=str(partition)).set(lag)
-                    next_lag = time.monotonic() + LAG_EVERY_S
                 waiting = [learner for learner in self.learners.values() if learner.durability.pending]
                 if waiting:
                     # A round is not durable: read nothing more until it is (as one trainer does).
@@ -161,13 +154,7 @@ class PartitionTrainers:
                             learner.durability.persist(learner.tasks, ingest)
                     stop.wait(0.2)
                     continue
-                try:
-                    batch = ingest.poll(timeout_s=0.5)
-                except KafkaError as exc:
-                    self.metrics.broker_errors.inc()
-                    log.warning("Kafka unavailable, retrying in %.0fs: %s", BROKER_BACKOFF_S, exc)
-                    stop.wait(BROKER_BACKOFF_S)
-                    continue
+                batch = ingest.poll_or_back_off(stop)
                 self._absorb(batch, ingest)
                 self._close_due_rounds(ingest, on_round)
                 for partition in sorted(self._leaving):

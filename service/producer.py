@@ -22,7 +22,7 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 from kafka.producer.future import FutureRecordMetadata
 
-from service.records import Record
+from service.records import GenerativeRecord, Record
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +168,8 @@ class ReliableProducer:
 def produce(
     bootstrap: str,
     topic: str,
-    stream: Iterable[Record],
-    on_sent: Callable[[Record], None] | None = None,
+    stream: Iterable[Record | GenerativeRecord],
+    on_sent: Callable[[Record | GenerativeRecord], None] | None = None,
     timeout_s: float = 300.0,
     options: Mapping[str, Any] | None = None,
 ) -> Counter[tuple[str, str]]:

@@ -22,6 +22,7 @@ import torch
 from service.drift import DriftMonitor
 from service.engine import InferenceEngine, Row, engine_shape
 from service.errors import CorruptVersion, FailedPrecondition, InvalidArgument, NotFound
+from service.generative_settings import GENERATIVE_KIND
 from service.model import unit_prototypes
 from service.registry import Alias, Registry
 from service.router import Router, load_router
@@ -91,6 +92,8 @@ class AdapterPool:
         self._served: dict[str, LoadedVersion] = {}
         self._previous: dict[str, LoadedVersion] = {}
         self._failed: set[tuple[str, int]] = set()
+        #: Generative tasks: their versions are answered by generation, not by this pool.
+        self.generative: set[str] = set()
         #: The task router and the file it came from (None before the trainer wrote one).
         self._router: Router | None = None
         self._router_file: str | None = None
@@ -141,11 +144,17 @@ class AdapterPool:
         have moved it after the listing (acting on the listing would undo the rollback)."""
         with self._sync_lock:
             current = self._served.get(task)
-            if listed is not None and current is not None and current.version == listed.served:
+            if task in self.generative or (
+                listed is not None and current is not None and current.version == listed.served
+            ):
                 return current
             alias = self.registry.alias(task)
             if alias is None or (current is not None and current.version == alias.served):
                 return current
+            if self.registry.manifest(task, alias.served).get("kind") == GENERATIVE_KIND:
+                self.generative.add(task)  # a task's kind never changes
+                log.info("task %r is generative: not a classifier to load", task)
+                return None
             if (task, alias.served) in self._failed:
                 return current
             target = self._load(task, alias.served)

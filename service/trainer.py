@@ -16,18 +16,19 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-from kafka.errors import KafkaError
 
-from service.assessment import Assessment
+from service.assessment import Assessment, Measured
 from service.checkpoint import Durability, PendingRound
 from service.duplicates import DuplicateIndex
 from service.evaluation import LearningSummary
+from service.generative_learning import GenerativeLearning
 from service.ingest import Incoming, Ingest
 from service.look_ahead import LookAhead
 from service.metrics import TrainerMetrics
 from service.model import BASE_FEATURE_LAYERS, AdapterModel, build_model
 from service.out_of_scope import OUTSIDE_LABEL
 from service.publishing import Publisher
+from service.records import Record
 from service.registry import Registry
 from service.rounds import RoundPolicy, RoundReport
 from service.settings import Settings
@@ -38,11 +39,6 @@ from service.training_drift import TrainingDrift
 from strategies import create
 
 log = logging.getLogger(__name__)
-
-#: How long the trainer waits before polling again after Kafka failed it.
-BROKER_BACKOFF_S = 1.0
-#: How often the consumer lag is measured (it asks the broker for the partitions' end offsets).
-LAG_EVERY_S = 5.0
 
 
 class Trainer:
@@ -77,6 +73,9 @@ class Trainer:
         self.inference = TaskInference(settings, metrics, fits_router=partition is None)
         #: What finds eval records that repeat training records (set aside from the eval sets).
         self.duplicates = DuplicateIndex(settings.duplicate_cosine)
+        #: Generative tasks (prompt and response records) and their adapters on the language model.
+        self.generative = GenerativeLearning(settings, registry, metrics)
+        self.generative.heartbeat = self._keep_group
         self.durability = Durability(
             settings,
             registry,
@@ -88,6 +87,7 @@ class Trainer:
             self.duplicates,
             self.inference.scope_memory,
             self.inference.scope_outside,
+            self.generative,
         )
         self.rounds.number, self.tasks = self.durability.restore()
         for name, state in self.tasks.items():
@@ -106,7 +106,11 @@ class Trainer:
 
     def learning_summary(self) -> LearningSummary:
         """ACC, BWT, FWT and forgetting of the accuracy matrix (FWT against chance level)."""
-        return self.assessment.summary(self.tasks)
+        return self.assessment.summary(self.measured())
+
+    def measured(self) -> dict[str, Measured]:
+        """Every task, classification and generative, as the accuracy matrix reads it."""
+        return {**self.tasks, **self.generative.tasks}
 
     # --- absorbing records --------------------------------------------------------------------------
 
@@ -119,8 +123,11 @@ class Trainer:
         new_eval: dict[str, int] = {}
         #: Eval records of texts that belong to no task (``"label": null``), per task they came with.
         outside: dict[str, list[str]] = {}
+        batch, taken = self.generative.absorb(batch, self.tasks, ingest)
+        self.rounds.records += taken
         for incoming in batch:
             record = incoming.record
+            assert isinstance(record, Record)  # the generative ones were taken above
             if record.out_of_scope:
                 outside.setdefault(record.task, []).append(record.text)
                 self.rounds.records += 1
@@ -226,11 +233,12 @@ class Trainer:
         trained = self.training.finish_round(list(self.tasks.values()), early, rng)
         hidden = self.training.model.hidden_size
         router = self.inference.refit(self.tasks, hidden, self._keep_group) if trained else None
+        trained |= self.generative.train_round(rng)
 
         changed = [s for s in self.tasks.values() if s.changed]
         to_evaluate = changed if self.training.strategy.isolates_tasks else list(self.tasks.values())
         self.assessment.measure(to_evaluate, self.training)
-        self.assessment.record(trained, self.tasks)
+        self.assessment.record(trained, self.measured())
         for state in changed:
             self.publisher.watch_live_accuracy(state)
 
@@ -255,7 +263,7 @@ class Trainer:
         seconds = time.monotonic() - started
         self.metrics.rounds.inc()
         self.metrics.round_seconds.observe(seconds)
-        accuracy = {s.name: s.accuracy for s in self.tasks.values()}
+        accuracy = {name: s.accuracy for name, s in self.measured().items()}
         report = RoundReport(self.rounds.number, trained, dict(pending.published), accuracy, seconds)
         log.info("%s", report)
         return report
@@ -273,13 +281,8 @@ class Trainer:
         self._ingest = ingest
         ingest.before_revoke = self.flush_before_revoke
         last_arrival = time.monotonic()
-        next_lag = 0.0
         try:
             while not stop.is_set():
-                if time.monotonic() >= next_lag:
-                    for partition, lag in ingest.lag().items():
-                        self.metrics.consumer_lag.labels(partition=str(partition)).set(lag)
-                    next_lag = time.monotonic() + LAG_EVERY_S
                 if self.durability.pending is not None:
                     # The last round is not durable: read nothing more (records wait in Kafka, memory
                     # stays flat), stay in the group, retry after the backoff.
@@ -288,14 +291,7 @@ class Trainer:
                         self.durability.persist(self.tasks, ingest)
                     stop.wait(0.2)
                     continue
-                try:
-                    batch = ingest.poll(timeout_s=0.5)
-                except KafkaError as exc:
-                    # The broker is away (restarting, partitioned): keep the state, back off, retry.
-                    self.metrics.broker_errors.inc()
-                    log.warning("Kafka unavailable, retrying in %.0fs: %s", BROKER_BACKOFF_S, exc)
-                    stop.wait(BROKER_BACKOFF_S)
-                    continue
+                batch = ingest.poll_or_back_off(stop)  # the broker away: nothing, after a backoff
                 if batch:
                     self.absorb(batch, ingest)
                     last_arrival = time.monotonic()

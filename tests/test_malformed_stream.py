@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from kafka import KafkaConsumer, KafkaProducer
 
 from service.ingest import REASON_HEADER, ensure_topics
-from service.records import REASONS, Record, Rejection, decode
+from service.records import REASONS, GenerativeRecord, Record, Rejection, decode
 from service.registry import Registry
 from service.settings import Settings
 from tests.helpers import eventually, running_trainer
@@ -30,7 +30,7 @@ WORDS = "apple lion red car piano doctor please tell me about the".split()  # no
 @given(key=st.one_of(st.none(), st.binary(max_size=40)), value=st.one_of(st.none(), st.binary(max_size=400)))
 def test_decoding_arbitrary_bytes_never_raises(key: bytes | None, value: bytes | None) -> None:
     result = decode(key, value, MAX_TEXT)
-    assert isinstance(result, Record) or result.reason in REASONS
+    assert isinstance(result, Record | GenerativeRecord) or result.reason in REASONS
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,12 @@ def _good(task: str, label: str, split: str, words: list[str], n: int) -> dict[s
 
 
 # Mostly good records (labelled; unlabeled texts; eval records of no task), and every reason the
-# service can reject one for.
-KINDS = ["good"] * 6 + ["unlabeled", "outside"] + list(REASONS)
+# service can reject one for (those of generative records past decoding: tests/test_generative_stream).
+KINDS = (
+    ["good"] * 6
+    + ["unlabeled", "outside"]
+    + [r for r in REASONS if r not in ("too_many_tokens", "kind_mismatch")]
+)
 
 
 def stream_record(rng: random.Random, n: int) -> Sent:
@@ -105,6 +109,8 @@ def stream_record(rng: random.Random, n: int) -> Sent:
         value = json.dumps({**body, "split": rng.choice(["test", "TRAIN", "", "validation"])}).encode()
     elif kind == "text_too_long":
         value = json.dumps({**body, "text": "x" * (MAX_TEXT + rng.randint(1, 500))}).encode()
+    elif kind == "mixed_kinds":
+        value = json.dumps({**body, "prompt": "a prompt beside a text"}).encode()
     elif kind == "unknown_schema_version":
         value = json.dumps({**body, "schema_version": rng.randint(2, 99)}).encode()
     else:  # key_mismatch

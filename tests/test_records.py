@@ -8,9 +8,10 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from service.records import REASONS, Record, Rejection, decode
+from service.records import REASONS, GenerativeRecord, Record, Rejection, decode
 
 GOOD = {"id": "1", "task": "banking", "text": "what is my balance", "label": "balance", "split": "train"}
+PAIR = {"id": "2", "task": "dates", "prompt": "Write 3 May 2024 in ISO format.", "response": "2024-05-03"}
 SCHEMA = json.loads(
     (Path(__file__).resolve().parents[1] / "protos/continual/v1/record.schema.json").read_text()
 )
@@ -99,3 +100,38 @@ def test_rejection_reasons_are_a_closed_set() -> None:
     with pytest.raises(ValueError, match="unknown rejection reason"):
         Rejection("whatever", "x")
     assert len(set(REASONS)) == len(REASONS)
+
+
+def test_a_generative_record_decodes_round_trips_and_matches_the_schema() -> None:
+    for split in ("train", "eval"):
+        body = {**PAIR, "split": split}
+        result = decode(b"dates", encode(body), max_text_chars=100)
+        assert result == GenerativeRecord(
+            id="2", task="dates", prompt=PAIR["prompt"], response="2024-05-03", split=split
+        )
+        assert decode(b"dates", result.to_json(), max_text_chars=100) == result
+        jsonschema.validate(json.loads(result.to_json()), SCHEMA)
+        jsonschema.validate(body, SCHEMA)
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ({**PAIR, "split": "train", "text": "both kinds"}, "mixed_kinds"),
+        ({**PAIR, "split": "eval", "label": "x"}, "mixed_kinds"),
+        ({k: v for k, v in PAIR.items() if k != "response"} | {"split": "train"}, "missing_field"),
+        ({**PAIR, "split": "train", "response": 7}, "wrong_type"),
+        ({**PAIR, "split": "train", "prompt": "  "}, "bad_value"),
+        ({**PAIR, "split": "unlabeled"}, "bad_value"),
+        ({**PAIR, "split": "train", "response": "x" * 101}, "text_too_long"),
+        ({**PAIR, "split": "train", "task": "other"}, "key_mismatch"),
+    ],
+)
+def test_bad_generative_records_are_rejected_and_fail_the_schema(
+    body: dict[str, object], reason: str
+) -> None:
+    result = decode(b"dates", encode(body), max_text_chars=100)
+    assert isinstance(result, Rejection) and result.reason == reason, result
+    if reason not in ("text_too_long", "key_mismatch"):  # limits of settings, and the key: not the schema's
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(body, SCHEMA)

@@ -1,0 +1,326 @@
+"""Generative tasks in the trainer: their pairs taken in, learned per round, measured, published.
+
+A task whose first record is a (prompt, response) pair is generative (``service.records``). Its pairs
+are learned by a LoRA adapter of its own on the causal language model (``service.generative``),
+whatever strategy the classification tasks use: the model is loaded on the first generative record,
+so a stream without any never pays for it. When a round closes each task with new pairs trains its
+epochs over them, every step's batch carrying a few of the model's own answers to general
+instructions (``service.general_anchor``: what keeps the model's own abilities), and is measured on
+its eval pairs: exact match is its accuracy (the accuracy matrix, ACC, BWT and forgetting use it),
+beside the mean token loss and the general probe (``service.general_probe``), all in the version's
+manifest. Versions are gated against the served one on the same eval pairs and promoted once the
+round is durable, as classification versions are (``service.checkpoint.Durability.persist``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Container, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from peft import LoraConfig
+
+from service.errors import CorruptVersion
+from service.general_anchor import anchors
+from service.general_probe import measure
+from service.generative import GenerativeAdapters, Pair
+from service.generative_settings import GENERATIVE_KIND
+from service.ingest import Incoming, Ingest
+from service.language_model import language_model_folder, load_language_model
+from service.metrics import TrainerMetrics
+from service.promotion import Decision, gate
+from service.records import GenerativeRecord, Record, Rejection
+from service.registry import Registry
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: The strategy generative tasks learn by, whatever the classification tasks' is.
+GENERATIVE_STRATEGY = "lora-per-task"
+
+
+@dataclass
+class GenerativeTask:
+    """What the trainer knows about one generative task (the attributes the assessment reads are
+    named as a classification task's: ``accuracy`` is exact match)."""
+
+    name: str
+    eval_pairs: list[Pair] = field(default_factory=list)
+    #: This round's training pairs.
+    round_pairs: list[Pair] = field(default_factory=list)
+    train_seen: int = 0
+    version: int | None = None
+    accuracy: float | None = None
+    token_loss: float | None = None
+    best_accuracy: float | None = None
+    general_probe: dict[str, float] | None = None
+    changed: bool = False
+    #: Read by the assessment as a classification task's; a generative task has none.
+    macro_accuracy: float | None = None
+    labels: list[str] = field(default_factory=list)
+
+
+def generative_adapters(settings: Settings) -> GenerativeAdapters:
+    """The language model named by the settings, with no adapter yet."""
+    model, tokenizer = load_language_model(
+        language_model_folder(settings.language_model, settings.models_dir)
+    )
+    lora = LoraConfig(r=settings.generative_rank, lora_alpha=2 * settings.generative_rank, lora_dropout=0.0)
+    return GenerativeAdapters(
+        model,
+        tokenizer,
+        lora,
+        settings.generative_learning_rate,
+        settings.max_prompt_tokens,
+        settings.max_response_tokens,
+    )
+
+
+class GenerativeLearning:
+    """Owns the generative tasks, their adapters, and their versions on the way to durability."""
+
+    def __init__(self, settings: Settings, registry: Registry, metrics: TrainerMetrics) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.metrics = metrics
+        self.tasks: dict[str, GenerativeTask] = {}
+        self._adapters: GenerativeAdapters | None = None
+        self._anchors: list[Pair] | None = None
+        #: Called between steps so the consumer group knows the trainer lives.
+        self.heartbeat: Callable[[], None] = lambda: None
+
+    @property
+    def adapters(self) -> GenerativeAdapters:
+        """The language model and the tasks' adapters (loaded on first use)."""
+        if self._adapters is None:
+            log.info("loading the language model %s for generative tasks", self.settings.language_model)
+            self._adapters = generative_adapters(self.settings)
+        return self._adapters
+
+    # --- records ------------------------------------------------------------------------------------
+
+    def absorb(
+        self, batch: Sequence[Incoming], classification: Iterable[str], ingest: Ingest | None
+    ) -> tuple[list[Incoming], int]:
+        """Take the batch's generative records (dead-lettering those that cannot be learned, and
+        classification records of generative tasks); the records left to classification, and how
+        many were taken."""
+        rest, taken = [], 0
+        # A task's kind is its first record's, in stream order: a classification task may start in
+        # this very batch.
+        classifiers = set(classification)
+        for incoming in batch:
+            record = incoming.record
+            rejection = None
+            if isinstance(record, Record):
+                if record.task not in self.tasks:
+                    classifiers.add(record.task)
+                    rest.append(incoming)
+                    continue
+                rejection = Rejection(
+                    "kind_mismatch", f"task {record.task!r} is generative: send prompt and response"
+                )
+            elif record.task in classifiers:
+                rejection = Rejection(
+                    "kind_mismatch", f"task {record.task!r} is classification: send text and label"
+                )
+            else:
+                rejection = self.refusal(record)
+            if rejection is None:
+                assert isinstance(record, GenerativeRecord)
+                self.take(record)
+                taken += 1
+            elif ingest is not None:
+                ingest.dead_letter(
+                    incoming.partition, incoming.offset, incoming.raw_key, incoming.raw_value, rejection
+                )
+        return rest, taken
+
+    def refusal(self, record: GenerativeRecord) -> Rejection | None:
+        """Why ``record`` cannot be learned: a prompt or a response over the token limits."""
+        adapters = self.adapters
+        prompt = len(adapters.tokenizer(record.prompt, add_special_tokens=False)["input_ids"])
+        if prompt > self.settings.max_prompt_tokens:
+            return Rejection(
+                "too_many_tokens",
+                f"prompt has {prompt} tokens, the limit is {self.settings.max_prompt_tokens}",
+            )
+        response = len(adapters.tokenizer(record.response, add_special_tokens=False)["input_ids"])
+        if response >= self.settings.max_response_tokens:  # the end-of-turn mark takes one more
+            return Rejection(
+                "too_many_tokens",
+                f"response has {response} tokens, the limit is {self.settings.max_response_tokens - 1}",
+            )
+        return None
+
+    def take(self, record: GenerativeRecord) -> None:
+        """File a valid pair under its task (a new task gets an adapter)."""
+        task = self.tasks.get(record.task)
+        if task is None:
+            task = self.tasks[record.task] = GenerativeTask(record.task)
+            self.adapters.add(record.task)
+            self.metrics.start_task(record.task)
+            log.info("new generative task %r", record.task)
+        pair = Pair(record.prompt, record.response)
+        if record.split == "eval":
+            task.eval_pairs.append(pair)
+        else:
+            task.round_pairs.append(pair)
+            task.train_seen += 1
+        task.changed = True
+
+    # --- a round ------------------------------------------------------------------------------------
+
+    def train_round(self, rng: random.Random) -> dict[str, int]:
+        """Train every task with new pairs, then measure every changed task; the pairs trained per task."""
+        trained = {}
+        for task in self.tasks.values():
+            if task.round_pairs:
+                trained[task.name] = len(task.round_pairs)
+                self._train(task, rng)
+        for task in self.tasks.values():
+            if task.changed:
+                self._measure(task)
+        return trained
+
+    def _train(self, task: GenerativeTask, rng: random.Random) -> None:
+        general = self._general_pairs()
+        size, extra = self.settings.generative_batch_size, self.settings.generative_anchor_pairs
+        pairs, losses = list(task.round_pairs), []
+        for _ in range(self.settings.generative_epochs):
+            rng.shuffle(pairs)
+            for start in range(0, len(pairs), size):
+                batch = pairs[start : start + size] + rng.sample(general, min(extra, len(general)))
+                losses.append(self.adapters.step(task.name, batch))
+                self.heartbeat()
+        task.round_pairs = []
+        self.metrics.training_loss.labels(task=task.name, strategy=GENERATIVE_STRATEGY).set(
+            sum(losses) / len(losses)
+        )
+
+    def _general_pairs(self) -> list[Pair]:
+        if self._anchors is None:
+            self._anchors = anchors(self.adapters)[0] if self.settings.generative_anchor_pairs else []
+        return self._anchors
+
+    def _measure(self, task: GenerativeTask) -> None:
+        evaluation = self.adapters.evaluate(task.name, task.eval_pairs)
+        task.accuracy, task.token_loss = evaluation.exact_match, evaluation.token_loss
+        self.heartbeat()
+        probe = measure(self.adapters, task.name)
+        task.general_probe = {"accuracy": probe.accuracy, "perplexity": probe.perplexity}
+        self.metrics.general_probe.labels(task=task.name).set(probe.accuracy)
+
+    def publish(
+        self, offsets: dict[int, int], round_number: int, done: Container[str]
+    ) -> dict[str, tuple[int, Decision]]:
+        """Write a version of every changed task not ``done`` already (a retried round), each with its
+        gate's decision (applied once the round is durable)."""
+        written = {}
+        for task in self.tasks.values():
+            if task.changed and task.name not in done:
+                decision = self._gate(task)
+                previous = task.version
+                version = self.registry.publish(
+                    task.name,
+                    self.adapters.weights(task.name),
+                    [(p.prompt, p.response) for p in task.eval_pairs],
+                    self._manifest(task, offsets, round_number),
+                )
+                task.version, task.changed = version, False
+                written[task.name] = (version, decision)
+                self.metrics.versions_published.labels(task=task.name, strategy=GENERATIVE_STRATEGY).inc()
+                self.metrics.record_accuracy(task.name, version, previous, _or_nan(task.accuracy))
+        return written
+
+    def _gate(self, task: GenerativeTask) -> Decision:
+        alias = self.registry.alias(task.name)
+        tolerance = self.settings.promotion_tolerance
+        if alias is None:
+            return gate(task.accuracy, None, None, tolerance)
+        if alias.pinned:
+            return Decision(False, f"task is pinned to v{alias.served} ({alias.reason})")
+        try:
+            served = self._served_exact_match(task, alias.served)
+        except CorruptVersion as exc:
+            return Decision(True, f"served v{alias.served} cannot be read ({exc}); replacing it")
+        return gate(task.accuracy, served, alias.served, tolerance)
+
+    def _served_exact_match(self, task: GenerativeTask, version: int) -> float | None:
+        """The served version's exact match on the task's eval pairs: its manifest's figure when it was
+        measured on exactly these, else measured now with its weights loaded beside the trainer's."""
+        records = [(p.prompt, p.response) for p in task.eval_pairs]
+        metrics = self.registry.manifest(task.name, version)["metrics"]
+        if metrics.get("eval_records") == len(records) and self.registry.evaluated_on(
+            task.name, version, records
+        ):
+            return metrics.get("accuracy")
+        reference = f"{task.name}@served"
+        self.adapters.add(reference, self.registry.load_weights(task.name, version))
+        try:
+            return self.adapters.evaluate(reference, task.eval_pairs).exact_match
+        finally:
+            self.adapters.remove(reference)
+
+    def _manifest(self, task: GenerativeTask, offsets: dict[int, int], round_number: int) -> dict[str, Any]:
+        lora = self.adapters.lora
+        return {
+            "kind": GENERATIVE_KIND,
+            "base_model": self.settings.language_model,
+            "strategy": GENERATIVE_STRATEGY,
+            "labels": [],
+            "parent_version": task.version,
+            "lora": {
+                "r": lora.r,
+                "alpha": lora.lora_alpha,
+                "target_modules": sorted(lora.target_modules or []),
+            },
+            "max_prompt_tokens": self.settings.max_prompt_tokens,
+            "max_response_tokens": self.settings.max_response_tokens,
+            "metrics": {
+                "accuracy": task.accuracy,
+                "exact_match": task.accuracy,
+                "token_loss": task.token_loss,
+                "best_accuracy": max(task.best_accuracy or 0.0, task.accuracy or 0.0),
+                "general_probe": task.general_probe,
+                "eval_records": len(task.eval_pairs),
+                "train_records": task.train_seen,
+            },
+            "kafka": {"topic": self.settings.kafka_topic, "offsets": {str(p): o for p, o in offsets.items()}},
+            "round": round_number,
+        }
+
+    # --- durability ---------------------------------------------------------------------------------
+
+    def saved(self) -> dict[str, Any]:
+        """The checkpoint's part: every published task's version and training count."""
+        return {
+            name: {"version": task.version, "train_seen": task.train_seen}
+            for name, task in self.tasks.items()
+            if task.version is not None
+        }
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Put back the tasks ``saved`` names, each from its checkpointed version in the registry."""
+        for name, entry in saved.items():
+            version = int(entry["version"])
+            manifest = self.registry.manifest(name, version)
+            self.adapters.add(name, self.registry.load_weights(name, version))
+            metrics = manifest["metrics"]
+            self.tasks[name] = GenerativeTask(
+                name=name,
+                eval_pairs=[Pair(p, r) for p, r in self.registry.eval_records(name, version)],
+                train_seen=int(entry["train_seen"]),
+                version=version,
+                accuracy=metrics.get("accuracy"),
+                token_loss=metrics.get("token_loss"),
+                best_accuracy=metrics.get("best_accuracy"),
+                general_probe=metrics.get("general_probe"),
+            )
+            self.metrics.start_task(name)
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else value
