@@ -127,6 +127,10 @@ class GenerativeAdapters:
             )
         )
 
+    def token_count(self, text: str) -> int:
+        """How many tokens ``text`` is on its own (what the limits on prompts and responses count)."""
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def prompt_ids(self, prompt: str) -> list[int]:
         """A prompt as the model reads it before answering (a user turn, then the assistant's cue),
         cut to its last ``max_prompt_tokens`` tokens."""
@@ -227,7 +231,7 @@ class GenerativeAdapters:
         # Left-padded: every row's next token comes at the same position.
         ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows])
         mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
-        stop = self._stop_ids()
+        stop = self.stop_ids()
         with self._using(task) as model:
             # PEFT forwards generate to the model; its stubs do not say so.
             out = cast(Any, model).generate(
@@ -244,7 +248,16 @@ class GenerativeAdapters:
             answers.append(str(self.tokenizer.decode(row[:cut], skip_special_tokens=True)).strip())
         return answers
 
-    def _stop_ids(self) -> list[int]:
+    @property
+    def pad_id(self) -> int:
+        """The token prompts are padded with."""
+        return int(self.tokenizer.pad_token_id) if self.tokenizer.pad_token_id is not None else 0
+
+    def decoder(self) -> PreTrainedModel | PeftModel:
+        """The model to run forwards on: with the adapters when there are any (rows then name theirs)."""
+        return self._peft if self._peft is not None and self.names() else self.base
+
+    def stop_ids(self) -> list[int]:
         ends = self.tokenizer(self._end_of_turn, add_special_tokens=False)["input_ids"][:1]
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         return sorted(set(ends + eos))

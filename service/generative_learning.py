@@ -20,15 +20,13 @@ from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from peft import LoraConfig
-
 from service.errors import CorruptVersion
 from service.general_anchor import anchors
 from service.general_probe import measure
 from service.generative import GenerativeAdapters, Pair
 from service.generative_settings import GENERATIVE_KIND
 from service.ingest import Incoming, Ingest
-from service.language_model import language_model_folder, load_language_model
+from service.language_model import generative_adapters
 from service.metrics import TrainerMetrics
 from service.promotion import Decision, gate
 from service.records import GenerativeRecord, Record, Rejection
@@ -60,22 +58,6 @@ class GenerativeTask:
     #: Read by the assessment as a classification task's; a generative task has none.
     macro_accuracy: float | None = None
     labels: list[str] = field(default_factory=list)
-
-
-def generative_adapters(settings: Settings) -> GenerativeAdapters:
-    """The language model named by the settings, with no adapter yet."""
-    model, tokenizer = load_language_model(
-        language_model_folder(settings.language_model, settings.models_dir)
-    )
-    lora = LoraConfig(r=settings.generative_rank, lora_alpha=2 * settings.generative_rank, lora_dropout=0.0)
-    return GenerativeAdapters(
-        model,
-        tokenizer,
-        lora,
-        settings.generative_learning_rate,
-        settings.max_prompt_tokens,
-        settings.max_response_tokens,
-    )
 
 
 class GenerativeLearning:
@@ -141,13 +123,13 @@ class GenerativeLearning:
     def refusal(self, record: GenerativeRecord) -> Rejection | None:
         """Why ``record`` cannot be learned: a prompt or a response over the token limits."""
         adapters = self.adapters
-        prompt = len(adapters.tokenizer(record.prompt, add_special_tokens=False)["input_ids"])
+        prompt = adapters.token_count(record.prompt)
         if prompt > self.settings.max_prompt_tokens:
             return Rejection(
                 "too_many_tokens",
                 f"prompt has {prompt} tokens, the limit is {self.settings.max_prompt_tokens}",
             )
-        response = len(adapters.tokenizer(record.response, add_special_tokens=False)["input_ids"])
+        response = adapters.token_count(record.response)
         if response >= self.settings.max_response_tokens:  # the end-of-turn mark takes one more
             return Rejection(
                 "too_many_tokens",

@@ -41,3 +41,8 @@ class GenerativeSettings(BaseSettings):
         description="Pairs of the language model's own answers to general instructions added to every "
         "training step (service.general_anchor): what keeps the model's general abilities (0: none).",
     )
+    max_generation_batch: int = Field(
+        default=16,
+        ge=1,
+        description="Generate requests a server decodes together (new ones join between steps).",
+    )

@@ -20,10 +20,12 @@ import time
 from pathlib import Path
 
 import torch
+from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from service.errors import CorruptVersion
-from service.generative_settings import PACKAGED_LANGUAGE_MODEL
+from service.generative import GenerativeAdapters
+from service.generative_settings import PACKAGED_LANGUAGE_MODEL, GenerativeSettings
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,22 @@ def load_language_model(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokeni
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model.eval()
     return model, tokenizer
+
+
+def generative_adapters(settings: GenerativeSettings) -> GenerativeAdapters:
+    """The language model named by the settings, with no adapter yet."""
+    model, tokenizer = load_language_model(
+        language_model_folder(settings.language_model, settings.models_dir)
+    )
+    lora = LoraConfig(r=settings.generative_rank, lora_alpha=2 * settings.generative_rank, lora_dropout=0.0)
+    return GenerativeAdapters(
+        model,
+        tokenizer,
+        lora,
+        settings.generative_learning_rate,
+        settings.max_prompt_tokens,
+        settings.max_response_tokens,
+    )
 
 
 def save_tiny_language_model(path: Path, tokenizer_from: Path) -> Path:

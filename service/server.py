@@ -27,13 +27,14 @@ from service.answering import Answerer, Prediction, Request
 from service.api import continual_pb2, continual_pb2_grpc
 from service.errors import ContinualError, Unauthenticated, status_of
 from service.evaluation import learning_status
+from service.generation_calls import GenerationCalls
 from service.metrics import serve_metrics
 from service.oip import InferenceServicer
 from service.registry import Registry, open_registry
 from service.replies import learning_reply, served_figures, version_info
 from service.served_model import ServedModel, build_served_model
 from service.server_metrics import ServerMetrics
-from service.serving import AdapterPool, LoadedVersion, RegistryWatcher
+from service.serving import AdapterPool, RegistryWatcher
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,9 @@ Response = TypeVar("Response")
 HISTORY_LENGTH = 20
 
 
-class ContinualServicer(continual_pb2_grpc.ContinualServicer):
-    """Implements continual.v1.Continual on top of an AdapterPool."""
+class ContinualServicer(GenerationCalls, continual_pb2_grpc.ContinualServicer):
+    """Implements continual.v1.Continual on top of an AdapterPool (Generate and GenerateBatch:
+    ``service.generation_calls``)."""
 
     def __init__(self, pool: AdapterPool, metrics: ServerMetrics, admin_token: str | None) -> None:
         self.pool = pool
@@ -213,10 +215,9 @@ class ContinualServicer(continual_pb2_grpc.ContinualServicer):
         registry = self.pool.registry
         versions = registry.versions(task)
         alias = registry.alias(task)
-        served: LoadedVersion | None = self.pool.served().get(task)
         # What this server answers with (0 until it has loaded one), not what the alias says: a
         # client that sees a served version can predict with it.
-        served_version = served.version if served is not None else 0
+        served_version = self.pool.served_version(task)
         info = continual_pb2.AdapterInfo(
             task=task,
             served_version=served_version,
@@ -271,6 +272,7 @@ class RunningServer:
         self.watcher.stop_event.set()
         self.grpc_server.stop(grace_s).wait()
         self.pool.engine.stop()
+        self.pool.generation.stop()
         if self.pool.drift is not None:
             self.pool.drift.stop()
 

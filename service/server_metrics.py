@@ -93,3 +93,20 @@ class ServerMetrics:
             "Requests dropped before their forward because the client's deadline had passed.",
             registry=registry,
         )
+        self.generation_first_token = Histogram(
+            "continual_generation_first_token_seconds",
+            "Generative tasks: time from a Generate request's arrival to its first token.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.generated_tokens = Counter(
+            "continual_generated_tokens",
+            "Generative tasks: tokens generated (its rate is the server's tokens per second).",
+            registry=registry,
+        )
+        self.generations = Counter(
+            "continual_generations",
+            "Generative tasks: requests ended, by why (stop, length, deadline, cancelled, error).",
+            ["reason"],
+            registry=registry,
+        )

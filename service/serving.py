@@ -22,6 +22,7 @@ import torch
 from service.drift import DriftMonitor
 from service.engine import InferenceEngine, Row, engine_shape
 from service.errors import CorruptVersion, FailedPrecondition, InvalidArgument, NotFound
+from service.generation_pool import GenerationPool
 from service.generative_settings import GENERATIVE_KIND
 from service.model import unit_prototypes
 from service.registry import Alias, Registry
@@ -92,8 +93,10 @@ class AdapterPool:
         self._served: dict[str, LoadedVersion] = {}
         self._previous: dict[str, LoadedVersion] = {}
         self._failed: set[tuple[str, int]] = set()
-        #: Generative tasks: their versions are answered by generation, not by this pool.
+        #: Generative tasks: their versions are answered by ``generation`` (the language model is
+        #: loaded when the first one is seen).
         self.generative: set[str] = set()
+        self.generation = GenerationPool(settings, registry, metrics)
         #: The task router and the file it came from (None before the trainer wrote one).
         self._router: Router | None = None
         self._router_file: str | None = None
@@ -144,16 +147,18 @@ class AdapterPool:
         have moved it after the listing (acting on the listing would undo the rollback)."""
         with self._sync_lock:
             current = self._served.get(task)
-            if task in self.generative or (
-                listed is not None and current is not None and current.version == listed.served
-            ):
+            if task in self.generative:
+                served = self.generation.served().get(task)
+                if listed is None or served != listed.served:
+                    self.generation.sync_task(task, self.registry.alias(task))
+                return None
+            if listed is not None and current is not None and current.version == listed.served:
                 return current
             alias = self.registry.alias(task)
             if alias is None or (current is not None and current.version == alias.served):
                 return current
-            if self.registry.manifest(task, alias.served).get("kind") == GENERATIVE_KIND:
-                self.generative.add(task)  # a task's kind never changes
-                log.info("task %r is generative: not a classifier to load", task)
+            if self._generative(task, alias.served):
+                self.generation.sync_task(task, alias)
                 return None
             if (task, alias.served) in self._failed:
                 return current
@@ -247,9 +252,9 @@ class AdapterPool:
     def rollback(self, task: str, version: int, reason: str) -> LoadedVersion:
         """Serve an earlier version (the one before the served one when 0) and pin it."""
         versions = self.versions(task)
-        served = self._served.get(task)
+        served = self.served_version(task)
         if version == 0:
-            current = served.version if served is not None else versions[-1]
+            current = served or versions[-1]
             earlier = [v for v in versions if v < current]
             if not earlier:
                 raise FailedPrecondition(f"task {task!r} has no version before v{current} to roll back to")
@@ -263,6 +268,22 @@ class AdapterPool:
             task, version or versions[-1], pinned=False, reason=f"promote: {reason or 'by an operator'}"
         )
 
+    def _generative(self, task: str, version: int) -> bool:
+        """Whether ``task`` is generative (its kind never changes: read once, from a version)."""
+        if (
+            task not in self.generative
+            and self.registry.manifest(task, version).get("kind") == GENERATIVE_KIND
+        ):
+            self.generative.add(task)
+        return task in self.generative
+
+    def served_version(self, task: str) -> int:
+        """The version this server answers ``task`` with, classifier or generative (0: none)."""
+        if task in self.generative:
+            return self.generation.served().get(task, 0)
+        loaded = self._served.get(task)
+        return loaded.version if loaded is not None else 0
+
     def versions(self, task: str) -> list[int]:
         """The task's versions; InvalidArgument for a bad name, NotFound when it has none."""
         if not TASK_NAME.fullmatch(task):
@@ -275,6 +296,13 @@ class AdapterPool:
     def _move_alias(self, task: str, version: int, pinned: bool, reason: str) -> LoadedVersion:
         if version not in self.registry.versions(task):
             raise NotFound(f"task {task!r} has no version {version}")
+        if self._generative(task, version):
+            with self._sync_lock:
+                self.generation.forget_failure(task, version)
+                self.generation.load(task, version)  # a corrupt version is refused, nothing moves
+                alias = self.registry.set_alias(task, version, pinned, reason)
+                self.generation.sync_task(task, alias)
+            return LoadedVersion(task, version, (), torch.empty(0, 0))
         with self._sync_lock:
             # Load before moving the alias, so a corrupt version is refused and nothing changes.
             self._failed.discard((task, version))

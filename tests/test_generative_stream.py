@@ -140,16 +140,97 @@ def test_a_generative_task_is_learned_beside_a_classifier_published_and_restored
     now = restored.generative.adapters.weights("reverse")
     assert set(now) == set(saved) and all(torch.equal(now[k], saved[k]) for k in saved)
 
-    # A classification server serves the classifier and refuses Predict on the generative task.
-    server = start_server(settings.model_copy(update={"server_metrics_port": free_port()}))
+    # One server answers both: Predict the classifier, Generate the generative task (and refuses each
+    # the other's call); a new version is served without a restart; a rollback serves the earlier one.
+    # Long answers allowed here, so that a stream is still running when its client cancels it.
+    serving = {"server_metrics_port": free_port(), "max_response_tokens": 400}
+    server = start_server(settings.model_copy(update=serving))
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = continual_pb2_grpc.ContinualStub(channel)
-            text = classifier[0].eval[0][0]
-            assert stub.Predict(continual_pb2.PredictRequest(task=name, text=text), timeout=30).label
-            with pytest.raises(grpc.RpcError) as refused:
-                stub.Predict(continual_pb2.PredictRequest(task="reverse", text="a b"), timeout=30)
-            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            assert "generative" in (refused.value.details() or "")
+            _serves_both(stub, name, classifier[0].eval[0][0], version)
+            _generate_batch_answers_each_item(stub, name)
+            _a_cancelled_stream_frees_its_place(stub, server.pool.metrics.registry)
+
+            more = [
+                GenerativeRecord(
+                    id=f"m{i}", task="reverse", prompt=p.prompt, response=p.response, split="train"
+                )
+                for i, p in enumerate(generative_tasks(16, 0, seed=1)["reverse-words"][0])
+            ]
+            produce(settings.kafka_bootstrap, settings.kafka_topic, more)
+            with running_trainer(settings):
+                eventually(lambda: _answered_by(stub, "reverse") > version, timeout_s=180, what="v2 served")
+            info = stub.Rollback(continual_pb2.RollbackRequest(task="reverse", reason="test"))
+            assert info.served_version == version and info.pinned
+            assert _answered_by(stub, "reverse") == version
+            listed = {a.task: a for a in stub.ListAdapters(continual_pb2.ListAdaptersRequest()).adapters}
+            assert listed["reverse"].served_version == version and listed["reverse"].latest_version > version
     finally:
         server.stop()
+
+
+def _answered_by(stub: continual_pb2_grpc.ContinualStub, task: str) -> int:
+    replies = list(stub.Generate(continual_pb2.GenerateRequest(task=task, prompt="a b c", max_new_tokens=2)))
+    return replies[-1].version
+
+
+def _serves_both(stub: continual_pb2_grpc.ContinualStub, classifier: str, text: str, version: int) -> None:
+    assert stub.Predict(continual_pb2.PredictRequest(task=classifier, text=text), timeout=30).label
+    for call in (
+        lambda: stub.Predict(continual_pb2.PredictRequest(task="reverse", text="a b"), timeout=30),
+        lambda: list(stub.Generate(continual_pb2.GenerateRequest(task=classifier, prompt="a b"), timeout=30)),
+    ):
+        with pytest.raises(grpc.RpcError) as refused:
+            call()
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value.details()
+    request = continual_pb2.GenerateRequest(
+        task="reverse", prompt="Reverse the words: one two", max_new_tokens=6
+    )
+    replies = list(stub.Generate(request, timeout=60))
+    assert [r.done for r in replies] == [False] * (len(replies) - 1) + [True]
+    assert {r.version for r in replies} == {version} and replies[-1].finish_reason in ("stop", "length")
+    assert 1 <= replies[-1].tokens <= 6
+    # No task: the language model alone answers, and says so (version 0).
+    alone = list(stub.Generate(continual_pb2.GenerateRequest(prompt="Hello", max_new_tokens=3), timeout=60))
+    assert alone[-1].done and alone[-1].version == 0 and alone[-1].task == ""
+    for bad in (
+        continual_pb2.GenerateRequest(task="reverse", prompt=" "),
+        continual_pb2.GenerateRequest(task="reverse", prompt="hi", max_new_tokens=10_000),
+        continual_pb2.GenerateRequest(task="reverse", prompt="hi", temperature=-1),
+        continual_pb2.GenerateRequest(task="../x", prompt="hi"),
+    ):
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.Generate(bad, timeout=30))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
+    with pytest.raises(grpc.RpcError) as missing:
+        list(stub.Generate(continual_pb2.GenerateRequest(task="nothing-here", prompt="hi"), timeout=30))
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _generate_batch_answers_each_item(stub: continual_pb2_grpc.ContinualStub, classifier: str) -> None:
+    items = [
+        continual_pb2.GenerateRequest(task="reverse", prompt="Reverse the words: a b", max_new_tokens=4),
+        continual_pb2.GenerateRequest(task=classifier, prompt="hi"),
+        continual_pb2.GenerateRequest(prompt="Hi there", max_new_tokens=4),
+    ]
+    results = stub.GenerateBatch(continual_pb2.GenerateBatchRequest(requests=items), timeout=60).results
+    assert [r.WhichOneof("result") for r in results] == ["reply", "error", "reply"]
+    assert results[1].error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert all(r.reply.done and r.reply.tokens >= 1 for r in (results[0], results[2]))
+    # One at a time, the same greedy answer.
+    streamed = "".join(r.text for r in stub.Generate(items[0], timeout=60))
+    assert results[0].reply.text == streamed
+
+
+def _a_cancelled_stream_frees_its_place(stub: continual_pb2_grpc.ContinualStub, metrics: object) -> None:
+    def cancelled() -> float:
+        return metrics.get_sample_value("continual_generations_total", {"reason": "cancelled"}) or 0.0  # type: ignore[attr-defined]
+
+    before = cancelled()
+    call = stub.Generate(
+        continual_pb2.GenerateRequest(task="reverse", prompt="Count to a thousand.", stop=["zzzz"])
+    )
+    next(call)
+    call.cancel()
+    eventually(lambda: cancelled() > before, timeout_s=30, what="the cancelled generation to end")
