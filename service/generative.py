@@ -221,13 +221,20 @@ class GenerativeAdapters:
         with self._using(task) as model:
             return float(model(input_ids=ids, labels=ids).loss)
 
-    @torch.no_grad()
     def generate(self, task: str | None, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
         """Greedy answers to ``prompts`` under ``task``'s adapter (None: the language model alone),
         each cut at its end-of-turn mark."""
+        return [answer for answer, _ in self.generate_counted(task, prompts, max_new_tokens)]
+
+    @torch.no_grad()
+    def generate_counted(
+        self, task: str | None, prompts: Sequence[str], max_new_tokens: int
+    ) -> list[tuple[str, int]]:
+        """``generate``'s answers, each with how many tokens were generated for it (its end of turn
+        included)."""
         rows = [self.prompt_ids(prompt) for prompt in prompts]
         width = max(len(row) for row in rows)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad = self.pad_id
         # Left-padded: every row's next token comes at the same position.
         ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows])
         mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
@@ -245,7 +252,8 @@ class GenerativeAdapters:
         answers = []
         for row in out[:, width:].tolist():
             cut = next((i for i, token in enumerate(row) if token in stop), len(row))
-            answers.append(str(self.tokenizer.decode(row[:cut], skip_special_tokens=True)).strip())
+            text = str(self.tokenizer.decode(row[:cut], skip_special_tokens=True)).strip()
+            answers.append((text, min(cut + 1, len(row))))
         return answers
 
     @property

@@ -23,12 +23,13 @@ from typing import Any
 from service.errors import CorruptVersion
 from service.general_anchor import anchors
 from service.general_probe import measure
-from service.generative import GenerativeAdapters, Pair
+from service.generative import GenerativeAdapters, Pair, normalised
 from service.generative_settings import GENERATIVE_KIND
 from service.ingest import Incoming, Ingest
 from service.language_model import generative_adapters
 from service.metrics import TrainerMetrics
 from service.promotion import Decision, gate
+from service.publishing import Publisher
 from service.records import GenerativeRecord, Record, Rejection
 from service.registry import Registry
 from service.settings import Settings
@@ -54,6 +55,10 @@ class GenerativeTask:
     token_loss: float | None = None
     best_accuracy: float | None = None
     general_probe: dict[str, float] | None = None
+    #: Whether the adapter moved since its last version (it no longer is that version).
+    trained_since_published: bool = False
+    #: How many eval pairs the live-accuracy watch has already judged the served version on.
+    eval_judged: int = 0
     changed: bool = False
     #: Read by the assessment as a classification task's; a generative task has none.
     macro_accuracy: float | None = None
@@ -63,10 +68,13 @@ class GenerativeTask:
 class GenerativeLearning:
     """Owns the generative tasks, their adapters, and their versions on the way to durability."""
 
-    def __init__(self, settings: Settings, registry: Registry, metrics: TrainerMetrics) -> None:
+    def __init__(
+        self, settings: Settings, registry: Registry, metrics: TrainerMetrics, publisher: Publisher
+    ) -> None:
         self.settings = settings
         self.registry = registry
         self.metrics = metrics
+        self.publisher = publisher
         self.tasks: dict[str, GenerativeTask] = {}
         self._adapters: GenerativeAdapters | None = None
         self._anchors: list[Pair] | None = None
@@ -159,6 +167,7 @@ class GenerativeLearning:
         """Train every task with new pairs, then measure every changed task; the pairs trained per task."""
         trained = {}
         for task in self.tasks.values():
+            self._watch_live(task)  # the served version on the new eval pairs, before any training
             if task.round_pairs:
                 trained[task.name] = len(task.round_pairs)
                 self._train(task, rng)
@@ -178,6 +187,7 @@ class GenerativeLearning:
                 losses.append(self.adapters.step(task.name, batch))
                 self.heartbeat()
         task.round_pairs = []
+        task.trained_since_published = True
         self.metrics.training_loss.labels(task=task.name, strategy=GENERATIVE_STRATEGY).set(
             sum(losses) / len(losses)
         )
@@ -211,7 +221,7 @@ class GenerativeLearning:
                     [(p.prompt, p.response) for p in task.eval_pairs],
                     self._manifest(task, offsets, round_number),
                 )
-                task.version, task.changed = version, False
+                task.version, task.changed, task.trained_since_published = version, False, False
                 written[task.name] = (version, decision)
                 self.metrics.versions_published.labels(task=task.name, strategy=GENERATIVE_STRATEGY).inc()
                 self.metrics.record_accuracy(task.name, version, previous, _or_nan(task.accuracy))
@@ -230,21 +240,47 @@ class GenerativeLearning:
             return Decision(True, f"served v{alias.served} cannot be read ({exc}); replacing it")
         return gate(task.accuracy, served, alias.served, tolerance)
 
+    def _watch_live(self, task: GenerativeTask) -> None:
+        """Judge the served version on the eval pairs that arrived since; roll back if it fails."""
+        fresh = task.eval_pairs[task.eval_judged :]
+        task.eval_judged = len(task.eval_pairs)
+        alias = self.registry.alias(task.name)
+        if alias is None or not fresh:
+            return
+        try:
+            outcomes = self._served_outcomes(task, alias.served, fresh)
+        except CorruptVersion as exc:
+            log.error("task %r: cannot judge the served version: %s", task.name, exc)
+            return
+        self.publisher.judge_live(task.name, alias.served, outcomes)
+
     def _served_exact_match(self, task: GenerativeTask, version: int) -> float | None:
         """The served version's exact match on the task's eval pairs: its manifest's figure when it was
-        measured on exactly these, else measured now with its weights loaded beside the trainer's."""
+        measured on exactly these, else measured now."""
         records = [(p.prompt, p.response) for p in task.eval_pairs]
         metrics = self.registry.manifest(task.name, version)["metrics"]
         if metrics.get("eval_records") == len(records) and self.registry.evaluated_on(
             task.name, version, records
         ):
             return metrics.get("accuracy")
-        reference = f"{task.name}@served"
-        self.adapters.add(reference, self.registry.load_weights(task.name, version))
-        try:
-            return self.adapters.evaluate(reference, task.eval_pairs).exact_match
-        finally:
-            self.adapters.remove(reference)
+        outcomes = self._served_outcomes(task, version, task.eval_pairs)
+        return sum(outcomes) / len(outcomes) if outcomes else None
+
+    def _served_outcomes(self, task: GenerativeTask, version: int, pairs: list[Pair]) -> list[bool]:
+        """Whether ``version`` answers each of ``pairs`` exactly: the task's own adapter when that is the
+        version (not yet trained this round), else its weights loaded beside it for the measurement."""
+        if not pairs:
+            return []
+        if version == task.version and not task.trained_since_published:
+            answers = self.adapters.evaluate(task.name, pairs).answers
+        else:
+            reference = f"{task.name}@served"
+            self.adapters.add(reference, self.registry.load_weights(task.name, version))
+            try:
+                answers = self.adapters.evaluate(reference, pairs).answers
+            finally:
+                self.adapters.remove(reference)
+        return [normalised(a) == normalised(p.response) for a, p in zip(answers, pairs, strict=True)]
 
     def _manifest(self, task: GenerativeTask, offsets: dict[int, int], round_number: int) -> dict[str, Any]:
         lora = self.adapters.lora
@@ -290,11 +326,13 @@ class GenerativeLearning:
             version = int(entry["version"])
             manifest = self.registry.manifest(name, version)
             self.adapters.add(name, self.registry.load_weights(name, version))
+            eval_pairs = [Pair(p, r) for p, r in self.registry.eval_records(name, version)]
             metrics = manifest["metrics"]
             self.tasks[name] = GenerativeTask(
                 name=name,
-                eval_pairs=[Pair(p, r) for p, r in self.registry.eval_records(name, version)],
+                eval_pairs=eval_pairs,
                 train_seen=int(entry["train_seen"]),
+                eval_judged=len(eval_pairs),  # judged before the checkpoint
                 version=version,
                 accuracy=metrics.get("accuracy"),
                 token_loss=metrics.get("token_loss"),

@@ -169,19 +169,25 @@ class Publisher:
         except CorruptVersion as exc:
             log.error("task %r: cannot judge the served version: %s", state.name, exc)
             return
-        outcomes = self.training.outcomes(adapter, range(len(labels)), labels, fresh)
-        self.live.observe(state.name, alias.served, outcomes)
-        version, page_hinkley = self._accuracy_drift.get(state.name, (alias.served, PageHinkley()))
-        if version != alias.served:
+        self.judge_live(
+            state.name, alias.served, self.training.outcomes(adapter, range(len(labels)), labels, fresh)
+        )
+
+    def judge_live(self, task: str, served: int, outcomes: list[bool]) -> None:
+        """Count whether the served version answered each newly arrived eval record right (its live
+        accuracy and accuracy drift); roll back when it falls below the floor. For every kind of task."""
+        self.live.observe(task, served, outcomes)
+        version, page_hinkley = self._accuracy_drift.get(task, (served, PageHinkley()))
+        if version != served:
             page_hinkley = PageHinkley()  # a new served version is judged from scratch
-        self._accuracy_drift[state.name] = (alias.served, page_hinkley)
-        self.metrics.drift.record(state.name, page_hinkley.add([float(o) for o in outcomes]))
-        live = self.live.accuracy(state.name)
+        self._accuracy_drift[task] = (served, page_hinkley)
+        self.metrics.drift.record(task, page_hinkley.add([float(o) for o in outcomes]))
+        live = self.live.accuracy(task)
         if live is not None:
-            self.metrics.live_accuracy.labels(task=state.name).set(live)
-        failing = self.live.below_floor(state.name)
+            self.metrics.live_accuracy.labels(task=task).set(live)
+        failing = self.live.below_floor(task)
         if failing is not None:
-            self._roll_back(state.name, alias.served, failing)
+            self._roll_back(task, served, failing)
 
     def _roll_back(self, task: str, served: int, failing: float) -> None:
         """Serve the newest earlier version whose accuracy reached the floor, pinned (if there is one)."""

@@ -74,7 +74,7 @@ class Trainer:
         #: What finds eval records that repeat training records (set aside from the eval sets).
         self.duplicates = DuplicateIndex(settings.duplicate_cosine)
         #: Generative tasks (prompt and response records) and their adapters on the language model.
-        self.generative = GenerativeLearning(settings, registry, metrics)
+        self.generative = GenerativeLearning(settings, registry, metrics, self.publisher)
         self.generative.heartbeat = self._keep_group
         self.durability = Durability(
             settings,
