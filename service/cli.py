@@ -199,6 +199,30 @@ def predict(
 
 
 @app.command()
+def generate(
+    prompt: str,
+    task: Annotated[
+        str, typer.Option(help="A generative task; without it the language model alone answers.")
+    ] = "",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="0: the server's limit.")] = 0,
+    temperature: Annotated[float, typer.Option(help="0: greedy.")] = 0.0,
+    target: TargetOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Answer PROMPT with a generative task's served adapter, printing the text as it is generated."""
+    from service.client import stream
+
+    stream(
+        _settings(config),
+        target,
+        task=task,
+        prompt=prompt,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+    )
+
+
+@app.command()
 def status(target: TargetOption = None, config: ConfigOption = None) -> None:
     """How well the stream is learned: ACC, BWT, FWT, forgetting and the accuracy matrix."""
     from service.client import call, learning_tables

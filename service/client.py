@@ -24,6 +24,7 @@ _REQUESTS = {
     "ListVersions": continual_pb2.ListVersionsRequest,
     "GetAdapter": continual_pb2.GetAdapterRequest,
     "GetLearningStatus": continual_pb2.LearningStatusRequest,
+    "Generate": continual_pb2.GenerateRequest,
 }
 
 
@@ -63,6 +64,26 @@ def call(settings: Settings, target: str | None, method: str, timeout_s: float =
             )
         except grpc.RpcError as exc:
             Console(stderr=True).print(f"[red]{exc.code().name}[/red]: {exc.details()}")
+            raise typer.Exit(1) from None
+
+
+def stream(settings: Settings, target: str | None, timeout_s: float = 300.0, **fields: Any) -> None:
+    """Generate, printing the text as it comes, then the task, version and why it ended (on stderr);
+    on an error status print it and exit with status 1."""
+    out, notes = Console(highlight=False), Console(stderr=True, highlight=False)
+    with open_channel(settings, target) as channel:
+        stub = continual_pb2_grpc.ContinualStub(channel)
+        try:
+            for reply in stub.Generate(continual_pb2.GenerateRequest(**fields), timeout=timeout_s):
+                out.print(reply.text, end="", markup=False)
+                if reply.done:
+                    answered = (
+                        f"{reply.task} v{reply.version}" if reply.version else "the language model alone"
+                    )
+                    out.print()
+                    notes.print(f"[dim]{answered}: {reply.finish_reason}, {reply.tokens} tokens[/dim]")
+        except grpc.RpcError as exc:
+            notes.print(f"[red]{exc.code().name}[/red]: {exc.details()}")
             raise typer.Exit(1) from None
 
 

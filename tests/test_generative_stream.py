@@ -6,6 +6,8 @@ probe and the kind; the checkpoint restores them; a classification server leaves
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -151,6 +153,23 @@ def test_a_generative_task_is_learned_beside_a_classifier_published_and_restored
             _serves_both(stub, name, classifier[0].eval[0][0], version)
             _generate_batch_answers_each_item(stub, name)
             _a_cancelled_stream_frees_its_place(stub, server.pool.metrics.registry)
+            # The CLI streams it too (a thin client: no model stack loaded).
+            cli = [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "generate",
+                "Reverse the words: a b",
+                "--task",
+                "reverse",
+            ]
+            done = subprocess.run(
+                [*cli, "--max-new-tokens", "4", "--target", f"127.0.0.1:{server.port}"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert done.returncode == 0 and f"reverse v{version}: " in done.stderr, done.stderr
 
             more = [
                 GenerativeRecord(
