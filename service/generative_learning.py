@@ -25,6 +25,7 @@ from service.general_anchor import anchors
 from service.general_probe import measure
 from service.generative import GenerativeAdapters, Pair, normalised
 from service.generative_settings import GENERATIVE_KIND
+from service.generative_strategy import SHARED_ADAPTER, GenerativeStrategy
 from service.ingest import Incoming, Ingest
 from service.language_model import generative_adapters
 from service.metrics import TrainerMetrics
@@ -35,9 +36,6 @@ from service.registry import Registry
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
-
-#: The strategy generative tasks learn by, whatever the classification tasks' is.
-GENERATIVE_STRATEGY = "lora-per-task"
 
 
 @dataclass
@@ -78,6 +76,7 @@ class GenerativeLearning:
         self.tasks: dict[str, GenerativeTask] = {}
         self._adapters: GenerativeAdapters | None = None
         self._anchors: list[Pair] | None = None
+        self.strategy = GenerativeStrategy(settings.generative_strategy, settings.replay_memory_size)
         #: Called between steps so the consumer group knows the trainer lives.
         self.heartbeat: Callable[[], None] = lambda: None
 
@@ -150,7 +149,8 @@ class GenerativeLearning:
         task = self.tasks.get(record.task)
         if task is None:
             task = self.tasks[record.task] = GenerativeTask(record.task)
-            self.adapters.add(record.task)
+            if self.strategy.adapter(record.task) not in self.adapters.names():
+                self.adapters.add(self.strategy.adapter(record.task))
             self.metrics.start_task(record.task)
             log.info("new generative task %r", record.task)
         pair = Pair(record.prompt, record.response)
@@ -164,33 +164,41 @@ class GenerativeLearning:
     # --- a round ------------------------------------------------------------------------------------
 
     def train_round(self, rng: random.Random) -> dict[str, int]:
-        """Train every task with new pairs, then measure every changed task; the pairs trained per task."""
-        trained = {}
+        """Train on the round's new pairs as the strategy says, then measure every changed task; the
+        pairs trained per task."""
         for task in self.tasks.values():
             self._watch_live(task)  # the served version on the new eval pairs, before any training
-            if task.round_pairs:
-                trained[task.name] = len(task.round_pairs)
-                self._train(task, rng)
+        new = {task.name: task.round_pairs for task in self.tasks.values() if task.round_pairs}
+        for adapter, pairs in self.strategy.rounds_pairs(new).items():
+            loss = self._train(adapter, pairs, rng)
+            for name in new if adapter == SHARED_ADAPTER else [adapter]:
+                self.metrics.training_loss.labels(task=name, strategy=self.strategy.name).set(loss)
+        self.strategy.remember(new, rng)
+        moved = new if self.strategy.isolates_tasks or not new else self.tasks  # a shared adapter: all
+        for name in moved:
+            task = self.tasks[name]
+            task.round_pairs, task.trained_since_published, task.changed = [], True, True
         for task in self.tasks.values():
             if task.changed:
                 self._measure(task)
-        return trained
+        return {name: len(pairs) for name, pairs in new.items()}
 
-    def _train(self, task: GenerativeTask, rng: random.Random) -> None:
+    def _train(self, adapter: str, pairs: list[Pair], rng: random.Random) -> float:
+        """The epochs of one adapter over ``pairs``, each step with the strategy's earlier pairs and the
+        model's own general answers beside them; the mean loss."""
         general = self._general_pairs()
         size, extra = self.settings.generative_batch_size, self.settings.generative_anchor_pairs
-        pairs, losses = list(task.round_pairs), []
+        pairs, losses = list(pairs), []
         for _ in range(self.settings.generative_epochs):
             rng.shuffle(pairs)
             for start in range(0, len(pairs), size):
-                batch = pairs[start : start + size] + rng.sample(general, min(extra, len(general)))
-                losses.append(self.adapters.step(task.name, batch))
+                batch = pairs[start : start + size]
+                batch += self.strategy.replayed(len(batch), rng) + rng.sample(
+                    general, min(extra, len(general))
+                )
+                losses.append(self.adapters.step(adapter, batch))
                 self.heartbeat()
-        task.round_pairs = []
-        task.trained_since_published = True
-        self.metrics.training_loss.labels(task=task.name, strategy=GENERATIVE_STRATEGY).set(
-            sum(losses) / len(losses)
-        )
+        return sum(losses) / len(losses)
 
     def _general_pairs(self) -> list[Pair]:
         if self._anchors is None:
@@ -198,10 +206,11 @@ class GenerativeLearning:
         return self._anchors
 
     def _measure(self, task: GenerativeTask) -> None:
-        evaluation = self.adapters.evaluate(task.name, task.eval_pairs)
+        adapter = self.strategy.adapter(task.name)
+        evaluation = self.adapters.evaluate(adapter, task.eval_pairs)
         task.accuracy, task.token_loss = evaluation.exact_match, evaluation.token_loss
         self.heartbeat()
-        probe = measure(self.adapters, task.name)
+        probe = measure(self.adapters, adapter)
         task.general_probe = {"accuracy": probe.accuracy, "perplexity": probe.perplexity}
         self.metrics.general_probe.labels(task=task.name).set(probe.accuracy)
 
@@ -217,13 +226,13 @@ class GenerativeLearning:
                 previous = task.version
                 version = self.registry.publish(
                     task.name,
-                    self.adapters.weights(task.name),
+                    self.adapters.weights(self.strategy.adapter(task.name)),
                     [(p.prompt, p.response) for p in task.eval_pairs],
                     self._manifest(task, offsets, round_number),
                 )
                 task.version, task.changed, task.trained_since_published = version, False, False
                 written[task.name] = (version, decision)
-                self.metrics.versions_published.labels(task=task.name, strategy=GENERATIVE_STRATEGY).inc()
+                self.metrics.versions_published.labels(task=task.name, strategy=self.strategy.name).inc()
                 self.metrics.record_accuracy(task.name, version, previous, _or_nan(task.accuracy))
         return written
 
@@ -272,7 +281,7 @@ class GenerativeLearning:
         if not pairs:
             return []
         if version == task.version and not task.trained_since_published:
-            answers = self.adapters.evaluate(task.name, pairs).answers
+            answers = self.adapters.evaluate(self.strategy.adapter(task.name), pairs).answers
         else:
             reference = f"{task.name}@served"
             self.adapters.add(reference, self.registry.load_weights(task.name, version))
@@ -287,7 +296,7 @@ class GenerativeLearning:
         return {
             "kind": GENERATIVE_KIND,
             "base_model": self.settings.language_model,
-            "strategy": GENERATIVE_STRATEGY,
+            "strategy": self.strategy.name,
             "labels": [],
             "parent_version": task.version,
             "lora": {
@@ -313,19 +322,27 @@ class GenerativeLearning:
     # --- durability ---------------------------------------------------------------------------------
 
     def saved(self) -> dict[str, Any]:
-        """The checkpoint's part: every published task's version and training count."""
-        return {
+        """The checkpoint's part: every published task's version and training count, the strategy's
+        memory."""
+        tasks = {
             name: {"version": task.version, "train_seen": task.train_seen}
             for name, task in self.tasks.items()
             if task.version is not None
         }
+        return {"tasks": tasks, "strategy": self.strategy.saved()} if tasks else {}
 
     def restore(self, saved: dict[str, Any]) -> None:
-        """Put back the tasks ``saved`` names, each from its checkpointed version in the registry."""
-        for name, entry in saved.items():
+        """Put back the tasks ``saved`` names, each from its checkpointed version in the registry (a
+        shared adapter from the newest of them: every task's version of the last round holds it)."""
+        self.strategy.restore(saved.get("strategy", {}))
+        newest: tuple[int, str, int] | None = None
+        for name, entry in saved.get("tasks", {}).items():
             version = int(entry["version"])
             manifest = self.registry.manifest(name, version)
-            self.adapters.add(name, self.registry.load_weights(name, version))
+            if self.strategy.isolates_tasks:
+                self.adapters.add(name, self.registry.load_weights(name, version))
+            elif newest is None or int(manifest.get("round", 0)) > newest[0]:
+                newest = (int(manifest.get("round", 0)), name, version)
             eval_pairs = [Pair(p, r) for p, r in self.registry.eval_records(name, version)]
             metrics = manifest["metrics"]
             self.tasks[name] = GenerativeTask(
@@ -340,6 +357,8 @@ class GenerativeLearning:
                 general_probe=metrics.get("general_probe"),
             )
             self.metrics.start_task(name)
+        if newest is not None:
+            self.adapters.add(SHARED_ADAPTER, self.registry.load_weights(newest[1], newest[2]))
 
 
 def _or_nan(value: float | None) -> float:

@@ -4,6 +4,7 @@ their records. ``service.settings.Settings`` inherits them, so they are still on
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings
@@ -27,6 +28,11 @@ class GenerativeSettings(BaseSettings):
     )
     max_prompt_tokens: int = Field(default=256, ge=8, description="A longer prompt is dead-lettered.")
     max_response_tokens: int = Field(default=128, ge=1, description="A longer response is dead-lettered.")
+    generative_strategy: Literal["lora-per-task", "naive", "replay", "joint"] = Field(
+        default="lora-per-task",
+        description="How generative tasks share the language model (service/generative_strategy.py): an "
+        "adapter each, or one shared adapter trained naively, with replay, or on everything seen.",
+    )
     generative_rank: int = Field(default=8, ge=1, description="Rank of a generative task's LoRA adapter.")
     generative_learning_rate: float = Field(
         default=1e-3, gt=0, description="AdamW learning rate of generative tasks' adapters."

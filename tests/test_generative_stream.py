@@ -108,7 +108,7 @@ def test_a_generative_task_is_learned_beside_a_classifier_published_and_restored
 
         def learned() -> dict | None:
             checkpoint = registry.read_checkpoint()
-            if checkpoint is None or "reverse" not in checkpoint.get("generative", {}):
+            if checkpoint is None or "reverse" not in checkpoint.get("generative", {}).get("tasks", {}):
                 return None
             return checkpoint if name in checkpoint["tasks"] else None
 
@@ -119,7 +119,7 @@ def test_a_generative_task_is_learned_beside_a_classifier_published_and_restored
     assert _dead_letters(settings, len(wrong)) == sorted(
         ["kind_mismatch", "kind_mismatch", "too_many_tokens", "mixed_kinds"]
     )
-    version = int(checkpoint["generative"]["reverse"]["version"])
+    version = int(checkpoint["generative"]["tasks"]["reverse"]["version"])
     manifest = registry.manifest("reverse", version)
     assert manifest["kind"] == "generative" and manifest["base_model"] == settings.language_model
     metrics = manifest["metrics"]
