@@ -13,6 +13,7 @@ are learned in process, on the learning core the service uses for generative tas
 - ``naive``: one adapter, trained on each task in turn (what forgetting looks like);
 - ``replay``: one adapter; every step's batch carries, beside the new pairs, half as many pairs drawn
   from a reservoir of the earlier tasks' pairs (``--replay-size`` in all);
+  (what each trains on: the service's ``service.generative_strategy``, as ``generative_strategy``);
 - zero-shot: the language model alone, untrained (the floor).
 
 After each task every task learned so far is measured on its held-out pairs (exact match after
@@ -48,13 +49,12 @@ from service.general_anchor import agreement, anchors
 from service.general_probe import ProbeResult, measure
 from service.generative import GenerativeAdapters, Pair
 from service.generative_datasets import GENERATIVE_TASKS, generative_tasks
+from service.generative_strategy import GenerativeStrategy
 from service.language_model import language_model_folder, load_language_model
 from service.settings import load_settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STRATEGIES = ("lora-per-task", "naive", "replay")
-#: The one adapter the shared strategies train.
-SHARED = "shared"
 
 
 def orders(names: list[str]) -> dict[str, list[str]]:
@@ -77,11 +77,10 @@ def run(
     rng = random.Random(args.seed)
     # The model's own answers to general instructions, learned beside each task (``--anchor`` per batch).
     anchored, held_out = anchors(learner) if args.anchor else ([], [])
-    reservoir: list[Pair] = []
-    offered = 0
+    plan = GenerativeStrategy(strategy, args.replay_size)  # the service's own (generative_strategy)
     matrix: dict[str, dict[str, float]] = {}
     for position, task in enumerate(order):
-        adapter = task if strategy == "lora-per-task" else SHARED
+        adapter = plan.adapter(task)
         if adapter not in learner.names():
             learner.add(adapter)
         train = list(data[task][0])
@@ -89,25 +88,17 @@ def run(
             rng.shuffle(train)
             for start in range(0, len(train), args.batch_size):
                 batch = train[start : start + args.batch_size]
-                if strategy == "replay" and reservoir:
-                    batch += rng.sample(reservoir, min(len(reservoir), max(1, len(batch) // 2)))
+                batch += plan.replayed(len(batch), rng)
                 if anchored:
                     batch += rng.sample(anchored, min(len(anchored), args.anchor))
                 learner.step(adapter, batch)
-        if strategy == "replay":
-            for pair in train:  # a uniform sample of every earlier pair (reservoir sampling)
-                offered += 1
-                if len(reservoir) < args.replay_size:
-                    reservoir.append(pair)
-                elif (slot := rng.randrange(offered)) < args.replay_size:
-                    reservoir[slot] = pair
+        plan.remember({task: train}, rng)
         matrix[task] = {
-            seen: _exact_match(learner, seen if strategy == "lora-per-task" else SHARED, data[seen][1])
-            for seen in order[: position + 1]
+            seen: _exact_match(learner, plan.adapter(seen), data[seen][1]) for seen in order[: position + 1]
         }
         say(f"{strategy}: after {task}: " + ", ".join(f"{k} {v:.2f}" for k, v in matrix[task].items()))
     summary = summarize(matrix)
-    adapters = order if strategy == "lora-per-task" else [SHARED]
+    adapters = list(dict.fromkeys(plan.adapter(task) for task in order))
     probes = [measure(learner, adapter) for adapter in adapters]
     if not held_out:
         held_out = anchors(learner)[1]

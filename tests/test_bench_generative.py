@@ -20,13 +20,22 @@ def test_a_run_measures_every_task_learned_so_far(
 ) -> None:
     monkeypatch.setenv("CONTINUAL_LANGUAGE_MODEL", str(tiny_language_model_dir))
     data = generative_tasks(train=8, evaluate=4, tasks=["iso-date", "sort-numbers"])
-    args = argparse.Namespace(seed=0, rank=4, learning_rate=1e-3, epochs=1, batch_size=4, replay_size=4)
+    args = argparse.Namespace(
+        seed=0,
+        rank=4,
+        learning_rate=1e-3,
+        epochs=1,
+        batch_size=4,
+        replay_size=4,
+        anchor=1 if strategy == "replay" else 0,
+    )
     measured = run(strategy, ["iso-date", "sort-numbers"], data, args, say=lambda _: None)
     assert list(measured["matrix"]) == ["iso-date", "sort-numbers"]
     assert list(measured["matrix"]["iso-date"]) == ["iso-date"]
     assert list(measured["matrix"]["sort-numbers"]) == ["iso-date", "sort-numbers"]
     assert 0.0 <= measured["acc"] <= 1.0 and measured["bwt"] is not None
     assert set(measured["general_probe_after"]) == {"accuracy", "perplexity"}
+    assert 0.0 <= measured["general_agreement_after"] <= 1.0
 
 
 def test_the_orders_are_the_written_one_its_reverse_and_a_fixed_shuffle() -> None:
