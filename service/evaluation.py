@@ -102,6 +102,9 @@ class TaskLearning:
     train_records: int
     eval_records: int
     labels: int
+    #: "generative" for a task of prompts and responses, else "".
+    kind: str = ""
+    general_probe_accuracy: float | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,11 @@ class LearningStatus:
     summary: LearningSummary
     #: The matrix's rows with macro accuracies (empty from a checkpoint written before them).
     macro_matrix: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def checkpointed_generative(checkpoint: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The generative tasks a trainer checkpoint holds (their version and training count)."""
+    return dict((checkpoint or {}).get("generative", {}).get("tasks", {}))
 
 
 def learning_status(
@@ -135,6 +143,20 @@ def learning_status(
             labels=len(manifests[name]["labels"]),
         )
         for name, saved in checkpoint["tasks"].items()
+        if name in manifests
+    ] + [
+        TaskLearning(
+            task=name,
+            version=int(saved["version"]),
+            accuracy=manifests[name]["metrics"].get("accuracy"),
+            macro_accuracy=None,
+            train_records=int(saved["train_seen"]),
+            eval_records=int(manifests[name]["metrics"].get("eval_records", 0)),
+            labels=0,
+            kind="generative",
+            general_probe_accuracy=(manifests[name]["metrics"].get("general_probe") or {}).get("accuracy"),
+        )
+        for name, saved in checkpointed_generative(checkpoint).items()
         if name in manifests
     ]
     chance = {t.task: 1.0 / t.labels for t in tasks if t.labels}

@@ -64,6 +64,8 @@ def learning_reply(
                 train_records=t.train_records,
                 eval_records=t.eval_records,
                 data=data_health(manifests[t.task]),
+                kind=t.kind,
+                general_probe_accuracy=or_nan(t.general_probe_accuracy),
             )
             for t in status.tasks
         ],

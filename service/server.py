@@ -26,7 +26,7 @@ from service import calls
 from service.answering import Answerer, Prediction, Request
 from service.api import continual_pb2, continual_pb2_grpc
 from service.errors import ContinualError, Unauthenticated, status_of
-from service.evaluation import learning_status
+from service.evaluation import checkpointed_generative, learning_status
 from service.generation_calls import GenerationCalls
 from service.metrics import serve_metrics
 from service.oip import InferenceServicer
@@ -203,10 +203,8 @@ class ContinualServicer(GenerationCalls, continual_pb2_grpc.ContinualServicer):
         def handle() -> continual_pb2.LearningStatus:
             registry = self.pool.registry
             checkpoint = registry.read_checkpoint()
-            manifests = {
-                name: registry.manifest(name, int(saved["version"]))
-                for name, saved in (checkpoint or {"tasks": {}})["tasks"].items()
-            }
+            held = {**(checkpoint or {"tasks": {}})["tasks"], **checkpointed_generative(checkpoint)}
+            manifests = {name: registry.manifest(name, int(saved["version"])) for name, saved in held.items()}
             return learning_reply(learning_status(checkpoint, manifests), manifests)
 
         return self._call("GetLearningStatus", context, handle)

@@ -151,6 +151,12 @@ def test_a_generative_task_is_learned_beside_a_classifier_published_and_restored
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = continual_pb2_grpc.ContinualStub(channel)
             _serves_both(stub, name, classifier[0].eval[0][0], version)
+            learning = {
+                t.task: t for t in stub.GetLearningStatus(continual_pb2.LearningStatusRequest()).tasks
+            }
+            assert learning["reverse"].kind == "generative" and learning[name].kind == ""
+            assert learning["reverse"].general_probe_accuracy == metrics["general_probe"]["accuracy"]
+            assert learning["reverse"].eval_records == EVAL
             _generate_batch_answers_each_item(stub, name)
             _a_cancelled_stream_frees_its_place(stub, server.pool.metrics.registry)
             # The CLI streams it too (a thin client: no model stack loaded).
