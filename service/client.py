@@ -182,9 +182,14 @@ def learning_tables(status: continual_pb2.LearningStatus) -> list[Table]:
         tasks.add_column(column, justify="left" if column == "task" else "right")
     tasks.add_column("data")
     tasks.add_column("imbalance", justify="right")
+    if any(t.kind for t in status.tasks):
+        tasks.caption = (
+            "generative tasks (*): accuracy is exact match; probe: the general probe's share right"
+        )
     for t in status.tasks:
+        generative = f"* (probe {_percent(t.general_probe_accuracy)})" if t.kind else ""
         tasks.add_row(
-            t.task,
+            f"{t.task} {generative}".strip(),
             f"v{t.version}",
             _percent(t.accuracy),
             _percent(t.macro_accuracy),

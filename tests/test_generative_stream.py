@@ -6,6 +6,7 @@ probe and the kind; the checkpoint restores them; a classification server leaves
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -176,6 +177,11 @@ def test_a_generative_task_is_learned_beside_a_classifier_published_and_restored
                 timeout=120,
             )
             assert done.returncode == 0 and f"reverse v{version}: " in done.stderr, done.stderr
+            status = [sys.executable, "-m", "service.cli", "status", "--target", f"127.0.0.1:{server.port}"]
+            shown = subprocess.run(
+                status, capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"}
+            )
+            assert shown.returncode == 0 and "reverse * (probe" in shown.stdout, shown.stdout
 
             more = [
                 GenerativeRecord(
