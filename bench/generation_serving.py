@@ -34,6 +34,7 @@ import grpc
 import torch
 from prometheus_client import CollectorRegistry
 
+from bench.cl_clinc150 import replace_block
 from service.api import continual_pb2, continual_pb2_grpc
 from service.demo import spawn_role
 from service.general_anchor import INSTRUCTIONS
@@ -182,6 +183,26 @@ def served(settings: Settings, prompts: list[str], max_new_tokens: int, folder: 
     }
 
 
+def table(measured: dict[str, Any]) -> str:
+    """The serving figures as bench/README.md's table."""
+    rows = [
+        ("served, 1 stream", measured["ttft_ms_c1"], measured["tokens_per_s_c1"]),
+        ("served, 8 streams", measured["ttft_ms_c8"], measured["tokens_per_s_c8"]),
+        ("in process, Hugging Face `generate`, one prompt", None, measured["inprocess_tokens_per_s_c1"]),
+        ("in process, Hugging Face `generate`, 8 prompts at once", None, measured["inprocess_tokens_per_s"]),
+        ("in process, the server's engine, 8 rows", None, measured["inprocess_engine_tokens_per_s"]),
+    ]
+    lines = ["| | time to first token (p50) | tokens/s |", "|---|---|---|"]
+    lines += [
+        f"| {name} | {'–' if ttft is None else f'{ttft:.0f} ms'} | {rate:.1f} |" for name, ttft, rate in rows
+    ]
+    lines.append(
+        f"| **served at 8 streams / `generate` on 8** | | **{measured['ratio_c8']:.2f}** "
+        f"(over the engine in process: {measured['ratio_c8_engine']:.2f}) |"
+    )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -191,7 +212,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads, in process and served")
     parser.add_argument("--train-steps", type=int, default=4)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--readme", action="store_true", help="write the table from the results, run nothing")
     args = parser.parse_args()
+    if args.readme:
+        readme = Path(__file__).with_name("README.md")
+        block = table(json.loads(args.out.read_text())["serving"])
+        text = replace_block(readme.read_text(), "generation serving table", block)
+        if text is None:
+            raise SystemExit(f"{readme} lacks the <!-- generation serving table --> markers")
+        readme.write_text(text)
+        return
     torch.set_num_threads(args.threads)
     prompts = [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(args.requests)]
     with tempfile.TemporaryDirectory() as tmp:

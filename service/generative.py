@@ -164,20 +164,21 @@ class GenerativeAdapters:
     # --- learning -----------------------------------------------------------------------------------
 
     @contextmanager
-    def _using(self, task: str | None) -> Iterator[PreTrainedModel | PeftModel]:
+    def using(self, task: str | None) -> Iterator[PreTrainedModel | PeftModel]:
         """The model with ``task``'s adapter active (None: the language model alone)."""
         if task is None:
             with self._peft.disable_adapter() if self._peft is not None else nullcontext():
                 yield self._peft if self._peft is not None else self.base
             return
         assert self._peft is not None, f"no adapter {task!r}"
-        self._peft.set_adapter(task)
+        if self._peft.active_adapter != task:  # setting it walks every module: not once per token
+            self._peft.set_adapter(task)
         yield self._peft
 
     def step(self, task: str, pairs: Sequence[Pair]) -> float:
         """One optimiser step of ``task``'s adapter on ``pairs``; the batch's mean answer-token loss."""
         ids, mask, labels = self._batch(pairs)
-        with self._using(task) as model:
+        with self.using(task) as model:
             model.train()
             try:
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -204,7 +205,7 @@ class GenerativeAdapters:
         """Per pair, the mean loss of the wanted answer's tokens under ``task``'s adapter (None: the
         language model alone)."""
         ids, mask, labels = self._batch(pairs)
-        with self._using(task) as model:
+        with self.using(task) as model:
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         targets = labels[:, 1:]
         losses = torch.nn.functional.cross_entropy(
@@ -218,7 +219,7 @@ class GenerativeAdapters:
         """The mean per-token loss of plain ``text`` (no chat template; its first ``most_tokens``
         tokens) under ``task``'s adapter (None: the language model alone)."""
         ids = torch.tensor([self.tokenizer(text, add_special_tokens=False)["input_ids"][:most_tokens]])
-        with self._using(task) as model:
+        with self.using(task) as model:
             return float(model(input_ids=ids, labels=ids).loss)
 
     def generate(self, task: str | None, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
@@ -239,7 +240,7 @@ class GenerativeAdapters:
         ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows])
         mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
         stop = self.stop_ids()
-        with self._using(task) as model:
+        with self.using(task) as model:
             # PEFT forwards generate to the model; its stubs do not say so.
             out = cast(Any, model).generate(
                 input_ids=ids,

@@ -42,10 +42,11 @@ class GenerativeSettings(BaseSettings):
     )
     generative_batch_size: int = Field(default=16, ge=1, description="Pairs of a task per training step.")
     generative_anchor_pairs: int = Field(
-        default=4,
+        default=0,
         ge=0,
         description="Pairs of the language model's own answers to general instructions added to every "
-        "training step (service.general_anchor): what keeps the model's general abilities (0: none).",
+        "training step (service.general_anchor; 0: none). Off by default: on the generative benchmark it "
+        "kept the general probe's answers but doubled the paragraph's perplexity (bench/README.md).",
     )
     max_generation_batch: int = Field(
         default=16,

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench.cl_generative import RESULTS, STRATEGIES, orders, run, table
+from bench.generation_serving import table as serving_table
 from service.generative_datasets import generative_tasks
 
 
@@ -48,3 +49,6 @@ def test_the_orders_are_the_written_one_its_reverse_and_a_fixed_shuffle() -> Non
 def test_the_committed_readme_shows_the_committed_results() -> None:
     out = RESULTS / "cl_generative.json"
     assert table(json.loads(out.read_text())) in (out.parents[1] / "README.md").read_text()
+    serving = json.loads(out.read_text())["serving"]
+    assert serving_table(serving) in (out.parents[1] / "README.md").read_text()
+    assert serving["ratio_c8"] > 0 and serving["tokens_per_s_c8"] > 0
