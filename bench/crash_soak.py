@@ -161,10 +161,20 @@ def soak(
     for kill in range(kills):
         time.sleep(rng.uniform(4.0, 14.0))
         victim = kill % trainers
+        waits_out = trainers > 1 and kill % 2 == 1
+        if waits_out:
+            # The one that last wrote the most partitions' checkpoints stays down: it has partitions
+            # to take over (one that has not closed a round yet would leave nothing to count).
+            ready = time.monotonic() + 20.0
+            while not _writers(settings) and time.monotonic() < ready:
+                time.sleep(0.5)
+            written = Counter(_writers(settings).values()).most_common()
+            members = {f"soak-trainer-{i}": i for i in range(trainers)}
+            victim = next((members[name] for name, _ in written if name in members), victim)
         running[victim].send_signal(signal.SIGKILL)
         running[victim].wait()
         say(f"kill {kill + 1}/{kills}: trainer {victim} killed with SIGKILL")
-        if trainers > 1 and kill % 2 == 1:
+        if waits_out:
             before = _writers(settings)
             time.sleep(settings.kafka_session_timeout_s + 6.0)  # its partitions go to the others
             gone = f"soak-trainer-{victim}"
