@@ -192,21 +192,23 @@ class Ingest:
         """Learn which records were dead-lettered since ``since_s`` (a checkpoint's time; None: ever)."""
         self.dead_lettered |= dead_lettered_since(self.settings, since_s, self.settings.dead_letter_timeout_s)
 
-    def poll_or_back_off(self, stop: threading.Event, timeout_s: float = 0.5) -> list[Incoming]:
-        """``poll``, exporting the consumer lag every ``LAG_EVERY_S``; while the broker is away
-        (restarting, partitioned) the failure is counted and nothing is returned after a backoff (the
-        caller keeps its state and calls again)."""
+    def export_lag(self) -> None:
+        """Export the consumer lag, at most every ``LAG_EVERY_S`` (it asks the broker)."""
         if time.monotonic() >= self._next_lag:
             for partition, lag in self.lag().items():
                 self.metrics.consumer_lag.labels(partition=str(partition)).set(lag)
             self._next_lag = time.monotonic() + LAG_EVERY_S
+
+    def poll_or_back_off(self, stop: threading.Event, timeout_s: float = 0.5) -> list[Incoming] | None:
+        """``poll``; None while the broker is away (restarting, partitioned): the failure is counted
+        and the call returns after a backoff (the caller keeps its state and does nothing else)."""
         try:
             return self.poll(timeout_s)
         except KafkaError as exc:
             self.metrics.broker_errors.inc()
             log.warning("Kafka unavailable, retrying in %.0fs: %s", BROKER_BACKOFF_S, exc)
             stop.wait(BROKER_BACKOFF_S)
-            return []
+            return None
 
     def poll(self, timeout_s: float) -> list[Incoming]:
         """Valid records that arrived within ``timeout_s``; invalid ones go to the dead-letter topic."""

@@ -181,5 +181,9 @@ class LocalKafkaCluster:
 
 
 def _cluster_id() -> str:
-    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding (what StorageTool makes)."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding (what StorageTool makes),
+    never starting with "-" (Kafka's own ``Uuid.randomUuid`` draws again then: the storage tool would
+    read such an id as an option, and did, once in 64 clusters)."""
+    while (cluster_id := base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")).startswith("-"):
+        pass
+    return cluster_id

@@ -145,6 +145,7 @@ class PartitionTrainers:
         ingest.on_assign = self._assigned
         try:
             while not stop.is_set():
+                ingest.export_lag()
                 waiting = [learner for learner in self.learners.values() if learner.durability.pending]
                 if waiting:
                     # A round is not durable: read nothing more until it is (as one trainer does).
@@ -155,6 +156,8 @@ class PartitionTrainers:
                     stop.wait(0.2)
                     continue
                 batch = ingest.poll_or_back_off(stop)
+                if batch is None:
+                    continue
                 self._absorb(batch, ingest)
                 self._close_due_rounds(ingest, on_round)
                 for partition in sorted(self._leaving):

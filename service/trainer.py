@@ -112,8 +112,6 @@ class Trainer:
         """Every task, classification and generative, as the accuracy matrix reads it."""
         return {**self.tasks, **self.generative.tasks}
 
-    # --- absorbing records --------------------------------------------------------------------------
-
     def absorb(self, batch: Sequence[Incoming], ingest: Ingest | None = None) -> None:
         """Take a polled batch in: train records are stepped on in micro-batches, eval records kept."""
         # Tasks in the order their first training record arrived (a set's order would change with the
@@ -189,8 +187,6 @@ class Trainer:
         self.training.add_task(name)
         log.info("new task %r", name)
         return state
-
-    # --- closing a round ----------------------------------------------------------------------------
 
     def round_due(self, idle_s: float, positions: dict[int, int]) -> bool:
         """Whether to close the round now: enough records, or a quiet stream with something to save."""
@@ -268,8 +264,6 @@ class Trainer:
         log.info("%s", report)
         return report
 
-    # --- the loop -----------------------------------------------------------------------------------
-
     def run(
         self,
         ingest: Ingest,
@@ -283,6 +277,7 @@ class Trainer:
         last_arrival = time.monotonic()
         try:
             while not stop.is_set():
+                ingest.export_lag()
                 if self.durability.pending is not None:
                     # The last round is not durable: read nothing more (records wait in Kafka, memory
                     # stays flat), stay in the group, retry after the backoff.
@@ -291,7 +286,9 @@ class Trainer:
                         self.durability.persist(self.tasks, ingest)
                     stop.wait(0.2)
                     continue
-                batch = ingest.poll_or_back_off(stop)  # the broker away: nothing, after a backoff
+                batch = ingest.poll_or_back_off(stop)
+                if batch is None:
+                    continue  # the broker is away: keep the state, poll again after the backoff
                 if batch:
                     self.absorb(batch, ingest)
                     last_arrival = time.monotonic()

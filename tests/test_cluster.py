@@ -3,6 +3,7 @@ nothing is lost or learned twice."""
 
 from __future__ import annotations
 
+import base64
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from kafka import KafkaAdminClient
 
 from service.datasets import records, synthetic
 from service.ingest import ensure_topics
-from service.local_kafka import LocalKafkaCluster
+from service.local_kafka import LocalKafkaCluster, _cluster_id
 from service.producer import produce
 from service.settings import Settings
 from tests.helpers import checkpointed_counts, eventually, running_trainer
@@ -53,3 +54,10 @@ def test_killing_one_broker_of_three_mid_stream_loses_nothing(settings: Settings
             time.sleep(3)  # nothing more arrives: no record was read twice
             assert checkpointed_counts(settings) == expected
             assert running.thread.is_alive()
+
+
+def test_a_cluster_id_never_reads_as_an_option() -> None:
+    # URL-safe base64 starts with "-" once in 64 draws; kafka-storage then took the id for an option.
+    ids = [_cluster_id() for _ in range(2000)]
+    assert not any(i.startswith("-") for i in ids)
+    assert all(len(base64.urlsafe_b64decode(i + "==")) == 16 for i in ids)
