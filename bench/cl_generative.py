@@ -13,6 +13,8 @@ are learned in process, on the learning core the service uses for generative tas
 - ``naive``: one adapter, trained on each task in turn (what forgetting looks like);
 - ``replay``: one adapter; every step's batch carries, beside the new pairs, half as many pairs drawn
   from a reservoir of the earlier tasks' pairs (``--replay-size`` in all);
+- ``ewc``, ``lwf``: one adapter, each step paying online EWC's penalty (``--ewc-lambda``) or LwF's
+  distillation towards the adapter before the task (``--lwf-alpha``);
   (what each trains on: the service's ``service.generative_strategy``, as ``generative_strategy``);
 - zero-shot: the language model alone, untrained (the floor).
 
@@ -49,12 +51,13 @@ from service.general_anchor import agreement, anchors
 from service.general_probe import ProbeResult, measure
 from service.generative import GenerativeAdapters, Pair
 from service.generative_datasets import GENERATIVE_TASKS, generative_tasks
+from service.generative_regularisers import general_divergence
 from service.generative_strategy import GenerativeStrategy
 from service.language_model import language_model_folder, load_language_model
-from service.settings import load_settings
+from service.settings import Settings, load_settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
-STRATEGIES = ("lora-per-task", "naive", "replay")
+STRATEGIES = ("lora-per-task", "naive", "replay", "ewc", "lwf")
 
 
 def orders(names: list[str]) -> dict[str, list[str]]:
@@ -75,23 +78,28 @@ def run(
     started = time.monotonic()
     learner = _learner(args)
     rng = random.Random(args.seed)
-    # The model's own answers to general instructions, learned beside each task (``--anchor`` per batch).
-    anchored, held_out = anchors(learner) if args.anchor else ([], [])
-    plan = GenerativeStrategy(strategy, args.replay_size)  # the service's own (generative_strategy)
+    # The model's own answers to general instructions, learned beside each task (``--anchor`` per batch)
+    # or whose distributions each step keeps (``--distill`` per step).
+    anchored, held_out = anchors(learner) if args.anchor or args.distill else ([], [])
+    plan = GenerativeStrategy.for_settings(_settings(args, strategy))  # the service's own strategies
     matrix: dict[str, dict[str, float]] = {}
     for position, task in enumerate(order):
         adapter = plan.adapter(task)
         if adapter not in learner.names():
             learner.add(adapter)
         train = list(data[task][0])
-        for _ in range(args.epochs):
-            rng.shuffle(train)
-            for start in range(0, len(train), args.batch_size):
-                batch = train[start : start + args.batch_size]
-                batch += plan.replayed(len(batch), rng)
-                if anchored:
-                    batch += rng.sample(anchored, min(len(anchored), args.anchor))
-                learner.step(adapter, batch)
+        plan.train(
+            learner,
+            adapter,
+            train,
+            args.epochs,
+            args.batch_size,
+            rng,
+            anchored,
+            args.anchor,
+            args.distill,
+            args.distill_strength,
+        )
         plan.remember({task: train}, rng)
         matrix[task] = {
             seen: _exact_match(learner, plan.adapter(seen), data[seen][1]) for seen in order[: position + 1]
@@ -103,6 +111,7 @@ def run(
     if not held_out:
         held_out = anchors(learner)[1]
     agreements = [agreement(learner, adapter, held_out) for adapter in adapters]
+    divergences = [general_divergence(learner, adapter, held_out) for adapter in adapters]
     return {
         "matrix": matrix,
         "acc": summary.acc,
@@ -112,8 +121,24 @@ def run(
         "general_probe_per_adapter": {a: p.accuracy for a, p in zip(adapters, probes, strict=True)},
         # Held-out general instructions answered in the language model's own words (chosen on).
         "general_agreement_after": sum(agreements) / len(agreements),
+        # How far the adapters moved the model's next-token distributions on them (KL, 0: not at all).
+        "general_divergence_after": sum(divergences) / len(divergences),
         "wall_s": round(time.monotonic() - started, 1),
+        # The knob of a regularised strategy (not in CONFIG: runs of other strategies do not depend on it).
+        **({"ewc_lambda": args.ewc_lambda} if strategy == "ewc" else {}),
+        **({"lwf_alpha": args.lwf_alpha} if strategy == "lwf" else {}),
     }
+
+
+def _settings(args: argparse.Namespace, strategy: str) -> Settings:
+    """The service's settings of ``strategy`` with the benchmark's knobs."""
+    return load_settings(
+        generative_strategy=strategy,
+        replay_memory_size=args.replay_size,
+        generative_batch_size=args.batch_size,
+        generative_ewc_lambda=args.ewc_lambda,
+        generative_lwf_alpha=args.lwf_alpha,
+    )
 
 
 def _learner(args: argparse.Namespace) -> GenerativeAdapters:
@@ -154,7 +179,13 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--replay-size", type=int, default=200)
+    parser.add_argument("--ewc-lambda", type=float, default=load_settings().generative_ewc_lambda)
+    parser.add_argument("--lwf-alpha", type=float, default=load_settings().generative_lwf_alpha)
     parser.add_argument("--anchor", type=int, default=0, help="general pairs per batch (0: none)")
+    parser.add_argument(
+        "--distill", type=int, default=0, help="general pairs per step kept as the model alone (0: none)"
+    )
+    parser.add_argument("--distill-strength", type=float, default=1.0, help="weight of --distill's term")
     parser.add_argument("--tasks", nargs="+", default=list(GENERATIVE_TASKS), choices=GENERATIVE_TASKS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -186,7 +217,9 @@ def main() -> None:
     data = {name: (train, held_out[part]) for name, (train, held_out) in written.items()}
     results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
     config = {k: v for k, v in vars(args).items() if k in CONFIG}
-    if results.get("config", config) != config:
+    # Files written before a knob existed were measured at its default.
+    stored = {**{k: v for k, v in DEFAULTS.items() if k in config}, **results.get("config", config)}
+    if stored != config:
         raise SystemExit(f"{args.out} was measured with {results['config']}; use --out for {config}")
     results["config"] = config
     if not args.skip_zero_shot:
@@ -226,10 +259,14 @@ CONFIG = (
     "rank",
     "replay_size",
     "anchor",
+    "distill",
+    "distill_strength",
     "tasks",
     "seed",
     "measure_on",
 )
+#: The defaults of knobs added after results files were written.
+DEFAULTS = {"distill": 0, "distill_strength": 1.0}
 
 
 def _mean(runs: list[dict[str, Any]]) -> dict[str, float | None]:

@@ -128,6 +128,7 @@ class Durability:
             tensors.update(outside_tensors)
             tensors.update(progress_tensors)
             tensors.update(duplicates_tensors)
+            tensors.update(self.generative.saved_tensors())
             learner_file = self.registry.write_learner(pending.number, tensors) if tensors else None
             if pending.router is not None:
                 write_router(self.registry, pending.router, tasks, pending.number, self.settings.base_model)
@@ -264,14 +265,14 @@ class Durability:
                 name, len(state.unlabeled), state.unlabeled_dropped, 0, state.pseudo_label_accuracy
             )
         self.assessment.restore(checkpoint)
-        self.generative.restore(checkpoint.get("generative", {}))
+        learner_file = checkpoint.get("learner")
+        tensors = self.registry.read_learner(learner_file) if learner_file else None
+        self.generative.restore(checkpoint.get("generative", {}), tensors)
         for name, rows in checkpoint.get("untrained", {}).items():
             state = tasks[name]
             state.pending = [(str(text), int(index)) for text, index in rows]
             state.round_examples = list(state.pending)
             state.changed = True
-        learner_file = checkpoint.get("learner")
-        tensors = self.registry.read_learner(learner_file) if learner_file else None
         self.training.restore(
             dict(checkpoint.get("strategy_state", {})),
             tensors,

@@ -93,13 +93,9 @@ class GenerationPool:
             if name in self.adapters.names():
                 return
             try:
-                manifest = self.registry.manifest(task, version)
-                if manifest.get("base_model") != self.settings.language_model:
-                    raise CorruptVersion(
-                        f"{task} v{version} was trained on language model {manifest.get('base_model')!r}, "
-                        f"this server runs {self.settings.language_model!r}"
-                    )
-                weights = self.registry.load_weights(task, version)
+                _, weights = self.registry.servable(
+                    task, version, self.settings.language_model, "language model"
+                )
                 adapters = self.adapters
                 self.engine.between_steps(lambda: adapters.add(name, weights))
             except CorruptVersion:

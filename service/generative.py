@@ -15,11 +15,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # the regularisers read the adapters: a cycle at run time
+    from service.generative_regularisers import Regulariser
 
 #: The projections an adapter trains: attention and MLP (Llama's names; SmolLM2 is a Llama).
 LANGUAGE_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -146,7 +149,7 @@ class GenerativeAdapters:
         ids = list(self.tokenizer(response + self._end_of_turn, add_special_tokens=False)["input_ids"])
         return ids[: self.max_response_tokens]
 
-    def _batch(self, pairs: Sequence[Pair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(self, pairs: Sequence[Pair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Input ids, attention mask and labels of ``pairs``, right-padded; labels only on answers."""
         rows = [(self.prompt_ids(p.prompt), self.response_ids(p.response)) for p in pairs]
         width = max(len(prompt) + len(response) for prompt, response in rows)
@@ -175,26 +178,37 @@ class GenerativeAdapters:
             self._peft.set_adapter(task)
         yield self._peft
 
-    def step(self, task: str, pairs: Sequence[Pair]) -> float:
-        """One optimiser step of ``task``'s adapter on ``pairs``; the batch's mean answer-token loss."""
-        ids, mask, labels = self._batch(pairs)
+    def step(self, task: str, pairs: Sequence[Pair], regularisers: Sequence[Regulariser] = ()) -> float:
+        """One optimiser step of ``task``'s adapter on ``pairs``, plus each of ``regularisers``' terms
+        (``service.generative_regularisers``); the batch's mean answer-token loss."""
+        ids, mask, labels = self.batch(pairs)
+        # Before the step's own forward: they may run another adapter (LwF's teacher, the model alone).
+        prepared = [regulariser.prepare(self, task, ids, mask) for regulariser in regularisers]
         with self.using(task) as model:
             model.train()
             try:
-                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                out = model(input_ids=ids, attention_mask=mask, labels=labels)
+                loss = out.loss
+                for regulariser, ready in zip(regularisers, prepared, strict=True):
+                    extra = regulariser.loss(self, task, out.logits, labels, ready)
+                    loss = loss if extra is None else loss + extra
                 optimiser = self._optimiser(task)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
             finally:
                 model.eval()
-        return float(loss.detach())
+        return float(out.loss.detach())
+
+    def parameters(self, task: str) -> dict[str, torch.nn.Parameter]:
+        """``task``'s trainable LoRA weights by name."""
+        assert self._peft is not None, f"no adapter {task!r}"
+        return {n: p for n, p in self._peft.named_parameters() if f".{task}." in n and "lora_" in n}
 
     def _optimiser(self, task: str) -> torch.optim.AdamW:
         optimiser = self._optimisers.get(task)
         if optimiser is None:
-            assert self._peft is not None
-            trainable = [p for n, p in self._peft.named_parameters() if f".{task}." in n and "lora_" in n]
+            trainable = list(self.parameters(task).values())
             optimiser = self._optimisers[task] = torch.optim.AdamW(trainable, lr=self.learning_rate)
         return optimiser
 
@@ -204,7 +218,7 @@ class GenerativeAdapters:
     def token_losses(self, task: str | None, pairs: Sequence[Pair]) -> list[float]:
         """Per pair, the mean loss of the wanted answer's tokens under ``task``'s adapter (None: the
         language model alone)."""
-        ids, mask, labels = self._batch(pairs)
+        ids, mask, labels = self.batch(pairs)
         with self.using(task) as model:
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         targets = labels[:, 1:]

@@ -20,9 +20,11 @@ from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from service.errors import CorruptVersion
 from service.general_anchor import anchors
-from service.general_probe import measure
+from service.general_probe import ProbeResult, measure
 from service.generative import GenerativeAdapters, Pair, normalised
 from service.generative_settings import GENERATIVE_KIND
 from service.generative_strategy import SHARED_ADAPTER, GenerativeStrategy
@@ -76,7 +78,7 @@ class GenerativeLearning:
         self.tasks: dict[str, GenerativeTask] = {}
         self._adapters: GenerativeAdapters | None = None
         self._anchors: list[Pair] | None = None
-        self.strategy = GenerativeStrategy(settings.generative_strategy, settings.replay_memory_size)
+        self.strategy = GenerativeStrategy.for_settings(settings)
         #: Called between steps so the consumer group knows the trainer lives.
         self.heartbeat: Callable[[], None] = lambda: None
 
@@ -178,39 +180,44 @@ class GenerativeLearning:
         for name in moved:
             task = self.tasks[name]
             task.round_pairs, task.trained_since_published, task.changed = [], True, True
+        probes: dict[str, ProbeResult] = {}  # per adapter: the tasks of a shared one share its probe
         for task in self.tasks.values():
             if task.changed:
-                self._measure(task)
+                self._measure(task, probes)
         return {name: len(pairs) for name, pairs in new.items()}
 
     def _train(self, adapter: str, pairs: list[Pair], rng: random.Random) -> float:
-        """The epochs of one adapter over ``pairs``, each step with the strategy's earlier pairs and the
-        model's own general answers beside them; the mean loss."""
-        general = self._general_pairs()
-        size, extra = self.settings.generative_batch_size, self.settings.generative_anchor_pairs
-        pairs, losses = list(pairs), []
-        for _ in range(self.settings.generative_epochs):
-            rng.shuffle(pairs)
-            for start in range(0, len(pairs), size):
-                batch = pairs[start : start + size]
-                batch += self.strategy.replayed(len(batch), rng) + rng.sample(
-                    general, min(extra, len(general))
-                )
-                losses.append(self.adapters.step(adapter, batch))
-                self.heartbeat()
-        return sum(losses) / len(losses)
+        """The epochs of one adapter over ``pairs`` as the strategy trains (``GenerativeStrategy.train``),
+        each step with the model's own general answers beside them or kept; the mean loss."""
+        return self.strategy.train(
+            self.adapters,
+            adapter,
+            list(pairs),
+            self.settings.generative_epochs,
+            self.settings.generative_batch_size,
+            rng,
+            general=self._general_pairs(),
+            general_per_step=self.settings.generative_anchor_pairs,
+            distilled_per_step=self.settings.generative_keep_general,
+            distilled_strength=self.settings.generative_keep_general_strength,
+            between_steps=self.heartbeat,
+        )
 
     def _general_pairs(self) -> list[Pair]:
         if self._anchors is None:
-            self._anchors = anchors(self.adapters)[0] if self.settings.generative_anchor_pairs else []
+            wanted = self.settings.generative_anchor_pairs or self.settings.generative_keep_general
+            self._anchors = anchors(self.adapters)[0] if wanted else []
         return self._anchors
 
-    def _measure(self, task: GenerativeTask) -> None:
+    def _measure(self, task: GenerativeTask, probes: dict[str, ProbeResult]) -> None:
+        """The task's exact match and its adapter's general probe (measured once per adapter a round)."""
         adapter = self.strategy.adapter(task.name)
         evaluation = self.adapters.evaluate(adapter, task.eval_pairs)
         task.accuracy, task.token_loss = evaluation.exact_match, evaluation.token_loss
         self.heartbeat()
-        probe = measure(self.adapters, adapter)
+        if adapter not in probes:
+            probes[adapter] = measure(self.adapters, adapter)
+        probe = probes[adapter]
         task.general_probe = {"accuracy": probe.accuracy, "perplexity": probe.perplexity}
         self.metrics.general_probe.labels(task=task.name).set(probe.accuracy)
 
@@ -264,16 +271,13 @@ class GenerativeLearning:
         self.publisher.judge_live(task.name, alias.served, outcomes)
 
     def _served_exact_match(self, task: GenerativeTask, version: int) -> float | None:
-        """The served version's exact match on the task's eval pairs: its manifest's figure when it was
-        measured on exactly these, else measured now."""
+        """The served version's exact match on the task's eval pairs: its manifest's figure on the pairs
+        it was published with (``Registry.measured_prefix``), the pairs after them measured now."""
         records = [(p.prompt, p.response) for p in task.eval_pairs]
-        metrics = self.registry.manifest(task.name, version)["metrics"]
-        if metrics.get("eval_records") == len(records) and self.registry.evaluated_on(
-            task.name, version, records
-        ):
-            return metrics.get("accuracy")
-        outcomes = self._served_outcomes(task, version, task.eval_pairs)
-        return sum(outcomes) / len(outcomes) if outcomes else None
+        known, correct = self.registry.measured_prefix(task.name, version, records)
+        outcomes = self._served_outcomes(task, version, task.eval_pairs[known:])
+        total = known + len(outcomes)
+        return (correct + sum(outcomes)) / total if total else None
 
     def _served_outcomes(self, task: GenerativeTask, version: int, pairs: list[Pair]) -> list[bool]:
         """Whether ``version`` answers each of ``pairs`` exactly: the task's own adapter when that is the
@@ -331,9 +335,14 @@ class GenerativeLearning:
         }
         return {"tasks": tasks, "strategy": self.strategy.saved()} if tasks else {}
 
-    def restore(self, saved: dict[str, Any]) -> None:
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        """The checkpoint's tensors (the strategy's regulariser's), for the trainer's learner file."""
+        return self.strategy.tensors()
+
+    def restore(self, saved: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> None:
         """Put back the tasks ``saved`` names, each from its checkpointed version in the registry (a
-        shared adapter from the newest of them: every task's version of the last round holds it)."""
+        shared adapter from the newest of them: every task's version of the last round holds it), and
+        the strategy's ``tensors`` from the learner file."""
         self.strategy.restore(saved.get("strategy", {}))
         newest: tuple[int, str, int] | None = None
         for name, entry in saved.get("tasks", {}).items():
@@ -359,6 +368,7 @@ class GenerativeLearning:
             self.metrics.start_task(name)
         if newest is not None:
             self.adapters.add(SHARED_ADAPTER, self.registry.load_weights(newest[1], newest[2]))
+            self.strategy.restore_tensors(tensors or {}, self.adapters)
 
 
 def _or_nan(value: float | None) -> float:

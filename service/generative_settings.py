@@ -28,10 +28,23 @@ class GenerativeSettings(BaseSettings):
     )
     max_prompt_tokens: int = Field(default=256, ge=8, description="A longer prompt is dead-lettered.")
     max_response_tokens: int = Field(default=128, ge=1, description="A longer response is dead-lettered.")
-    generative_strategy: Literal["lora-per-task", "naive", "replay", "joint"] = Field(
+    generative_strategy: Literal["lora-per-task", "naive", "replay", "ewc", "lwf", "joint"] = Field(
         default="lora-per-task",
         description="How generative tasks share the language model (service/generative_strategy.py): an "
-        "adapter each, or one shared adapter trained naively, with replay, or on everything seen.",
+        "adapter each, or one shared adapter trained naively, with replay, EWC, LwF, or on everything seen.",
+    )
+    generative_ewc_lambda: float = Field(
+        default=100.0,
+        ge=0,
+        description="Weight of the EWC penalty on a shared generative adapter (generative_strategy ewc; "
+        "ewc_decay and ewc_fisher_examples are shared with the classifiers). Its scale: where the penalty "
+        "of a second task's naive movement matches that task's token loss (bench/README.md).",
+    )
+    generative_lwf_alpha: float = Field(
+        default=1.0,
+        ge=0,
+        description="Weight of LwF's distillation on a shared generative adapter (generative_strategy "
+        "lwf; lwf_temperature is shared with the classifiers).",
     )
     generative_rank: int = Field(default=8, ge=1, description="Rank of a generative task's LoRA adapter.")
     generative_learning_rate: float = Field(
@@ -47,6 +60,19 @@ class GenerativeSettings(BaseSettings):
         description="Pairs of the language model's own answers to general instructions added to every "
         "training step (service.general_anchor; 0: none). Off by default: on the generative benchmark it "
         "kept the general probe's answers but doubled the paragraph's perplexity (bench/README.md).",
+    )
+    generative_keep_general: int = Field(
+        default=0,
+        ge=0,
+        description="General instructions (with the language model's own answers) per training step on "
+        "which the adapter's next-token distributions are kept equal to the model's alone "
+        "(service.generative_regularisers.GeneralDistillation; 0: none).",
+    )
+    generative_keep_general_strength: float = Field(
+        default=1.0,
+        gt=0,
+        description="Weight of the divergence from the language model alone on the general instructions "
+        "kept (generative_keep_general) against the task's answer loss.",
     )
     max_generation_batch: int = Field(
         default=16,

@@ -126,21 +126,15 @@ class Publisher:
         """The served version's accuracy on the task's eval records.
 
         Measured once is enough: the version's manifest holds its accuracy on the records it was
-        published with, which are the first records of the task's eval set (checked by their sha256),
-        so only the records after them are measured now. Before, every round re-measured every served
-        version on all of them: about 8 s per task and round on CLINC150, and every task is
-        republished each round under a shared learner.
+        published with, which are the first records of the task's eval set
+        (``Registry.measured_prefix``), so only the records after them are measured now. Before,
+        every round re-measured every served version on all of them: about 8 s per task and round on
+        CLINC150, and every task is republished each round under a shared learner.
         """
         records = state.eval_records
-        metrics = self.registry.manifest(state.name, version)["metrics"]
-        known, accuracy = int(metrics.get("eval_records", 0)), metrics.get("accuracy")
-        if accuracy is None or not 0 < known <= len(records):
-            known = 0
-        elif not self.registry.evaluated_on(state.name, version, records[:known]):
-            known = 0  # other records (read again in another order after a restart): measure them all
+        known, correct = self.registry.measured_prefix(state.name, version, records)
         adapter, labels = self._served_reference(state.name, version)
         outcomes = self.training.outcomes(adapter, range(len(labels)), labels, records[known:])
-        correct = round(float(accuracy) * known) if known else 0
         total = known + len(outcomes)
         return (correct + sum(outcomes)) / total if total else None
 

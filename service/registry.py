@@ -102,6 +102,19 @@ class Registry(TrainerFiles):
         except json.JSONDecodeError as exc:
             raise CorruptVersion(f"{task} v{version}: manifest is not JSON: {exc}") from None
 
+    def servable(
+        self, task: str, version: int, base_model: str, kind: str = "base model"
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """The manifest and checked weights of a version a server on ``base_model`` is to load;
+        CorruptVersion if it was trained on another (``kind``: what the error calls the model)."""
+        manifest = self.manifest(task, version)
+        if manifest.get("base_model") != base_model:
+            raise CorruptVersion(
+                f"{task} v{version} was trained on {kind} {manifest.get('base_model')!r}, "
+                f"this server runs {base_model!r}"
+            )
+        return manifest, self.load_weights(task, version)
+
     def load_weights(self, task: str, version: int) -> dict[str, torch.Tensor]:
         """The weights of one version after checking every file against the manifest's sha256."""
         manifest = self.manifest(task, version)
@@ -133,6 +146,18 @@ class Registry(TrainerFiles):
         """Whether ``records`` are exactly the records the version was evaluated on (by their sha256)."""
         digest = hashlib.sha256(b"".join(_eval_lines(records))).hexdigest()
         return bool(self.manifest(task, version)["files"][EVAL_FILE] == digest)
+
+    def measured_prefix(self, task: str, version: int, records: list[tuple[str, str]]) -> tuple[int, int]:
+        """How many of ``records``' first ones the version's manifest already holds its accuracy on (the
+        records it was published with, checked by their sha256), and how many of them it got right:
+        only the records after them need measuring. (0, 0) when the manifest's are not a prefix."""
+        metrics = self.manifest(task, version)["metrics"]
+        known, accuracy = int(metrics.get("eval_records", 0)), metrics.get("accuracy")
+        if accuracy is None or not 0 < known <= len(records):
+            return 0, 0
+        if not self.evaluated_on(task, version, records[:known]):
+            return 0, 0  # other records (read again in another order after a restart): measure them all
+        return known, round(float(accuracy) * known)
 
     def report(self, task: str, version: int) -> tuple[str, dict[str, bytes]] | None:
         """The version's report and its figures as written with it (None for a version without)."""

@@ -187,13 +187,7 @@ class AdapterPool:
         if (task, version) in self._loaded:
             return self._loaded[(task, version)]
         try:
-            manifest = self.registry.manifest(task, version)
-            if manifest.get("base_model") != self.settings.base_model:
-                raise CorruptVersion(
-                    f"{task} v{version} was trained on base model {manifest.get('base_model')!r}, "
-                    f"this server runs {self.settings.base_model!r}"
-                )
-            weights = self.registry.load_weights(task, version)
+            manifest, weights = self.registry.servable(task, version, self.settings.base_model)
             loaded = LoadedVersion(
                 task=task,
                 version=version,

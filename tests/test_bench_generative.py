@@ -28,7 +28,11 @@ def test_a_run_measures_every_task_learned_so_far(
         epochs=1,
         batch_size=4,
         replay_size=4,
+        ewc_lambda=100.0,
+        lwf_alpha=1.0,
         anchor=1 if strategy == "replay" else 0,
+        distill=1 if strategy == "lora-per-task" else 0,
+        distill_strength=1.0,
     )
     measured = run(strategy, ["iso-date", "sort-numbers"], data, args, say=lambda _: None)
     assert list(measured["matrix"]) == ["iso-date", "sort-numbers"]
@@ -37,6 +41,7 @@ def test_a_run_measures_every_task_learned_so_far(
     assert 0.0 <= measured["acc"] <= 1.0 and measured["bwt"] is not None
     assert set(measured["general_probe_after"]) == {"accuracy", "perplexity"}
     assert 0.0 <= measured["general_agreement_after"] <= 1.0
+    assert measured["general_divergence_after"] >= 0.0
 
 
 def test_the_orders_are_the_written_one_its_reverse_and_a_fixed_shuffle() -> None:

@@ -44,7 +44,7 @@ def test_exact_match_forgives_case_spacing_and_a_full_stop_only() -> None:
 def test_the_loss_is_on_the_answer_and_its_end_of_turn_only(tiny_language_model_dir: Path) -> None:
     learner = adapters(tiny_language_model_dir)
     pair = Pair("What is 2 + 2?", "4")
-    _, mask, labels = learner._batch([pair, Pair("Hi", "a longer answer")])
+    _, mask, labels = learner.batch([pair, Pair("Hi", "a longer answer")])
     prompt, response = learner.prompt_ids(pair.prompt), learner.response_ids(pair.response)
     assert labels[0, : len(prompt)].eq(IGNORED).all()
     assert labels[0, len(prompt) : len(prompt) + len(response)].tolist() == response
