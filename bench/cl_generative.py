@@ -183,9 +183,17 @@ def main() -> None:
     parser.add_argument("--lwf-alpha", type=float, default=load_settings().generative_lwf_alpha)
     parser.add_argument("--anchor", type=int, default=0, help="general pairs per batch (0: none)")
     parser.add_argument(
-        "--distill", type=int, default=0, help="general pairs per step kept as the model alone (0: none)"
+        "--distill",
+        type=int,
+        default=load_settings().generative_keep_general,
+        help="general pairs per step kept as the model alone (0: none)",
     )
-    parser.add_argument("--distill-strength", type=float, default=1.0, help="weight of --distill's term")
+    parser.add_argument(
+        "--distill-strength",
+        type=float,
+        default=load_settings().generative_keep_general_strength,
+        help="weight of --distill's term",
+    )
     parser.add_argument("--tasks", nargs="+", default=list(GENERATIVE_TASKS), choices=GENERATIVE_TASKS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -265,8 +273,13 @@ CONFIG = (
     "seed",
     "measure_on",
 )
-#: The defaults of knobs added after results files were written.
-DEFAULTS = {"distill": 0, "distill_strength": 1.0}
+#: What a results file written before a knob existed was measured at.
+DEFAULTS: dict[str, Any] = {
+    "anchor": 0,
+    "distill": 0,
+    "distill_strength": 1.0,
+    "tasks": list(GENERATIVE_TASKS),
+}
 
 
 def _mean(runs: list[dict[str, Any]]) -> dict[str, float | None]:

@@ -206,7 +206,7 @@ class GenerativeLearning:
     def _general_pairs(self) -> list[Pair]:
         if self._anchors is None:
             wanted = self.settings.generative_anchor_pairs or self.settings.generative_keep_general
-            self._anchors = anchors(self.adapters)[0] if wanted else []
+            self._anchors = anchors(self.adapters, self.heartbeat)[0] if wanted else []
         return self._anchors
 
     def _measure(self, task: GenerativeTask, probes: dict[str, ProbeResult]) -> None:

@@ -27,6 +27,7 @@ def settings(settings: Settings, tiny_language_model_dir: Path) -> Settings:
             "generative_epochs": 6,
             "generative_batch_size": 8,
             "generative_anchor_pairs": 0,
+            "generative_keep_general": 0,
         }
     )
 

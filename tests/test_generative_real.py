@@ -34,7 +34,6 @@ def settings(settings: Settings) -> Settings:
         update={
             "generative_epochs": 2,
             "generative_batch_size": 8,
-            "generative_anchor_pairs": 0,
             "round_idle_s": 2.0,
         }
     )
