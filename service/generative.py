@@ -15,14 +15,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-if TYPE_CHECKING:  # the regularisers read the adapters: a cycle at run time
-    from service.generative_regularisers import Regulariser
 
 #: The projections an adapter trains: attention and MLP (Llama's names; SmolLM2 is a Llama).
 LANGUAGE_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -51,6 +48,25 @@ def normalised(answer: str) -> str:
     """An answer as exact match compares it: case-folded, whitespace runs as one space, no trailing
     full stop (``Paris.`` and ``paris`` match; ``[1, 2]`` and ``[1,2]`` do not)."""
     return " ".join(answer.split()).casefold().removesuffix(".").strip()
+
+
+class StepTerm(Protocol):
+    """A term a training step adds to its loss (``service.generative_regularisers``)."""
+
+    def prepare(
+        self, adapters: GenerativeAdapters, adapter: str, ids: torch.Tensor, mask: torch.Tensor
+    ) -> Any:
+        """What the term needs from outside the step's own forward (run before it)."""
+
+    def loss(
+        self,
+        adapters: GenerativeAdapters,
+        adapter: str,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        prepared: Any,
+    ) -> torch.Tensor | None:
+        """The term (None: nothing this step)."""
 
 
 class GenerativeAdapters:
@@ -178,9 +194,9 @@ class GenerativeAdapters:
             self._peft.set_adapter(task)
         yield self._peft
 
-    def step(self, task: str, pairs: Sequence[Pair], regularisers: Sequence[Regulariser] = ()) -> float:
-        """One optimiser step of ``task``'s adapter on ``pairs``, plus each of ``regularisers``' terms
-        (``service.generative_regularisers``); the batch's mean answer-token loss."""
+    def step(self, task: str, pairs: Sequence[Pair], regularisers: Sequence[StepTerm] = ()) -> float:
+        """One optimiser step of ``task``'s adapter on ``pairs``, plus each of ``regularisers``' terms;
+        the batch's mean answer-token loss."""
         ids, mask, labels = self.batch(pairs)
         # Before the step's own forward: they may run another adapter (LwF's teacher, the model alone).
         prepared = [regulariser.prepare(self, task, ids, mask) for regulariser in regularisers]

@@ -118,7 +118,7 @@ class GenerativeLearning:
                     "kind_mismatch", f"task {record.task!r} is classification: send text and label"
                 )
             else:
-                rejection = self.refusal(record)
+                rejection = refusal(self.adapters, record)
             if rejection is None:
                 assert isinstance(record, GenerativeRecord)
                 self.take(record)
@@ -128,23 +128,6 @@ class GenerativeLearning:
                     incoming.partition, incoming.offset, incoming.raw_key, incoming.raw_value, rejection
                 )
         return rest, taken
-
-    def refusal(self, record: GenerativeRecord) -> Rejection | None:
-        """Why ``record`` cannot be learned: a prompt or a response over the token limits."""
-        adapters = self.adapters
-        prompt = adapters.token_count(record.prompt)
-        if prompt > self.settings.max_prompt_tokens:
-            return Rejection(
-                "too_many_tokens",
-                f"prompt has {prompt} tokens, the limit is {self.settings.max_prompt_tokens}",
-            )
-        response = adapters.token_count(record.response)
-        if response >= self.settings.max_response_tokens:  # the end-of-turn mark takes one more
-            return Rejection(
-                "too_many_tokens",
-                f"response has {response} tokens, the limit is {self.settings.max_response_tokens - 1}",
-            )
-        return None
 
     def take(self, record: GenerativeRecord) -> None:
         """File a valid pair under its task (a new task gets an adapter)."""
@@ -373,3 +356,19 @@ class GenerativeLearning:
 
 def _or_nan(value: float | None) -> float:
     return float("nan") if value is None else value
+
+
+def refusal(adapters: GenerativeAdapters, record: GenerativeRecord) -> Rejection | None:
+    """Why ``record`` cannot be learned: a prompt or a response over ``adapters``' token limits."""
+    prompt = adapters.token_count(record.prompt)
+    if prompt > adapters.max_prompt_tokens:
+        return Rejection(
+            "too_many_tokens", f"prompt has {prompt} tokens, the limit is {adapters.max_prompt_tokens}"
+        )
+    response = adapters.token_count(record.response)
+    if response >= adapters.max_response_tokens:  # the end-of-turn mark takes one more
+        return Rejection(
+            "too_many_tokens",
+            f"response has {response} tokens, the limit is {adapters.max_response_tokens - 1}",
+        )
+    return None

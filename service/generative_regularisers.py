@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Any, Protocol
+from functools import partial
+from typing import Any
 
 import torch
 from torch.nn import functional
 
+from service.fisher import drawn_fisher
 from service.generative import IGNORED, GenerativeAdapters, Pair
 
 #: The teacher adapter of LwF (a task name cannot start with "_").
@@ -40,8 +42,9 @@ TEACHER_ADAPTER = "_teacher"
 IMPORTANCE = "generative.ewc.importance."
 
 
-class Regulariser(Protocol):
-    """A term added to every training step of a shared adapter, and what it keeps between rounds."""
+class Regulariser:
+    """A term added to every training step of an adapter (a ``service.generative.StepTerm``), and what
+    it keeps between rounds; each hook does nothing unless a regulariser needs it."""
 
     def before_training(self, adapters: GenerativeAdapters, adapter: str) -> None:
         """A round's training of ``adapter`` starts."""
@@ -50,6 +53,7 @@ class Regulariser(Protocol):
         self, adapters: GenerativeAdapters, adapter: str, ids: torch.Tensor, mask: torch.Tensor
     ) -> Any:
         """What the step's term needs from outside the step's own forward (run before it)."""
+        return None
 
     def loss(
         self,
@@ -60,6 +64,7 @@ class Regulariser(Protocol):
         prepared: Any,
     ) -> torch.Tensor | None:
         """The term a step adds to its loss (None: nothing yet)."""
+        return None
 
     def after_training(
         self, adapters: GenerativeAdapters, adapter: str, pairs: Sequence[Pair], rng: random.Random
@@ -68,6 +73,7 @@ class Regulariser(Protocol):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """What a restart needs back, as named tensors for the trainer's learner file."""
+        return {}
 
     def restore(self, tensors: dict[str, torch.Tensor], adapters: GenerativeAdapters, adapter: str) -> None:
         """Put back what ``tensors`` returned, ``adapter`` being loaded as the last round left it."""
@@ -80,7 +86,7 @@ def answer_positions(labels: torch.Tensor) -> torch.Tensor:
     return positions
 
 
-class GenerativeEWC:
+class GenerativeEWC(Regulariser):
     """Online EWC on the shared adapter's LoRA weights."""
 
     def __init__(self, strength: float, decay: float, fisher_pairs: int, batch_size: int) -> None:
@@ -91,14 +97,6 @@ class GenerativeEWC:
         self.importance: dict[str, torch.Tensor] = {}
         self.anchor: dict[str, torch.Tensor] = {}
         self.rounds = 0
-
-    def before_training(self, adapters: GenerativeAdapters, adapter: str) -> None:
-        return None
-
-    def prepare(
-        self, adapters: GenerativeAdapters, adapter: str, ids: torch.Tensor, mask: torch.Tensor
-    ) -> Any:
-        return None
 
     def loss(
         self,
@@ -130,32 +128,23 @@ class GenerativeEWC:
     def _fisher(
         self, adapters: GenerativeAdapters, adapter: str, pairs: Sequence[Pair]
     ) -> dict[str, torch.Tensor]:
-        """The diagonal Fisher information on up to ``fisher_pairs`` of the round's pairs: squared
-        gradients of the log-likelihood of answer tokens drawn from the adapter's own next-token
-        distributions (as ``strategies.ewc`` does on a classifier, and for the same reason: gradients of
-        the wanted answers vanish where the adapter already fits them, which is where its weights
-        matter), a mini-batch at a time (the drawn tokens' scores have mean zero, so the squared summed
-        gradient over the batch estimates the per-pair mean without per-pair passes)."""
+        """The diagonal Fisher information on up to ``fisher_pairs`` of the round's pairs, of answer
+        tokens drawn from the adapter's own next-token distributions (``service.fisher``)."""
         rng = random.Random(104_729 + self.rounds)
         sample = rng.sample(list(pairs), min(len(pairs), self.fisher_pairs))
         draws = torch.Generator().manual_seed(104_729 + self.rounds)
-        parameters = adapters.parameters(adapter)
-        fisher = {name: torch.zeros_like(p) for name, p in parameters.items()}
-        for start in range(0, len(sample), self.batch_size):
-            ids, mask, labels = adapters.batch(sample[start : start + self.batch_size])
-            for p in parameters.values():
-                p.grad = None
+
+        def log_probabilities(rows: list[Pair]) -> torch.Tensor:
+            ids, mask, labels = adapters.batch(rows)
             with adapters.using(adapter) as model:
                 logits = model(input_ids=ids, attention_mask=mask).logits
-            log_p = functional.log_softmax(logits[answer_positions(labels)], dim=-1)
-            drawn = torch.multinomial(log_p.detach().exp(), 1, generator=draws)
-            log_p.gather(1, drawn).sum().backward()
-            for name, p in parameters.items():
-                if p.grad is not None:
-                    fisher[name] += p.grad.detach().pow(2) / len(sample)
-        for p in parameters.values():
-            p.grad = None
-        return fisher
+            return functional.log_softmax(logits[answer_positions(labels)], dim=-1)
+
+        batches = (
+            partial(log_probabilities, sample[start : start + self.batch_size])
+            for start in range(0, len(sample), self.batch_size)
+        )
+        return drawn_fisher(adapters.parameters(adapter), batches, len(sample), draws)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {IMPORTANCE + name: value for name, value in self.importance.items()}
@@ -179,7 +168,7 @@ def divergence(
     return functional.kl_div(got, wanted, log_target=True, reduction="batchmean")
 
 
-class GenerativeLwF:
+class GenerativeLwF(Regulariser):
     """LwF on the shared adapter: the adapter as earlier rounds left it teaches the new round."""
 
     def __init__(self, alpha: float, temperature: float) -> None:
@@ -220,14 +209,11 @@ class GenerativeLwF:
         adapters.remove(TEACHER_ADAPTER)
         self.trained = True
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {}
-
     def restore(self, tensors: dict[str, torch.Tensor], adapters: GenerativeAdapters, adapter: str) -> None:
         self.trained = adapter in adapters.names()
 
 
-class GeneralDistillation:
+class GeneralDistillation(Regulariser):
     """The model's own next-token distributions on general instructions, kept by every step."""
 
     def __init__(self, general: Sequence[Pair], per_step: int, strength: float, seed: int = 0) -> None:
@@ -237,9 +223,6 @@ class GeneralDistillation:
         self.per_step = per_step
         self.strength = strength
         self.rng = random.Random(seed)
-
-    def before_training(self, adapters: GenerativeAdapters, adapter: str) -> None:
-        return None
 
     def prepare(
         self, adapters: GenerativeAdapters, adapter: str, ids: torch.Tensor, mask: torch.Tensor
@@ -266,17 +249,6 @@ class GeneralDistillation:
         with adapters.using(adapter) as model:  # still in the step's training mode
             got = model(input_ids=general_ids, attention_mask=general_mask).logits
         return self.strength * divergence(wanted, got, general_mask.bool())
-
-    def after_training(
-        self, adapters: GenerativeAdapters, adapter: str, pairs: Sequence[Pair], rng: random.Random
-    ) -> None:
-        return None
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def restore(self, tensors: dict[str, torch.Tensor], adapters: GenerativeAdapters, adapter: str) -> None:
-        return None
 
 
 @torch.no_grad()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn import functional
 
+from service.fisher import drawn_fisher
 from strategies.base import Example, Strategy, register, total
 
 if TYPE_CHECKING:
@@ -65,34 +67,23 @@ class EWC(Strategy):
         self.anchor = {name: p.detach().clone() for name, p in learner.named_parameters().items()}
 
     def _fisher(self, learner: Learner, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-        """The diagonal Fisher information on up to ``ewc_fisher_examples`` of the round's examples.
-
-        The Fisher proper: squared gradients of log p(y|x) with y drawn from the learner's own
-        prediction. (Squared mini-batch gradients of the loss on the true labels, Avalanche's estimate,
-        vanish wherever the model already fits its data, which is exactly where the weights matter.)
-        It is estimated a mini-batch at a time without per-example passes: with y drawn from the model
-        each example's score has mean zero, so the cross terms of the squared summed gradient vanish in
-        expectation and ``(sum of gradients)^2 / batch`` is an unbiased estimate of the per-example mean.
-        """
+        """The diagonal Fisher information on up to ``ewc_fisher_examples`` of the round's examples,
+        of labels drawn from the learner's own prediction (``service.fisher``; Avalanche's estimate,
+        squared mini-batch gradients of the loss on the true labels, vanishes wherever the model
+        already fits its data, which is exactly where the weights matter)."""
         rng = random.Random(self.settings.seed * 104_729 + self.ewc_rounds)
         sample = rng.sample(list(examples), min(len(examples), self.settings.ewc_fisher_examples))
         draws = torch.Generator().manual_seed(self.settings.seed * 104_729 + self.ewc_rounds)
-        parameters = learner.named_parameters()
-        fisher = {name: torch.zeros_like(p) for name, p in parameters.items()}
+
+        def log_probabilities(texts: list[str]) -> torch.Tensor:
+            return functional.log_softmax(learner.logits(texts), dim=-1)
+
         size = self.settings.batch_size
-        for start in range(0, len(sample), size):
-            batch = [text for text, _ in sample[start : start + size]]
-            for p in parameters.values():
-                p.grad = None
-            log_p = functional.log_softmax(learner.logits(batch), dim=-1)
-            drawn = torch.multinomial(log_p.detach().exp(), 1, generator=draws)
-            log_p.gather(1, drawn).sum().backward()
-            for name, p in parameters.items():
-                if p.grad is not None:
-                    fisher[name] += p.grad.detach().pow(2) / len(sample)
-        for p in parameters.values():
-            p.grad = None
-        return fisher
+        batches = (
+            partial(log_probabilities, [text for text, _ in sample[start : start + size]])
+            for start in range(0, len(sample), size)
+        )
+        return drawn_fisher(learner.named_parameters(), batches, len(sample), draws)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
