@@ -116,8 +116,7 @@ class GenerativeStrategy:
         pairs ``replayed`` and ``general_per_step`` of ``general`` (the model's own answers,
         ``service.general_anchor``), each step paying the regulariser's term and keeping the model's
         distributions on ``distilled_per_step`` of ``general`` (``GeneralDistillation``, weighed by
-        ``distilled_strength``); the mean
-        loss. ``pairs`` is shuffled in place, once per epoch."""
+        ``distilled_strength``); the mean loss. ``pairs`` is shuffled in place, once per epoch."""
         general = general or []
         regularisers: list[Regulariser] = [] if self.regulariser is None else [self.regulariser]
         if distilled_per_step and general:
