@@ -7,6 +7,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from service.metrics import LATENCY_BUCKETS, DriftMetrics, process_collectors
 
+#: Why a Generate request ended (``continual_generations_total{reason}``): the engine's reasons.
+GENERATION_END_REASONS = ("stop", "length", "deadline", "cancelled", "error", "queue_full")
+
 
 class ServerMetrics:
     """What a server exports: requests, latency and what it serves."""
@@ -106,7 +109,10 @@ class ServerMetrics:
         )
         self.generations = Counter(
             "continual_generations",
-            "Generative tasks: requests ended, by why (stop, length, deadline, cancelled, error).",
+            "Generative tasks: requests ended, by why (stop, length, deadline, cancelled, error, "
+            "queue_full).",
             ["reason"],
             registry=registry,
         )
+        for reason in GENERATION_END_REASONS:  # every series from the start, so rates start at zero
+            self.generations.labels(reason=reason)

@@ -127,6 +127,10 @@ def test_a_generative_task_is_learned_beside_a_classifier_published_and_restored
     assert metrics["eval_records"] == EVAL and metrics["train_records"] == TRAIN
     assert 0.0 <= metrics["exact_match"] <= 1.0 and metrics["token_loss"] > 0
     assert set(metrics["general_probe"]) == {"accuracy", "perplexity"}
+    exported = trainer.metrics.registry.get_sample_value(
+        "continual_general_probe_accuracy", {"task": "reverse"}
+    )
+    assert exported == metrics["general_probe"]["accuracy"]  # the dashboard's panel reads it
     eval_pairs = [(r.prompt, r.response) for r in pairs if r.split == "eval"]
     assert registry.eval_records("reverse", version) == eval_pairs
     alias = registry.alias("reverse")
